@@ -1,0 +1,56 @@
+# MiniFusion — the two commands (`make train`, `make test`) set themselves up on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(abspath $(VENV))/bin
+STAMP  := $(VENV)/.installed
+# Without CUDA the CPU build of PyTorch is pinned (an unpinned torch pulls several GB of CUDA).
+CPU_TORCH ?= torch==2.13.0
+PRESET ?= tiny
+OUT    ?= runs/$(PRESET)
+
+export PATH := $(BIN):$(PATH)
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup train test lint unit notebooks lab clean
+
+setup: $(STAMP)  ## create .venv and install the project (reused when up to date)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "setup: CUDA GPU found, installing the CUDA build of PyTorch"; \
+	  $(BIN)/pip install --quiet --disable-pip-version-check "torch>=2.4"; \
+	else \
+	  echo "setup: no CUDA GPU, installing the CPU build $(CPU_TORCH)"; \
+	  $(BIN)/pip install --quiet --disable-pip-version-check "$(CPU_TORCH)"; \
+	fi
+	@echo "setup: installing minifusion with the dev extra"
+	@$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+train: setup  ## the main job on the default preset (today: corpus → tokenizer → token files)
+	$(BIN)/python -m minifusion.data --config configs/$(PRESET).yaml --out $(OUT)
+
+test: setup lint unit notebooks  ## everything CI runs
+
+lint: setup
+	$(BIN)/ruff check .
+
+# Hub access is switched off for tests: everything they read is local or comes from PyPI.
+unit: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg \
+	  $(BIN)/python -m pytest -n 2 --dist loadscope tests
+
+notebooks: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+	  $(BIN)/python -m pytest -n 2 --dist loadscope -p no:cacheprovider \
+	  --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
+	  notebooks/*.ipynb chapters/*/solutions.ipynb
+
+lab: setup  ## open the chapters in JupyterLab
+	$(BIN)/jupyter lab notebooks/
+
+clean:  ## remove the environment and generated files (the corpus cache in ~/.cache stays)
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis

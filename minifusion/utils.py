@@ -1,0 +1,177 @@
+"""Chapter 00 — the small helpers every other chapter leans on.
+
+* :func:`seed_everything` makes a run repeatable (same data order, same initial weights).
+* :func:`pick_device` chooses the best accelerator that is actually present.
+* :func:`environment_report` says what this machine has, so a reader can tell at a glance
+  whether the fast GPU paths (CUDA, mamba-ssm kernels) will be used or the pure-PyTorch ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import platform
+import random
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = [
+    "EnvironmentReport",
+    "environment_report",
+    "format_count",
+    "pick_device",
+    "seed_everything",
+]
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed every random number generator a training run touches.
+
+    Python's ``random``, NumPy, and PyTorch (CPU and every CUDA device) are seeded with the
+    same ``seed``. With ``deterministic=True`` PyTorch is also asked to use only deterministic
+    kernels — slower on GPU, but two runs then agree bit for bit; an operation that has no
+    deterministic implementation raises instead of silently varying.
+
+    Args:
+        seed: any non-negative integer; the value itself does not matter, only that it is fixed.
+        deterministic: also force deterministic algorithms (cuDNN, cuBLAS, scatter/index ops).
+    """
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # NumPy accepts only 32-bit seeds
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    # Hash randomisation only affects processes started after this point (workers, subprocesses).
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    if deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; harmless without CUDA.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """Return the best available device: CUDA, then Apple's MPS, then the CPU.
+
+    Args:
+        prefer: force a device (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``); an unavailable
+            choice raises ``RuntimeError`` rather than silently falling back.
+    """
+    if prefer is not None:
+        device = torch.device(prefer)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"Device {prefer!r} was requested but CUDA is not available on this machine; "
+                "use 'cpu' or leave the device unset to pick automatically."
+            )
+        if device.type == "mps" and not _mps_available():
+            raise RuntimeError(
+                f"Device {prefer!r} was requested but Apple MPS is not available; "
+                "use 'cpu' or leave the device unset to pick automatically."
+            )
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if _mps_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _mamba_kernels_importable() -> tuple[bool, str]:
+    """Whether mamba-ssm's fused selective-scan CUDA kernel can be imported, and why not."""
+    try:
+        importlib.import_module("mamba_ssm.ops.selective_scan_interface")
+    except Exception as exc:  # ImportError, or an OSError from a CUDA library
+        return False, f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+    return True, "ok"
+
+
+@dataclass
+class EnvironmentReport:
+    """What this machine offers MiniFusion. ``str(report)`` prints an aligned table."""
+
+    python: str
+    platform: str
+    packages: dict[str, str | None]
+    cuda_available: bool
+    cuda_version: str | None
+    gpus: list[str] = field(default_factory=list)
+    mps_available: bool = False
+    mamba_kernels: bool = False
+    mamba_kernels_detail: str = ""
+    cpu_threads: int = 1
+    device: str = "cpu"
+
+    def rows(self) -> list[tuple[str, str]]:
+        rows = [("python", self.python), ("platform", self.platform)]
+        rows += [(name, version or "not installed") for name, version in self.packages.items()]
+        rows.append(("torch threads", str(self.cpu_threads)))
+        cuda = f"yes (CUDA {self.cuda_version})" if self.cuda_available else "no"
+        rows.append(("CUDA", cuda))
+        for i, gpu in enumerate(self.gpus):
+            rows.append((f"  GPU {i}", gpu))
+        rows.append(("Apple MPS", "yes" if self.mps_available else "no"))
+        kernels = "yes" if self.mamba_kernels else "no — the pure-PyTorch scan is used"
+        rows.append(("mamba-ssm kernels", kernels))
+        rows.append(("chosen device", self.device))
+        return rows
+
+    def __str__(self) -> str:
+        rows = self.rows()
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def environment_report() -> EnvironmentReport:
+    """Collect versions, accelerators and optional kernels (see :class:`EnvironmentReport`)."""
+    packages = {
+        name: _package_version(name)
+        for name in ("torch", "transformers", "datasets", "tokenizers", "deepspeed", "mamba-ssm")
+    }
+    gpus: list[str] = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            gpus.append(f"{props.name}, {props.total_memory / 2**30:.0f} GiB")
+    kernels_ok, detail = _mamba_kernels_importable()
+    return EnvironmentReport(
+        python=sys.version.split()[0],
+        platform=f"{platform.system()} {platform.machine()}",
+        packages=packages,
+        cuda_available=torch.cuda.is_available(),
+        cuda_version=torch.version.cuda,
+        gpus=gpus,
+        mps_available=_mps_available(),
+        mamba_kernels=kernels_ok,
+        mamba_kernels_detail=detail,
+        cpu_threads=torch.get_num_threads(),
+        device=str(pick_device()),
+    )
+
+
+def format_count(n: float) -> str:
+    """Human-readable count: 1234 -> '1.23K', 1.5e9 -> '1.50B'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}" if float(n).is_integer() else f"{n:.2f}"
