@@ -173,7 +173,11 @@ class MiniFusionConfig(PreTrainedConfig):
         self._check_positive_sizes()
         self._fill_derived_defaults()
         self._check_consistency()
-        if self.rope_parameters is None and "rope_theta" not in kwargs and "rope_scaling" not in kwargs:
+        if (
+            self.rope_parameters is None
+            and "rope_theta" not in kwargs
+            and "rope_scaling" not in kwargs
+        ):
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
         super().__post_init__(**kwargs)
 
@@ -222,7 +226,11 @@ class MiniFusionConfig(PreTrainedConfig):
             "moe_intermediate_size",
         ]
         bad = [name for name in sizes if getattr(self, name) <= 0]
-        bad += [name for name in optional_sizes if getattr(self, name) is not None and getattr(self, name) <= 0]
+        bad += [
+            name
+            for name in optional_sizes
+            if getattr(self, name) is not None and getattr(self, name) <= 0
+        ]
         if isinstance(self.mamba_dt_rank, int) and self.mamba_dt_rank <= 0:
             bad.append("mamba_dt_rank")
         if bad:
@@ -386,7 +394,8 @@ class MiniFusionConfig(PreTrainedConfig):
         proj_bias = self.mamba_proj_bias
         return {
             "in_proj": h * 2 * di + (2 * di if proj_bias else 0),
-            "conv1d": di * k + (di if self.mamba_conv_bias else 0),  # depthwise: one filter per channel
+            "conv1d": di * k
+            + (di if self.mamba_conv_bias else 0),  # depthwise: one filter per channel
             "x_proj": di * (r + 2 * n),
             "dt_proj": r * di + di,  # its bias holds the Δ initialisation
             "A_log": di * n,
@@ -457,7 +466,12 @@ class MiniFusionConfig(PreTrainedConfig):
         """Parameters that touch one token: only ``top_k`` of the routed experts count."""
         total = self.estimate_parameters()
         n_moe = sum(1 for t in self.ffn_types if t == "moe")
-        idle = (self.moe_num_experts - self.moe_top_k) * 3 * self.hidden_size * self.moe_intermediate_size
+        idle = (
+            (self.moe_num_experts - self.moe_top_k)
+            * 3
+            * self.hidden_size
+            * self.moe_intermediate_size
+        )
         return total - n_moe * idle
 
     # ---------------------------------------------------------------------------- FLOPs ---
@@ -481,8 +495,11 @@ class MiniFusionConfig(PreTrainedConfig):
         attn_proj = 2.0 * sum(self._attention_matmul_sizes())
         keys_global = _average_keys_seen(seq_len, None)
         keys_local = _average_keys_seen(seq_len, self.sliding_window)
-        scores = 2 * 2.0 * self.head_dim * (
-            self.num_global_heads * keys_global + self.num_local_heads * keys_local
+        scores = (
+            2
+            * 2.0
+            * self.head_dim
+            * (self.num_global_heads * keys_global + self.num_local_heads * keys_local)
         )
         di, n, r = self.mamba_d_inner, self.mamba_d_state, self.resolved_dt_rank
         mamba_proj = 2.0 * (h * 2 * di + di * (r + 2 * n) + r * di + di * h)
@@ -588,6 +605,8 @@ def list_presets() -> list[str]:
 
 _BASE_FIELDS = {f.name for f in fields(PreTrainedConfig)}
 _OWN_FIELDS = {f.name for f in fields(MiniFusionConfig)} - _BASE_FIELDS
-_FLOAT_FIELDS = {f.name for f in fields(MiniFusionConfig) if "float" in str(f.type)} | {"rope_theta"}
+_FLOAT_FIELDS = {f.name for f in fields(MiniFusionConfig) if "float" in str(f.type)} | {
+    "rope_theta"
+}
 # Keys accepted in presets besides the fields: transformers' legacy RoPE keys and design.md's name.
 _ACCEPTED_ALIASES = {"rope_theta", "rope_scaling", "layer_types"}

@@ -201,7 +201,6 @@ def load_documents(
     text_files = [f for f in files if f.suffix in TEXT_SUFFIXES]
     jsonl_files = [f for f in files if f.suffix in JSONL_SUFFIXES]
     _check_text_files(text_files, encoding_errors)
-    _check_jsonl_files(jsonl_files, text_field, encoding_errors)
 
     parts = []
     if text_files:
@@ -217,21 +216,29 @@ def load_documents(
             text_ds = text_ds.add_column("source", [f.name for f in text_files])
         parts.append(text_ds)
     if jsonl_files:
-        json_ds = datasets.load_dataset(
-            "json",
-            data_files=[str(f) for f in jsonl_files],
-            encoding_errors=encoding_errors,
-            split="train",
-            streaming=streaming,
-        )
-        if text_field != "text":
-            json_ds = json_ds.rename_column(text_field, "text")
-        keep = ["text"]
-        if not streaming:
-            json_ds = json_ds.add_column("source", _jsonl_sources(jsonl_files))
-            keep.append("source")
-        json_ds = json_ds.select_columns(keep)
-        parts.append(json_ds)
+        # Our own line reader (not the "json" builder): it reports file and line for bad
+        # records, honours encoding_errors (pyarrow's JSON reader ignores it) and stays lazy
+        # when streaming. The files' sizes and times are part of the cache key, so an edited
+        # file is read again rather than served from the datasets cache.
+        gen_kwargs = {
+            "files": [str(f) for f in jsonl_files],
+            "text_field": text_field,
+            "encoding_errors": encoding_errors,
+            "with_source": not streaming,
+            "stamp": [(f.stat().st_size, f.stat().st_mtime_ns) for f in jsonl_files],
+        }
+        if streaming:
+            parts.append(
+                datasets.IterableDataset.from_generator(_jsonl_records, gen_kwargs=gen_kwargs)
+            )
+        else:
+            try:
+                parts.append(datasets.Dataset.from_generator(_jsonl_records, gen_kwargs=gen_kwargs))
+            except datasets.exceptions.DatasetGenerationError as exc:
+                # datasets wraps the reader's errors; show the user our message, not the wrapper
+                if isinstance(exc.__cause__, (ValueError, UnicodeDecodeError)):
+                    raise exc.__cause__ from None
+                raise
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
@@ -302,39 +309,56 @@ def _check_text_files(files: list[Path], encoding_errors: str) -> None:
         raise ValueError(f"Corpus file(s) contain no text: {empty}. Remove them from the corpus.")
 
 
-def _check_jsonl_files(files: list[Path], text_field: str, encoding_errors: str) -> None:
-    for path in files:
-        text = _decode(path.read_bytes(), path, encoding_errors)
+def _jsonl_records(
+    files: list[str], text_field: str, encoding_errors: str, with_source: bool, stamp: Any = None
+) -> Iterator[dict[str, str]]:
+    """Yield ``{"text": ..., ["source": "file:line"]}`` per JSONL line, with clear errors."""
+    for name in files:
+        path = Path(name)
         documents = 0
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {line_no}: not valid JSON ({exc.msg}).") from None
-            if not isinstance(record, dict) or text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(
-                    f"{path}, line {line_no}: no {text_field!r} field (found: {keys}). Add it, "
-                    "or pass text_field=<the field that holds the text>."
+        with open(path, "rb") as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8", errors=encoding_errors)
+                except UnicodeDecodeError as exc:
+                    raise UnicodeDecodeError(
+                        "utf-8", raw, exc.start, exc.end,
+                        f"{path}, line {line_no}: bytes {raw[exc.start:exc.end]!r} are not valid "
+                        "UTF-8. Re-encode the file as UTF-8, or pass encoding_errors='replace' to "
+                        "substitute U+FFFD for them",
+                    ) from None  # fmt: skip
+                if not line.strip():
+                    continue
+                text = _jsonl_text(line, path, line_no, text_field)
+                documents += 1
+                yield (
+                    {"text": text, "source": f"{path.name}:{line_no}"}
+                    if with_source
+                    else {"text": text}
                 )
-            if not isinstance(record[text_field], str):
-                raise ValueError(
-                    f"{path}, line {line_no}: field {text_field!r} holds "
-                    f"{type(record[text_field]).__name__}, expected a string."
-                )
-            documents += 1
         if documents == 0:
-            raise ValueError(f"Corpus file {path} contains no JSON lines. Remove it from the corpus.")
+            raise ValueError(
+                f"Corpus file {path} contains no JSON lines. Remove it from the corpus."
+            )
 
 
-def _jsonl_sources(files: list[Path]) -> list[str]:
-    names = []
-    for path in files:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            names += [f"{path.name}:{i}" for i, line in enumerate(handle, start=1) if line.strip()]
-    return names
+def _jsonl_text(line: str, path: Path, line_no: int, text_field: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}, line {line_no}: not valid JSON ({exc.msg}).") from None
+    if not isinstance(record, dict) or text_field not in record:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(
+            f"{path}, line {line_no}: no {text_field!r} field (found: {keys}). Add it, "
+            "or pass text_field=<the field that holds the text>."
+        )
+    if not isinstance(record[text_field], str):
+        raise ValueError(
+            f"{path}, line {line_no}: field {text_field!r} holds "
+            f"{type(record[text_field]).__name__}, expected a string."
+        )
+    return record[text_field]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,7 +528,10 @@ class TokenFile:
                 f"{self.info.num_tokens:,} {self.info.dtype} tokens ({expected_bytes:,} bytes): the "
                 "file is truncated or was replaced. Delete it and prepare the data again."
             )
-        if expected_tokenizer_hash is not None and self.info.tokenizer_hash != expected_tokenizer_hash:
+        if (
+            expected_tokenizer_hash is not None
+            and self.info.tokenizer_hash != expected_tokenizer_hash
+        ):
             raise ValueError(
                 f"{self.path} was tokenised with tokenizer {self.info.tokenizer_hash}, but the "
                 f"tokenizer in use is {expected_tokenizer_hash}. Token ids would mean different "
@@ -570,7 +597,9 @@ class TokenBlocks(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = self.offset(index)
-        chunk = torch.from_numpy(self.file.tokens[start : start + self.block_size + 1].astype(np.int64))
+        chunk = torch.from_numpy(
+            self.file.tokens[start : start + self.block_size + 1].astype(np.int64)
+        )
         return chunk[:-1], chunk[1:]
 
 
@@ -582,7 +611,9 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
     its own share of the stream (``datasets.distributed.split_dataset_by_node``).
     """
 
-    def __init__(self, documents, tokenizer, block_size: int, *, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, documents, tokenizer, block_size: int, *, rank: int = 0, world_size: int = 1
+    ):
         from datasets.distributed import split_dataset_by_node
 
         if world_size > 1:
@@ -595,7 +626,9 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
         for index, document in enumerate(self.documents):
             text = document.get("text")
             if not isinstance(text, str):
-                raise ValueError(f"Streamed document {index} has no text (got {type(text).__name__}).")
+                raise ValueError(
+                    f"Streamed document {index} has no text (got {type(text).__name__})."
+                )
             buffer += self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
             buffer.append(eos)
             while len(buffer) >= self.block_size + 1:
@@ -621,7 +654,10 @@ class PreparedData:
 
     def summary(self) -> str:
         rows = []
-        for name, info, path in (("train", self.train, self.train_file), ("val", self.val, self.val_file)):
+        for name, info, path in (
+            ("train", self.train, self.train_file),
+            ("val", self.val, self.val_file),
+        ):
             cpt = info.num_characters / max(info.num_tokens, 1)
             rows.append(
                 f"  {name:<5} {info.num_documents:>6,} documents  {info.num_characters:>12,} characters"
@@ -691,7 +727,9 @@ def prepare_data(
         extra = {"recipe": recipe, "recipe_id": recipe_id}
         train_ids = tokenize_documents(train_docs, tokenizer, desc="tokenize train")
         val_ids = tokenize_documents(val_docs, tokenizer, desc="tokenize val")
-        train_info = write_token_file(train_ids, train_file, tokenizer, extra=extra, progress=progress)
+        train_info = write_token_file(
+            train_ids, train_file, tokenizer, extra=extra, progress=progress
+        )
         val_info = write_token_file(val_ids, val_file, tokenizer, extra=extra, progress=progress)
         assert train_info.tokenizer_hash == tokenizer_hash(tokenizer)
     return PreparedData(
@@ -712,7 +750,9 @@ def _reuse_prepared(
 
     try:
         current_hash = tokenizer_hash(load_tokenizer(tokenizer_dir))
-        infos = tuple(TokenFile(f, expected_tokenizer_hash=current_hash).info for f in (train_file, val_file))
+        infos = tuple(
+            TokenFile(f, expected_tokenizer_hash=current_hash).info for f in (train_file, val_file)
+        )
     except (FileNotFoundError, ValueError, OSError):
         return None
     if any(info.extra.get("recipe_id") != recipe_id for info in infos):
@@ -734,7 +774,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--config", default="configs/tiny.yaml", help="preset YAML (model + data)")
     parser.add_argument("--out", default="runs/tiny", help="output folder")
-    parser.add_argument("--source", help="override data.source: 'shakespeare', a path/glob, hf:<name>")
+    parser.add_argument(
+        "--source", help="override data.source: 'shakespeare', a path/glob, hf:<name>"
+    )
     parser.add_argument("--force", action="store_true", help="redo every step")
     args = parser.parse_args(argv)
 

@@ -1,0 +1,57 @@
+"""Shared fixtures: small local corpora and a small trained tokenizer (no network needed)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+import torch
+
+# A few original lines of text in several scripts, so byte-level BPE sees multi-byte characters.
+SAMPLE_DOCUMENTS = [
+    "The river keeps no record of the rain, yet every drop is in it.\n" * 20,
+    "A lantern on the hill answers the lantern in the valley.\nThey never meet.\n" * 20,
+    "Café crème, naïve façade — déjà vu.\nΚαλημέρα κόσμε.\n你好，世界。\n🙂🚀\n" * 20,
+    "Numbers too: 3.14159, 2.71828, 1.41421; tabs\tand\r\nwindows line ends.\n" * 20,
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (marker: gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_datasets():
+    import datasets
+
+    datasets.disable_progress_bars()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+@pytest.fixture
+def text_corpus(tmp_path):
+    """Four .txt documents in a folder; returns the folder."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i, text in enumerate(SAMPLE_DOCUMENTS):
+        (folder / f"doc{i}.txt").write_text(text, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer():
+    from minifusion.tokenizer import train_tokenizer
+
+    return train_tokenizer(SAMPLE_DOCUMENTS * 3, vocab_size=400)
