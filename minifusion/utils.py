@@ -39,6 +39,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     Args:
         seed: any non-negative integer; the value itself does not matter, only that it is fixed.
         deterministic: also force deterministic algorithms (cuDNN, cuBLAS, scatter/index ops).
+            ``False`` (the default) switches that strict mode off again if it was on.
     """
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
@@ -71,6 +72,11 @@ def pick_device(prefer: str | None = None) -> torch.device:
             raise RuntimeError(
                 f"Device {prefer!r} was requested but CUDA is not available on this machine; "
                 "use 'cpu' or leave the device unset to pick automatically."
+            )
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"Device {prefer!r} was requested but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s), numbered from 0; use one of those."
             )
         if device.type == "mps" and not _mps_available():
             raise RuntimeError(
