@@ -538,12 +538,6 @@ class MiniFusionConfig(PreTrainedConfig):
         return float(sum(self.flops_breakdown(seq_len).values()))
 
     # ----------------------------------------------------------------------------- YAML ---
-    def to_dict_minimal(self) -> dict[str, Any]:
-        """The fields that differ from the defaults — what a preset file needs to say."""
-        default = MiniFusionConfig()
-        mine = {f.name: getattr(self, f.name) for f in fields(self) if f.name in _OWN_FIELDS}
-        return {k: v for k, v in mine.items() if v != getattr(default, k)}
-
     def to_yaml(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write the config as a preset: a ``model:`` section (+ optional other sections)."""
         document = {"model": {f: getattr(self, f) for f in sorted(_OWN_FIELDS)}}
