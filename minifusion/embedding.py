@@ -42,7 +42,9 @@ class TokenEmbedding(nn.Module):
         """``input_ids`` ``(B, T)`` integer → ``(B, T, C)``."""
         if input_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}.")
-        if input_ids.numel():
+        # Checked on CPU only: on a GPU, reading min/max back would stall every forward pass
+        # (there an out-of-range id trips CUDA's own device-side assert instead).
+        if input_ids.numel() and input_ids.device.type == "cpu":
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.vocab_size:
                 raise IndexError(
