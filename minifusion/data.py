@@ -396,12 +396,17 @@ def split_documents(documents, val_fraction: float = 0.1, seed: int = 0):
 def tokenize_documents(documents, tokenizer, *, batch_size: int = 64, desc: str = "tokenize"):
     """Tokenise every document and append ``<|endoftext|>`` to each.
 
+    The characters ``<|endoftext|>`` inside a document are encoded as ordinary text (see
+    :func:`minifusion.tokenizer.document_encoder`): only this function places separators.
     Returns a dataset with ``input_ids`` (one list per document) and ``num_chars``.
     """
+    from .tokenizer import document_encoder
+
     eos = tokenizer.eos_token_id
+    encoder = document_encoder(tokenizer)  # a literal "<|endoftext|>" in a text stays text
 
     def encode(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
-        encoded = tokenizer.backend_tokenizer.encode_batch(batch["text"], add_special_tokens=False)
+        encoded = encoder.encode_batch(batch["text"], add_special_tokens=False)
         return {
             "input_ids": [e.ids + [eos] for e in encoded],
             "num_chars": [len(t) for t in batch["text"]],
@@ -618,7 +623,10 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
 
         if world_size > 1:
             documents = split_dataset_by_node(documents, rank=rank, world_size=world_size)
+        from .tokenizer import document_encoder
+
         self.documents, self.tokenizer, self.block_size = documents, tokenizer, block_size
+        self.encoder = document_encoder(tokenizer)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         eos = self.tokenizer.eos_token_id
@@ -629,7 +637,7 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
                 raise ValueError(
                     f"Streamed document {index} has no text (got {type(text).__name__})."
                 )
-            buffer += self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+            buffer += self.encoder.encode(text, add_special_tokens=False).ids
             buffer.append(eos)
             while len(buffer) >= self.block_size + 1:
                 chunk = torch.tensor(buffer[: self.block_size + 1], dtype=torch.long)

@@ -26,9 +26,11 @@ __all__ = [
     "MIN_VOCAB_SIZE",
     "CompressionStats",
     "compression_stats",
+    "document_encoder",
     "load_tokenizer",
     "tokenizer_hash",
     "train_tokenizer",
+    "wrap_tokenizer",
 ]
 
 ENDOFTEXT = "<|endoftext|>"
@@ -110,11 +112,24 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 def tokenizer_hash(tokenizer: PreTrainedTokenizerFast) -> str:
     """A short fingerprint of the vocabulary, merges and special tokens.
 
-    Checkpoints and token files record it, so a mismatch between the tokenizer a model was
+    Token files record it (and checkpoints will), so a mismatch between the tokenizer a model was
     trained with and the one in use is caught instead of producing silent gibberish.
     """
     canonical = json.dumps(json.loads(tokenizer.backend_tokenizer.to_str()), sort_keys=True)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def document_encoder(tokenizer: PreTrainedTokenizerFast) -> Tokenizer:
+    """A copy of the backend that reads special-token *strings* in a document as plain text.
+
+    By default a tokenizer turns the characters ``<|endoftext|>`` found inside a text into the
+    special token itself — a document boundary the author never wrote, and one a user could
+    forge. Documents are therefore encoded with this copy; only the data pipeline places the
+    real separator (id 0) between documents.
+    """
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.encode_special_tokens = True
+    return backend
 
 
 @dataclass(frozen=True)
@@ -142,9 +157,10 @@ class CompressionStats:
 
 def compression_stats(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str]) -> CompressionStats:
     """Count characters, UTF-8 bytes and tokens over ``texts`` (no special tokens added)."""
+    encoder = document_encoder(tokenizer)
     characters = n_bytes = tokens = 0
     for text in texts:
         characters += len(text)
         n_bytes += len(text.encode("utf-8"))
-        tokens += len(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids)
+        tokens += len(encoder.encode(text, add_special_tokens=False).ids)
     return CompressionStats(characters=characters, bytes=n_bytes, tokens=tokens)

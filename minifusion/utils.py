@@ -73,7 +73,11 @@ def pick_device(prefer: str | None = None) -> torch.device:
                 f"Device {prefer!r} was requested but CUDA is not available on this machine; "
                 "use 'cpu' or leave the device unset to pick automatically."
             )
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        if (
+            device.type == "cuda"
+            and device.index is not None
+            and device.index >= torch.cuda.device_count()
+        ):
             raise RuntimeError(
                 f"Device {prefer!r} was requested but this machine has "
                 f"{torch.cuda.device_count()} CUDA device(s), numbered from 0; use one of those."

@@ -191,6 +191,16 @@ def test_tokenize_appends_separator(small_tokenizer):
         assert row["num_chars"] == 2
 
 
+def test_literal_separator_string_in_a_document_stays_text(small_tokenizer):
+    docs = datasets.Dataset.from_dict({"text": ["before <|endoftext|> after"]})
+    ids = tokenize_documents(docs, small_tokenizer)[0]["input_ids"]
+    eos = small_tokenizer.eos_token_id
+    assert ids.count(eos) == 1 and ids[-1] == eos  # only the separator the pipeline appended
+    assert small_tokenizer.decode(ids[:-1]) == "before <|endoftext|> after"
+    streamed = StreamingBlocks([{"text": "x <|endoftext|> y " * 20}], small_tokenizer, block_size=8)
+    assert sum(int((x == eos).sum()) for x, _ in streamed) == 0
+
+
 def test_token_file_contents_and_sidecar(token_file, small_tokenizer):
     path, info, ids = token_file
     opened = TokenFile(path, expected_tokenizer_hash=tokenizer_hash(small_tokenizer))
