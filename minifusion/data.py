@@ -286,17 +286,23 @@ def _resolve_files(source: str | Path | Sequence[str | Path]) -> list[Path]:
     return files
 
 
+def _utf8_error(
+    path: Path, line_no: int, raw: bytes, exc: UnicodeDecodeError
+) -> UnicodeDecodeError:
+    """The decoder's error, re-worded to name the file, the line and the two fixes."""
+    return UnicodeDecodeError(
+        "utf-8", raw, exc.start, exc.end,
+        f"{path}, line {line_no}: bytes {raw[exc.start : exc.end]!r} are not valid UTF-8. "
+        "Re-encode the file as UTF-8, or pass encoding_errors='replace' to substitute U+FFFD "
+        "for them",
+    )  # fmt: skip
+
+
 def _decode(raw: bytes, path: Path, encoding_errors: str) -> str:
     try:
         return raw.decode("utf-8", errors=encoding_errors)
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        bad = raw[exc.start : exc.end]
-        raise UnicodeDecodeError(
-            "utf-8", raw, exc.start, exc.end,
-            f"{path}, line {line}: bytes {bad!r} are not valid UTF-8. Re-encode the file as "
-            "UTF-8, or pass encoding_errors='replace' to substitute U+FFFD for them",
-        ) from None  # fmt: skip
+        raise _utf8_error(path, raw[: exc.start].count(b"\n") + 1, raw, exc) from None
 
 
 def _check_text_files(files: list[Path], encoding_errors: str) -> None:
@@ -321,12 +327,7 @@ def _jsonl_records(
                 try:
                     line = raw.decode("utf-8", errors=encoding_errors)
                 except UnicodeDecodeError as exc:
-                    raise UnicodeDecodeError(
-                        "utf-8", raw, exc.start, exc.end,
-                        f"{path}, line {line_no}: bytes {raw[exc.start:exc.end]!r} are not valid "
-                        "UTF-8. Re-encode the file as UTF-8, or pass encoding_errors='replace' to "
-                        "substitute U+FFFD for them",
-                    ) from None  # fmt: skip
+                    raise _utf8_error(path, line_no, raw, exc) from None
                 if not line.strip():
                     continue
                 text = _jsonl_text(line, path, line_no, text_field)
