@@ -378,15 +378,16 @@ class MiniFusionConfig(PreTrainedConfig):
 
     # ----------------------------------------------------------------------- parameters ---
     def _attention_parameters(self) -> dict[str, int]:
-        h, d = self.hidden_size, self.head_dim
-        q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
-        bias = self.attention_bias
-        return {
-            "q_proj": h * q + (q if bias else 0),
-            "k_proj": h * kv + (kv if bias else 0),
-            "v_proj": h * kv + (kv if bias else 0),
-            "o_proj": q * h + (h if bias else 0),
-        }
+        """Weights of q/k/v/o (from :meth:`_attention_matmul_sizes`) plus their optional biases."""
+        weights = dict(
+            zip(("q_proj", "k_proj", "v_proj", "o_proj"), self._attention_matmul_sizes())
+        )
+        if not self.attention_bias:
+            return weights
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        biases = {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": self.hidden_size}
+        return {name: weights[name] + biases[name] for name in weights}
 
     def _mamba_parameters(self) -> dict[str, int]:
         h, di = self.hidden_size, self.mamba_d_inner
@@ -526,6 +527,7 @@ class MiniFusionConfig(PreTrainedConfig):
         return out
 
     def _attention_matmul_sizes(self) -> list[int]:
+        """Weight-matrix sizes of q_proj, k_proj, v_proj, o_proj (shared by counts and FLOPs)."""
         h, d = self.hidden_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
         return [h * q, h * kv, h * kv, q * h]
