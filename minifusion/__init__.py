@@ -1,12 +1,28 @@
 """MiniFusion — build, check and train a hybrid Mamba ∥ attention language model.
 
 Each module is one chapter of the course (see the README's chapter table):
-``utils`` (00), ``config`` (01), ``tokenizer`` and ``data`` (02–03), ``embedding`` (03), …
+``utils`` (00), ``config`` (01), ``tokenizer`` and ``data`` (02–03), ``embedding`` (03),
+``norm`` (04), ``rope`` (05), ``attention`` (06), ``mlp`` (07), …
 """
 
+from .attention import Attention, LayerKVCache
 from .config import MiniFusionConfig
+from .mlp import SwiGLU
+from .norm import RMSNorm
+from .rope import RotaryEmbedding, apply_rotary
 from .utils import environment_report, pick_device, seed_everything
 
 __version__ = "0.1.0"
 
-__all__ = ["MiniFusionConfig", "environment_report", "pick_device", "seed_everything"]
+__all__ = [
+    "Attention",
+    "LayerKVCache",
+    "MiniFusionConfig",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "SwiGLU",
+    "apply_rotary",
+    "environment_report",
+    "pick_device",
+    "seed_everything",
+]

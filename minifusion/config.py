@@ -44,6 +44,7 @@ FUSION_GATES = ("lowrank", "scalar", "average")
 SCAN_IMPLS = ("auto", "sequential", "chunked", "cuda")
 ATTENTION_IMPLS = ("sdpa", "eager")
 ROUTER_SCORINGS = ("softmax", "sigmoid")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 
 #: Where the YAML presets live (``configs/`` at the repository root).
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -180,6 +181,7 @@ class MiniFusionConfig(PreTrainedConfig):
         ):
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
         super().__post_init__(**kwargs)
+        self._check_rope()
 
     # ------------------------------------------------------------------ derived defaults ---
     def _fill_derived_defaults(self) -> None:
@@ -330,6 +332,25 @@ class MiniFusionConfig(PreTrainedConfig):
         if errors:
             raise ValueError("Invalid MiniFusionConfig:\n  - " + "\n  - ".join(errors))
 
+    def _check_rope(self) -> None:
+        params = self.rope_parameters or {}
+        rope_type = params.get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(
+                f"rope_parameters['rope_type']={rope_type!r} is not supported; use one of "
+                f"{list(ROPE_TYPES)} (YaRN for extending the context of a trained model)."
+            )
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(
+                "rope_parameters['partial_rotary_factor'] is not supported: MiniFusion rotates "
+                "the whole head_dim. Remove the key."
+            )
+        if self.head_dim is not None and self.head_dim % 2:
+            raise ValueError(
+                f"head_dim={self.head_dim} is odd; RoPE rotates channels in pairs, so head_dim must "
+                "be even. Change head_dim (or hidden_size / num_attention_heads)."
+            )
+
     def _check_layer_list(self, name: str, allowed: tuple[str, ...]) -> list[str]:
         values = getattr(self, name)
         errors = []
@@ -352,6 +373,7 @@ class MiniFusionConfig(PreTrainedConfig):
         """Re-run the validation (useful after editing fields of an existing config)."""
         self._check_positive_sizes()
         self._check_consistency()
+        self._check_rope()
 
     # ---------------------------------------------------------------------- derived sizes ---
     @property

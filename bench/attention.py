@@ -1,0 +1,164 @@
+"""Attention cost vs sequence length: full causal, all-local (sliding window) and mixed heads.
+
+For each sequence length it times one forward + backward pass of :class:`minifusion.attention.
+Attention` (the ``sdpa`` path the model uses) and measures the peak extra memory of that pass,
+then prints a table with each pattern's ratio to full causal attention.
+
+    python -m bench.attention                       # CPU-friendly defaults, < 2 minutes
+    python -m bench.attention --seq-lens 1024 4096 --window 256 --device cuda
+"""
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from minifusion.attention import Attention
+from minifusion.config import MiniFusionConfig
+from minifusion.rope import RotaryEmbedding
+
+from .memory import peak_memory_bytes
+
+PATTERNS = ("full", "local", "mixed")
+DEFAULT_SEQ_LENS = (512, 1024, 2048, 4096, 8192)
+
+
+@dataclass
+class Measurement:
+    pattern: str
+    seq_len: int
+    seconds: float  # median forward+backward time
+    peak_bytes: int | None
+
+
+def attention_config(
+    pattern: str, hidden_size: int, num_heads: int, num_kv_heads: int, window: int
+) -> MiniFusionConfig:
+    """``full``: every head global; ``local``: every head windowed; ``mixed``: half and half."""
+    global_heads = {"full": num_heads, "local": 0, "mixed": num_heads // 2}[pattern]
+    return MiniFusionConfig(
+        hidden_size=hidden_size,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        sliding_window=None if pattern == "full" else window,
+        num_global_heads=global_heads,
+        max_position_embeddings=max(DEFAULT_SEQ_LENS),
+    )
+
+
+def measure(
+    pattern: str,
+    seq_len: int,
+    *,
+    hidden_size: int = 256,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    window: int = 256,
+    batch_size: int = 1,
+    repeats: int = 3,
+    device: str | torch.device = "cpu",
+) -> Measurement:
+    """Median time of ``repeats`` forward+backward passes (after one warm-up) and peak memory."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    config = attention_config(pattern, hidden_size, num_heads, num_kv_heads, window)
+    attention = Attention(config).to(device)
+    rope = RotaryEmbedding(config, device=device)
+    x = torch.randn(batch_size, seq_len, hidden_size, device=device, requires_grad=True)
+    cos_sin = rope(torch.arange(seq_len, device=device)[None].expand(batch_size, -1))
+
+    def step() -> None:
+        attention(x, cos_sin).sum().backward()
+        x.grad = None
+        attention.zero_grad(set_to_none=True)
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        step()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    peak = peak_memory_bytes(step, device)
+    return Measurement(pattern, seq_len, statistics.median(times), peak)
+
+
+def run(seq_lens: tuple[int, ...] = DEFAULT_SEQ_LENS, **kwargs) -> list[Measurement]:
+    return [measure(pattern, n, **kwargs) for n in seq_lens for pattern in PATTERNS]
+
+
+def format_table(results: list[Measurement]) -> str:
+    """One row per length: time and memory of each pattern and its ratio to full attention."""
+    by_key = {(m.pattern, m.seq_len): m for m in results}
+    lengths = sorted({m.seq_len for m in results})
+    header = (
+        "| T | full ms | local ms | mixed ms | local/full time | mixed/full time "
+        "| full MiB | local MiB | mixed MiB | local/full mem | mixed/full mem |"
+    )
+    lines = [header, _separator(header)]
+    for n in lengths:
+        full, local, mixed = (by_key[(p, n)] for p in PATTERNS)
+        row = [str(n)]
+        row += [f"{m.seconds * 1e3:.1f}" for m in (full, local, mixed)]
+        row += [f"{m.seconds / full.seconds:.2f}" for m in (local, mixed)]
+        row += [_mib(m.peak_bytes) for m in (full, local, mixed)]
+        row += [_ratio(m.peak_bytes, full.peak_bytes) for m in (local, mixed)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _separator(header: str) -> str:
+    return "|" + "---|" * (header.count("|") - 1)
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
+def _ratio(value: int | None, reference: int | None) -> str:
+    if value is None or not reference:
+        return "n/a"
+    return f"{value / reference:.2f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=list(DEFAULT_SEQ_LENS))
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+
+    print(
+        f"Attention forward+backward on {args.device}: hidden {args.hidden_size}, {args.heads} "
+        f"query heads / {args.kv_heads} KV heads, window {args.window}, batch {args.batch_size}. "
+        "'mixed' = half global, half local heads. Memory = peak extra memory of one pass."
+    )
+    started = time.perf_counter()
+    results = run(
+        tuple(args.seq_lens),
+        hidden_size=args.hidden_size,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        window=args.window,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        device=args.device,
+    )
+    print(format_table(results))
+    print(f"({time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Peak-memory measurement shared by the benchmarks.
+
+On CUDA the allocator keeps exact statistics. On CPU PyTorch keeps none, so we read the
+process's resident-memory high-water mark from Linux (``VmHWM`` in ``/proc/self/status``) after
+resetting it (``/proc/self/clear_refs``), and tell glibc's ``malloc`` to hand large blocks
+straight back to the operating system, so that freed memory is not silently reused and the
+high-water mark reflects what the measured code needed.
+"""
+
+import ctypes
+import gc
+import sys
+from collections.abc import Callable
+
+import torch
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_configured = False
+
+
+def _configure_malloc() -> None:
+    global _configured
+    if _configured or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 16)  # blocks ≥ 64 KiB: mmap, returned on free
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 16)
+    except OSError:
+        pass
+    _configured = True
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not found in /proc/self/status")
+
+
+def cpu_peak_supported() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status_bytes("VmHWM")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Extra memory (bytes) at the peak of ``fn()`` over what was in use before it.
+
+    ``None`` where it cannot be measured (CPU outside Linux).
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if not cpu_peak_supported():
+        fn()
+        return None
+    _configure_malloc()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current resident size
+    before = _status_bytes("VmRSS")
+    fn()
+    return _status_bytes("VmHWM") - before

@@ -1,0 +1,237 @@
+"""Chapter 05 — rotary position embeddings (RoPE), one shared cos/sin table, YaRN scaling.
+
+RoPE (Su et al., 2021, "RoFormer") encodes a token's position by *rotating* its query and key
+vectors. The ``head_dim`` channels are paired up; pair ``i`` is turned by the angle
+``position · θ_i`` with ``θ_i = base^(−2i / head_dim)``: the first pairs spin fast (a clock's
+second hand), the last ones slowly (its hour hand). Because a rotation by ``m·θ`` followed by the
+inverse of a rotation by ``n·θ`` is a rotation by ``(m − n)·θ``, the dot product of a query at
+position ``m`` and a key at position ``n`` depends only on the offset ``m − n`` — attention sees
+relative positions without any learned position table.
+
+Layout: like transformers' Llama, the two members of pair ``i`` are channels ``i`` and
+``i + head_dim/2`` (the "half-rotation" layout), so weights and tables carry over unchanged.
+
+One table for the whole model: ``cos(position · θ_i)`` and ``sin(...)`` do not depend on the
+layer, so :class:`RotaryEmbedding` computes them once for every position up to a length, keeps
+them as buffers (they follow ``model.to(device)``), grows them when a longer sequence arrives,
+and every layer receives the same ``(cos, sin)`` slices.
+
+Context-extension scalings, configured with transformers' ``rope_parameters`` dictionaries:
+
+* ``"linear"`` (position interpolation, Chen et al., 2023): every frequency divided by ``factor``.
+* ``"dynamic"`` (dynamic NTK): the base grows with the sequence length once it exceeds
+  ``max_position_embeddings``.
+* ``"yarn"`` (Peng et al., 2023, "YaRN: Efficient Context Window Extension of Large Language
+  Models"): fast pairs (many turns within the original context) are kept, slow pairs (less than
+  one turn) are interpolated by ``factor``, a linear ramp blends the two in between, and cos/sin
+  are multiplied by an attention temperature ``0.1·ln(factor) + 1``.
+"""
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ROPE_TYPES, MiniFusionConfig
+
+__all__ = [
+    "SUPPORTED_ROPE_TYPES",
+    "RotaryEmbedding",
+    "apply_rotary",
+    "inverse_frequencies",
+    "rotate_half",
+]
+
+SUPPORTED_ROPE_TYPES = ROPE_TYPES  # validated by MiniFusionConfig
+
+
+def _base_inverse_frequencies(head_dim: int, base: float) -> torch.Tensor:
+    """``θ_i = base^(−2i/head_dim)`` for the ``head_dim/2`` channel pairs, in fp32."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    return 1.0 / (base**exponents)
+
+
+def _yarn_temperature(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature: ``0.1 · mscale · ln(factor) + 1`` (1 when not stretching)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_pair_index(turns: float, head_dim: int, base: float, context: int) -> float:
+    """The (fractional) pair index whose wavelength fits ``turns`` times into ``context``.
+
+    Pair ``i`` has wavelength ``λ_i = 2π · base^(2i/head_dim)``; solving ``context / λ_i = turns``
+    for ``i`` gives ``i = head_dim · ln(context / (2π · turns)) / (2 · ln base)``.
+    """
+    return head_dim * math.log(context / (2 * math.pi * turns)) / (2 * math.log(base))
+
+
+def _yarn_inverse_frequencies(
+    head_dim: int, base: float, params: dict[str, Any], max_positions: int
+) -> tuple[torch.Tensor, float]:
+    original = params["original_max_position_embeddings"]
+    factor = params.get("factor") or max_positions / original
+    fast_turns = params.get("beta_fast") or 32  # pairs turning ≥ 32 times: keep as they are
+    slow_turns = params.get("beta_slow") or 1  # pairs turning < 1 time: interpolate fully
+
+    temperature = params.get("attention_factor")
+    if temperature is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        if mscale and mscale_all_dim:  # DeepSeek's variant: a ratio of two temperatures
+            temperature = _yarn_temperature(factor, mscale) / _yarn_temperature(
+                factor, mscale_all_dim
+            )
+        else:
+            temperature = _yarn_temperature(factor)
+
+    # Pairs below `first` keep their frequency, pairs above `last` are divided by `factor`.
+    first = _yarn_pair_index(fast_turns, head_dim, base, original)
+    last = _yarn_pair_index(slow_turns, head_dim, base, original)
+    if params.get("truncate", True):
+        first, last = math.floor(first), math.ceil(last)
+    first, last = max(first, 0), min(last, head_dim - 1)
+    if first == last:
+        last += 0.001  # a ramp of zero width would divide by zero
+
+    pairs = torch.arange(head_dim // 2, dtype=torch.float32)
+    interpolate_share = ((pairs - first) / (last - first)).clamp(0, 1)  # 0 = keep, 1 = stretch
+    original_freq = _base_inverse_frequencies(head_dim, base)
+    stretched_freq = original_freq / factor
+    inv_freq = stretched_freq * interpolate_share + original_freq * (1 - interpolate_share)
+    return inv_freq, float(temperature)
+
+
+def inverse_frequencies(
+    config: MiniFusionConfig, seq_len: int | None = None
+) -> tuple[torch.Tensor, float]:
+    """The per-pair angular speeds ``θ`` ``(head_dim/2,)`` fp32, and the cos/sin multiplier.
+
+    ``seq_len`` matters only for ``"dynamic"``: the longest sequence the table must cover.
+    """
+    params = dict(config.rope_parameters or {})
+    rope_type = params.get("rope_type", "default")
+    base, head_dim = float(params.get("rope_theta", config.rope_theta)), config.head_dim
+    if rope_type == "default":
+        return _base_inverse_frequencies(head_dim, base), 1.0
+    if rope_type == "linear":
+        return _base_inverse_frequencies(head_dim, base) / params["factor"], 1.0
+    if rope_type == "dynamic":
+        # NTK-aware: raise the base so the slowest pair still makes < 1 turn over `seq_len`.
+        limit = config.max_position_embeddings
+        seq_len = max(seq_len or limit, limit)
+        factor = params["factor"]
+        base = base * ((factor * seq_len / limit) - (factor - 1)) ** (head_dim / (head_dim - 2))
+        return _base_inverse_frequencies(head_dim, base), 1.0
+    if rope_type == "yarn":
+        return _yarn_inverse_frequencies(head_dim, base, params, config.max_position_embeddings)
+    raise ValueError(
+        f"rope_type={rope_type!r} is not supported; use one of {list(SUPPORTED_ROPE_TYPES)}."
+    )
+
+
+class RotaryEmbedding(nn.Module):
+    """The model's one cos/sin table. ``rope(position_ids)`` → ``(cos, sin)``, each ``(B, T, D)``.
+
+    ``position_ids`` is ``(B, T)`` (or ``(T,)``, treated as a batch of one) with non-negative
+    integer positions — for cached decoding simply the positions of the new tokens
+    (``past_length + arange(T)``). ``D`` is ``head_dim``; rows are laid out ``[θ·m, θ·m]``
+    (both halves equal), the half-rotation layout :func:`apply_rotary` expects.
+
+    The table starts at ``max_position_embeddings`` rows (at most ``initial_length``) and doubles
+    when a larger position arrives, so a long generation rebuilds it only a few times. For
+    ``"dynamic"`` scaling the frequencies themselves depend on the length, so the table is rebuilt
+    at exactly the length needed. It is stored in fp32; ``dtype`` casts the returned slices.
+    """
+
+    def __init__(
+        self,
+        config: MiniFusionConfig,
+        device: torch.device | str | None = None,
+        initial_length: int = 4096,
+    ):
+        super().__init__()
+        self.config = config
+        self.rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope_type={self.rope_type!r} is not supported; use one of "
+                f"{list(SUPPORTED_ROPE_TYPES)}."
+            )
+        if config.head_dim % 2:
+            raise ValueError(
+                f"head_dim={config.head_dim} is odd; RoPE rotates channel pairs, so head_dim must "
+                "be even."
+            )
+        inv_freq, self.attention_scaling = inverse_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        empty = torch.empty(0, config.head_dim, device=device)
+        self.register_buffer("cos_table", empty, persistent=False)
+        self.register_buffer("sin_table", empty.clone(), persistent=False)
+        self._build_table(min(config.max_position_embeddings, initial_length))
+
+    @property
+    def cached_length(self) -> int:
+        return self.cos_table.shape[0]
+
+    def _build_table(self, length: int) -> None:
+        if self.rope_type == "dynamic":
+            inv_freq, _ = inverse_frequencies(self.config, seq_len=length)
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
+        positions = torch.arange(length, device=self.inv_freq.device, dtype=torch.int64).float()
+        angles = torch.outer(positions, self.inv_freq)  # (L, D/2): θ_i · m
+        angles = torch.cat((angles, angles), dim=-1)  # (L, D): the same angle for both halves
+        self.cos_table = angles.cos() * self.attention_scaling
+        self.sin_table = angles.sin() * self.attention_scaling
+
+    def forward(
+        self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)
+        if position_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"position_ids must be integers, got dtype {position_ids.dtype}.")
+        # One read of (min, max) per forward — the model calls this once for all its layers.
+        low, high = (int(v) for v in torch.aminmax(position_ids))
+        if low < 0:
+            raise ValueError(
+                f"position_ids contains {low}; positions start at 0 (left-padded batches use "
+                "attention_mask.cumsum(-1) - 1 clamped at 0)."
+            )
+        if high >= self.cached_length:
+            grown = high + 1 if self.rope_type == "dynamic" else max(high + 1, 2 * self.cached_length)
+            self._build_table(grown)
+        cos = self.cos_table[position_ids]
+        sin = self.sin_table[position_ids]
+        return cos.to(dtype), sin.to(dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"rope_type={self.rope_type!r}, head_dim={self.config.head_dim}, "
+            f"cached_length={self.cached_length}"
+        )
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x₁, x₂] → [−x₂, x₁]`` on the last dimension: a quarter turn of every channel pair."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate queries ``(B, Hq, T, D)`` and keys ``(B, Hkv, T, D)`` by ``cos, sin`` ``(B, T, D)``.
+
+    Each pair ``(a, b)`` becomes ``(a·cos − b·sin, b·cos + a·sin)`` — a 2-D rotation. The head
+    dimension is broadcast, so one table slice serves every head.
+    """
+    if cos.shape[-1] != q.shape[-1] or cos.shape[-2] != q.shape[-2]:
+        raise ValueError(
+            f"cos/sin of shape {tuple(cos.shape)} do not match queries {tuple(q.shape)}: expected "
+            "(B, T, head_dim) for q of shape (B, H, T, head_dim). Compute them from the position "
+            "ids of exactly these T tokens."
+        )
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q_rotated = q * cos + rotate_half(q) * sin
+    k_rotated = k * cos + rotate_half(k) * sin
+    return q_rotated, k_rotated
