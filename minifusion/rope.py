@@ -198,7 +198,9 @@ class RotaryEmbedding(nn.Module):
                 "attention_mask.cumsum(-1) - 1 clamped at 0)."
             )
         if high >= self.cached_length:
-            grown = high + 1 if self.rope_type == "dynamic" else max(high + 1, 2 * self.cached_length)
+            grown = (
+                high + 1 if self.rope_type == "dynamic" else max(high + 1, 2 * self.cached_length)
+            )
             self._build_table(grown)
         cos = self.cos_table[position_ids]
         sin = self.sin_table[position_ids]
