@@ -94,10 +94,13 @@ def _yarn_inverse_frequencies(
         last += 0.001  # a ramp of zero width would divide by zero
 
     pairs = torch.arange(head_dim // 2, dtype=torch.float32)
-    interpolate_share = ((pairs - first) / (last - first)).clamp(0, 1)  # 0 = keep, 1 = stretch
-    original_freq = _base_inverse_frequencies(head_dim, base)
-    stretched_freq = original_freq / factor
-    inv_freq = stretched_freq * interpolate_share + original_freq * (1 - interpolate_share)
+    keep_share = 1 - ((pairs - first) / (last - first)).clamp(0, 1)  # 1 = keep, 0 = stretch
+    wavelength_scale = base ** (torch.arange(0, head_dim, 2).float() / head_dim)  # 1 / θ_i
+    # Written as a blend of 1/scale and 1/(factor·scale), the same float operations as
+    # transformers, so the two tables agree to the last bits even at large positions.
+    inv_freq = (1.0 / (factor * wavelength_scale)) * (1 - keep_share) + (
+        1.0 / wavelength_scale
+    ) * keep_share
     return inv_freq, float(temperature)
 
 
