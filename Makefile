@@ -12,7 +12,7 @@ OUT    ?= runs/$(PRESET)
 export PATH := $(BIN):$(PATH)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup train test lint unit notebooks lab clean
+.PHONY: setup train test lint unit notebooks bench lab clean
 
 setup: $(STAMP)  ## create .venv and install the project (reused when up to date)
 
@@ -51,6 +51,9 @@ notebooks: setup
 	  $(BIN)/python -m pytest -n 2 --dist loadscope -p no:cacheprovider \
 	  --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
 	  notebooks/*.ipynb chapters/*/solutions.ipynb
+
+bench: setup  ## benchmarks that print side-by-side tables (today: attention)
+	$(BIN)/python -m bench.attention
 
 lab: setup  ## open the chapters in JupyterLab
 	$(BIN)/jupyter lab notebooks/
