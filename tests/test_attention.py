@@ -303,3 +303,25 @@ def test_mask_of_the_wrong_length_names_the_fix():
         attention(
             x[:, :1], rope(positions(1, 1, 5)), attention_mask=torch.ones(1, 1), kv_cache=cache
         )
+
+
+# ---------------------------------------------------------------------------- on a GPU ---
+@pytest.mark.gpu
+@pytest.mark.parametrize("mix", list(HEAD_MIXES))
+def test_cuda_sdpa_matches_cpu_eager(mix):
+    """The fused CUDA kernels (fp32 and bf16) agree with the CPU reference path."""
+    global_heads, window = HEAD_MIXES[mix]
+    config = make_config(6, 2, 16, num_global_heads=global_heads, sliding_window=window)
+    attention, rope = make_pair(config)
+    x = torch.randn(2, 300, config.hidden_size)
+    padding = torch.ones(2, 300, dtype=torch.long)
+    padding[1, :9] = 0
+    with torch.no_grad():
+        reference = run(attention, rope, x, padding, "eager")
+        attention, rope = attention.cuda(), rope.cuda()
+        cuda_fp32 = run(attention, rope, x.cuda(), padding.cuda(), "sdpa").cpu()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            cuda_bf16 = run(attention, rope, x.cuda(), padding.cuda(), "sdpa").float().cpu()
+    real = padding.bool()
+    assert (cuda_fp32 - reference)[real].abs().max() <= 1e-4
+    assert (cuda_bf16 - reference)[real].abs().max() <= 5e-2
