@@ -6,9 +6,12 @@ Normalization") keeps only the re-scaling: it divides by the root mean square
 ``rms(x) = sqrt(mean(x²) + eps)`` and multiplies by a learnable per-channel ``weight``. No mean,
 no bias — cheaper, and in practice just as good, which is why Llama, Mistral and Mamba use it.
 
-Why fp32 inside: the mean of squares adds up ``C`` numbers. In bf16 (8 bits of mantissa) each
-partial sum is rounded to about 3 significant digits, so the statistic drifts; chapter 04
-measures how much. We therefore compute in fp32 and cast the result back to the input dtype.
+Why fp32 inside: the mean of squares adds up ``C`` numbers. A running sum kept in bf16 (8 bits
+of mantissa) stops growing once it is about 256 times larger than what is added to it, so the
+statistic comes out far too small for wide layers; chapter 04 measures it. PyTorch's own bf16
+reductions happen to accumulate in fp32 on CPU, but the squares, the division and other kernels
+would still round to bf16 at every step. Upcasting the whole computation to fp32 makes the result
+exact to fp32 rounding whatever kernel runs it; the output is cast back to the input dtype.
 """
 
 import torch
