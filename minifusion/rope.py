@@ -143,7 +143,9 @@ class RotaryEmbedding(nn.Module):
     The table starts at ``max_position_embeddings`` rows (at most ``initial_length``) and doubles
     when a larger position arrives, so a long generation rebuilds it only a few times. For
     ``"dynamic"`` scaling the frequencies themselves depend on the length, so the table is rebuilt
-    at exactly the length needed. It is stored in fp32; ``dtype`` casts the returned slices.
+    at exactly the length needed, and reset to the original frequencies when a sequence shorter
+    than ``max_position_embeddings`` follows (as in transformers). It is stored in fp32; ``dtype``
+    casts the returned slices.
     """
 
     def __init__(
@@ -186,6 +188,15 @@ class RotaryEmbedding(nn.Module):
         self.cos_table = angles.cos() * self.attention_scaling
         self.sin_table = angles.sin() * self.attention_scaling
 
+    def _update_dynamic_table(self, needed: int) -> None:
+        """Dynamic NTK, as transformers does it: stretch when a longer sequence arrives, and go
+        back to the original frequencies once sequences fit the trained length again."""
+        limit = self.config.max_position_embeddings
+        if needed > self.cached_length:
+            self._build_table(needed)
+        elif needed < limit < self.cached_length:
+            self._build_table(limit)
+
     def forward(
         self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,11 +211,10 @@ class RotaryEmbedding(nn.Module):
                 f"position_ids contains {low}; positions start at 0 (left-padded batches use "
                 "attention_mask.cumsum(-1) - 1 clamped at 0)."
             )
-        if high >= self.cached_length:
-            grown = (
-                high + 1 if self.rope_type == "dynamic" else max(high + 1, 2 * self.cached_length)
-            )
-            self._build_table(grown)
+        if self.rope_type == "dynamic":
+            self._update_dynamic_table(high + 1)
+        elif high >= self.cached_length:
+            self._build_table(max(high + 1, 2 * self.cached_length))
         cos = self.cos_table[position_ids]
         sin = self.sin_table[position_ids]
         return cos.to(dtype), sin.to(dtype)

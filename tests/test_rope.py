@@ -84,6 +84,12 @@ def test_dynamic_ntk_beyond_max_length_matches_llama():
     assert (sin - ref_sin).abs().max() <= 1e-5
     default_cos, _ = RotaryEmbedding(_configs(32, ROPE_CASES["default"], 256)[0])(position_ids)
     assert not torch.allclose(cos, default_cos)  # the scaling really did something
+    # a short sequence afterwards goes back to the original frequencies, in both
+    short = torch.arange(100)[None]
+    cos, _ = rope(short)
+    ref_cos, _ = reference(torch.zeros(1), short)
+    assert (cos - ref_cos).abs().max() <= 1e-5
+    assert torch.equal(cos, default_cos[:, :100])
 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
