@@ -31,7 +31,14 @@ class SwiGLU(nn.Module):
     def __init__(self, config: MiniFusionConfig, intermediate_size: int | None = None):
         super().__init__()
         self.hidden_size = config.hidden_size
-        self.intermediate_size = intermediate_size or config.intermediate_size
+        if intermediate_size is None:
+            intermediate_size = config.intermediate_size
+        if intermediate_size < 1:
+            raise ValueError(
+                f"intermediate_size={intermediate_size} must be a positive integer (the width of "
+                "the gated hidden layer); leave it as None to use config.intermediate_size."
+            )
+        self.intermediate_size = intermediate_size
         self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
         self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
         self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=False)

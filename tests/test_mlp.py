@@ -46,3 +46,9 @@ def test_expert_width_override():
     expert = SwiGLU(config, intermediate_size=32)
     assert expert.gate_proj.weight.shape == (32, 64)
     assert expert(torch.randn(3, 64)).shape == (3, 64)
+
+
+@pytest.mark.parametrize("width", [0, -5])
+def test_bad_width_names_the_field(width):
+    with pytest.raises(ValueError, match="intermediate_size"):
+        SwiGLU(MiniFusionConfig(hidden_size=64, num_attention_heads=4), intermediate_size=width)
