@@ -128,13 +128,19 @@ HEAD_MIXES = {  # (num_global_heads, sliding_window)
 }
 
 
+def mixed_layer(mix: str, impl: str = "sdpa", kv_heads: int = 2, head_dim: int = 8):
+    """Six query heads (3 per KV head by default) laid out as HEAD_MIXES[mix]."""
+    global_heads, window = HEAD_MIXES[mix]
+    config = make_config(6, kv_heads, head_dim, impl, num_global_heads=global_heads,
+                         sliding_window=window)  # fmt: skip
+    return (config, *make_pair(config))
+
+
 @pytest.mark.parametrize("mix", list(HEAD_MIXES))
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("length", [12, 200])  # 200 > 2 blocks: the blocked local path
 def test_matches_explicit_window_reference(mix, impl, length):
-    global_heads, window = HEAD_MIXES[mix]
-    config = make_config(6, 2, 8, impl, num_global_heads=global_heads, sliding_window=window)
-    attention, rope = make_pair(config)
+    config, attention, rope = mixed_layer(mix, impl)
     x = torch.randn(2, length, config.hidden_size)
     padding = torch.ones(2, length, dtype=torch.long)
     padding[0, :3] = 0
@@ -170,9 +176,7 @@ def test_a_local_head_sees_exactly_window_keys_itself_included(window):
 # ------------------------------------------------------------------------ sdpa == eager ---
 @pytest.mark.parametrize("mix", list(HEAD_MIXES))
 def test_sdpa_and_eager_agree_with_gradients(mix):
-    global_heads, window = HEAD_MIXES[mix]
-    config = make_config(6, 2, 12, num_global_heads=global_heads, sliding_window=window)
-    attention, rope = make_pair(config)
+    config, attention, rope = mixed_layer(mix, head_dim=12)
     x = torch.randn(2, 300, config.hidden_size, requires_grad=True)
     padding = torch.ones(2, 300, dtype=torch.long)
     padding[1, :17] = 0
@@ -191,9 +195,7 @@ def test_sdpa_and_eager_agree_with_gradients(mix):
 @pytest.mark.parametrize("mix", list(HEAD_MIXES))
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_cached_decoding_equals_full_forward_at_every_split(mix, impl):
-    global_heads, window = HEAD_MIXES[mix]
-    config = make_config(6, 2, 8, impl, num_global_heads=global_heads, sliding_window=window)
-    attention, rope = make_pair(config)
+    config, attention, rope = mixed_layer(mix, impl)
     length = 23  # several times the window
     x = torch.randn(2, length, config.hidden_size)
     with torch.no_grad():
@@ -209,9 +211,7 @@ def test_cached_decoding_equals_full_forward_at_every_split(mix, impl):
 @pytest.mark.parametrize("mix", list(HEAD_MIXES))
 def test_chunked_prefill_and_left_padding_with_cache(mix):
     """Chunks longer than the window, and a left-padded batch, through the cache."""
-    global_heads, window = HEAD_MIXES[mix]
-    config = make_config(6, 2, 8, num_global_heads=global_heads, sliding_window=window)
-    attention, rope = make_pair(config)
+    config, attention, rope = mixed_layer(mix, head_dim=8)
     length = 40
     x = torch.randn(2, length, config.hidden_size)
     padding = torch.ones(2, length, dtype=torch.long)
@@ -260,9 +260,7 @@ def test_local_cache_memory_is_bounded_by_the_window():
 @pytest.mark.parametrize("mix", list(HEAD_MIXES))
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_causality(mix, impl):
-    global_heads, window = HEAD_MIXES[mix]
-    config = make_config(6, 2, 8, impl, num_global_heads=global_heads, sliding_window=window)
-    attention, rope = make_pair(config)
+    config, attention, rope = mixed_layer(mix, impl)
     length = 300
     x = torch.randn(1, length, config.hidden_size)
     with torch.no_grad():
@@ -310,9 +308,7 @@ def test_mask_of_the_wrong_length_names_the_fix():
 @pytest.mark.parametrize("mix", list(HEAD_MIXES))
 def test_cuda_sdpa_matches_cpu_eager(mix):
     """The fused CUDA kernels (fp32 and bf16) agree with the CPU reference path."""
-    global_heads, window = HEAD_MIXES[mix]
-    config = make_config(6, 2, 16, num_global_heads=global_heads, sliding_window=window)
-    attention, rope = make_pair(config)
+    config, attention, rope = mixed_layer(mix, head_dim=16)
     x = torch.randn(2, 300, config.hidden_size)
     padding = torch.ones(2, 300, dtype=torch.long)
     padding[1, :9] = 0
