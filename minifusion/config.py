@@ -44,6 +44,7 @@ FUSION_GATES = ("lowrank", "scalar", "average")
 SCAN_IMPLS = ("auto", "sequential", "chunked", "cuda")
 ATTENTION_IMPLS = ("sdpa", "eager")
 ROUTER_SCORINGS = ("softmax", "sigmoid")
+BALANCE_LOSSES = ("global", "sequence")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 
 #: Where the YAML presets live (``configs/`` at the repository root).
@@ -155,6 +156,7 @@ class MiniFusionConfig(PreTrainedConfig):
     moe_router_scoring: str = "softmax"
     moe_norm_topk_prob: bool = True
     moe_aux_loss_coef: float | int = 0.01
+    moe_balance_loss: str = "global"
     moe_router_z_loss_coef: float | int = 0.0
     moe_aux_loss_free_bias: bool = False
     moe_bias_update_rate: float | int = 1e-3
@@ -303,6 +305,7 @@ class MiniFusionConfig(PreTrainedConfig):
             ("mamba_scan_impl", SCAN_IMPLS),
             ("attention_impl", ATTENTION_IMPLS),
             ("moe_router_scoring", ROUTER_SCORINGS),
+            ("moe_balance_loss", BALANCE_LOSSES),
         ]
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
