@@ -52,8 +52,9 @@ notebooks: setup
 	  --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
 	  notebooks/*.ipynb chapters/*/solutions.ipynb
 
-bench: setup  ## benchmarks that print side-by-side tables (today: attention)
+bench: setup  ## benchmarks that print side-by-side tables (today: attention, MoE dispatch)
 	$(BIN)/python -m bench.attention
+	$(BIN)/python -m bench.moe
 
 lab: setup  ## open the chapters in JupyterLab
 	$(BIN)/jupyter lab notebooks/
