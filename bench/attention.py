@@ -9,7 +9,6 @@ then prints a table with each pattern's ratio to full causal attention.
 """
 
 import argparse
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ from minifusion.config import MiniFusionConfig
 from minifusion.rope import RotaryEmbedding
 
 from .memory import peak_memory_bytes
+from .timing import median_seconds
 
 PATTERNS = ("full", "local", "mixed")
 DEFAULT_SEQ_LENS = (512, 1024, 2048, 4096, 8192)
@@ -74,20 +74,9 @@ def measure(
         x.grad = None
         attention.zero_grad(set_to_none=True)
 
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        step()
-        synchronize()
-        times.append(time.perf_counter() - start)
+    seconds = median_seconds(step, repeats, device)
     peak = peak_memory_bytes(step, device)
-    return Measurement(pattern, seq_len, statistics.median(times), peak)
+    return Measurement(pattern, seq_len, seconds, peak)
 
 
 def run(seq_lens: tuple[int, ...] = DEFAULT_SEQ_LENS, **kwargs) -> list[Measurement]:

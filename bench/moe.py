@@ -15,15 +15,15 @@ It prints the median forward+backward time of each and the ratios to ``dense``.
 """
 
 import argparse
-import statistics
 import time
-from collections.abc import Callable
 
 import torch
 
 from minifusion.config import MiniFusionConfig
 from minifusion.mlp import SwiGLU
 from minifusion.moe import MoE
+
+from .timing import median_seconds
 
 
 def loop_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -38,22 +38,6 @@ def loop_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
             row = row + route.expert_weight[t, slot] * expert(tokens[t : t + 1])[0]
         rows.append(row)
     return torch.stack(rows).view_as(x)
-
-
-def _median_seconds(step: Callable[[], None], repeats: int, device: torch.device) -> float:
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        step()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run(
@@ -93,7 +77,7 @@ def run(
         "grouped": lambda: backward(moe(x).hidden_states),
         "dense": lambda: backward(dense(x)),
     }
-    return {name: _median_seconds(step, repeats, device) for name, step in candidates.items()}
+    return {name: median_seconds(step, repeats, device) for name, step in candidates.items()}
 
 
 def format_table(seconds: dict[str, float]) -> str:
