@@ -39,11 +39,11 @@ def _status_bytes(key: str) -> int:
     raise RuntimeError(f"{key} not found in /proc/self/status")
 
 
-def cpu_peak_supported() -> bool:
+def _reset_high_water_mark() -> bool:
+    """Reset ``VmHWM`` to the current resident size; ``False`` where Linux does not allow it."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        _status_bytes("VmHWM")
         return True
     except OSError:
         return False
@@ -62,12 +62,10 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    if not cpu_peak_supported():
+    _configure_malloc()
+    if not _reset_high_water_mark():
         fn()
         return None
-    _configure_malloc()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the high-water mark to the current resident size
     before = _status_bytes("VmRSS")
     fn()
     peak = max(_status_bytes("VmHWM"), _status_bytes("VmRSS"))

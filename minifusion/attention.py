@@ -36,6 +36,9 @@ from .rope import apply_rotary
 
 __all__ = ["Attention", "LayerKVCache", "build_attention_mask", "repeat_kv"]
 
+# Local heads are computed block by block only when blocks can be reasonably large.
+_MIN_BLOCK = 64
+
 
 def repeat_kv(states: torch.Tensor, repeats: int) -> torch.Tensor:
     """``(B, Hkv, S, D)`` → ``(B, Hkv·repeats, S, D)``: each key/value head serves ``repeats``
@@ -246,38 +249,29 @@ class Attention(nn.Module):
         """Attention of queries ``(B, h, T, D)`` over keys/values ``(B, h_kv, S, D)``."""
         dropout = self.dropout if self.training else 0.0
         query_len, key_len = q.shape[2], k.shape[2]
-        if self.impl == "eager":
-            mask = build_attention_mask(
+
+        def mask() -> torch.Tensor:
+            return build_attention_mask(
                 query_len, key_len, query_start=query_start, key_start=key_start,
                 window=window, key_valid=key_valid, device=q.device,
             )  # fmt: skip
-            return eager_attention(q, k, v, mask, self.scaling, dropout, self.training)
+
+        if self.impl == "eager":
+            return eager_attention(q, k, v, mask(), self.scaling, dropout, self.training)
 
         no_past = query_start == key_start == 0 and query_len == key_len
         if window is not None and no_past and query_len > 2 * max(window, _MIN_BLOCK):
             return blocked_local_attention(q, k, v, window, self.scaling, dropout, key_valid)
-        gqa = q.shape[1] != k.shape[1]
         # Keys always end at the newest query, so a window ≥ key_len cuts nothing off.
-        if key_valid is None and (window is None or window >= key_len):
-            if no_past:  # plain causal: let SDPA use its built-in mask (fastest kernels)
-                return F.scaled_dot_product_attention(
-                    q, k, v, dropout_p=dropout, is_causal=True, scale=self.scaling, enable_gqa=gqa
-                )
-            if query_len == 1:  # one new token sees every cached key: no mask at all
-                return F.scaled_dot_product_attention(
-                    q, k, v, dropout_p=dropout, scale=self.scaling, enable_gqa=gqa
-                )
-        mask = build_attention_mask(
-            query_len, key_len, query_start=query_start, key_start=key_start,
-            window=window, key_valid=key_valid, device=q.device,
-        )  # fmt: skip
+        only_causal = key_valid is None and (window is None or window >= key_len)
+        # Plain causal: SDPA's built-in mask (its fastest kernels). After a cache, one new token
+        # sees every key and needs no mask at all.
+        is_causal = only_causal and no_past
+        needs_mask = not only_causal or (not no_past and query_len > 1)
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling, enable_gqa=gqa
-        )
-
-
-# Local heads are computed block by block only when blocks can be reasonably large.
-_MIN_BLOCK = 64
+            q, k, v, attn_mask=mask() if needs_mask else None, dropout_p=dropout,
+            is_causal=is_causal, scale=self.scaling, enable_gqa=q.shape[1] != k.shape[1],
+        )  # fmt: skip
 
 
 def eager_attention(

@@ -125,7 +125,7 @@ class MoE(nn.Module):
 
     Expert ``i`` is ``experts.{i}`` (a :class:`~minifusion.mlp.SwiGLU` of width
     ``moe_intermediate_size``); shared experts are ``shared_experts.{j}``; the router's linear
-    layer is ``gate``.
+    layer is ``router.gate``.
     """
 
     def __init__(self, config: MiniFusionConfig, layer_idx: int = 0):
@@ -147,16 +147,11 @@ class MoE(nn.Module):
         # Assignments counted since the last bias update (aux-loss-free balancing).
         self.register_buffer("load_since_update", torch.zeros(self.num_experts), persistent=False)
 
-    @property
-    def gate(self) -> nn.Linear:
-        return self.router.gate
-
     def forward(self, hidden_states: torch.Tensor) -> MoEOutput:
         batch, length, hidden = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden)
         route = self.router(tokens)
-        routed, kept = self._dispatch(tokens, route.expert_index, route.expert_weight)
-        output = routed
+        output, load = self._dispatch(tokens, route.expert_index, route.expert_weight)
         for expert in self.shared_experts:
             output = output + expert(tokens)
 
@@ -167,14 +162,13 @@ class MoE(nn.Module):
             per_sequence=length if self.sequence_balance else None,
         )
         z_loss = router_z_loss(route.logits)
-        load = torch.bincount(route.expert_index[kept], minlength=self.num_experts).float()
         if self.training:
             self.load_since_update += load
         entropy = -(route.probs * route.probs.clamp_min(1e-12).log()).sum(-1).mean()
         stats = {
             "tokens_per_expert": load.detach(),
             "router_entropy": entropy.detach(),
-            "dropped_fraction": 1.0 - kept.float().mean().detach(),
+            "dropped_fraction": 1.0 - load.sum() / route.expert_index.numel(),
         }
         return MoEOutput(
             hidden_states=output.view(batch, length, hidden),
@@ -190,8 +184,8 @@ class MoE(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Group the ``N·k`` assignments by expert, run each expert once, scatter back.
 
-        Returns the ``(N, H)`` routed output and a boolean ``(N, k)`` of assignments kept
-        (all ``True`` unless a capacity factor drops some).
+        Returns the ``(N, H)`` routed output and the ``(E,)`` number of assignments each expert
+        served (fewer than it was sent only when a capacity factor drops some).
         """
         num_tokens, k = expert_index.shape
         flat_expert = expert_index.reshape(-1)
@@ -199,25 +193,22 @@ class MoE(nn.Module):
         # drops the latest tokens, not random ones.
         order = torch.argsort(flat_expert, stable=True)
         counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
-        kept = torch.ones(num_tokens * k, dtype=torch.bool, device=tokens.device)
-        capacity = None
+        capacity = num_tokens * k  # dropless: no expert can be sent more than every assignment
         if self.capacity_factor is not None:
             capacity = math.ceil(self.capacity_factor * num_tokens * k / self.num_experts)
 
         output = torch.zeros_like(tokens)
+        served = [min(count, capacity) for count in counts]
         start = 0
         for expert_id, count in enumerate(counts):
-            assignments = order[start : start + count]
+            assignments = order[start : start + served[expert_id]]
             start += count
-            if capacity is not None and count > capacity:
-                kept[assignments[capacity:]] = False
-                assignments = assignments[:capacity]
             token_ids = assignments // k
             # Runs even with zero tokens: the expert stays in the graph and gets zero gradients.
             expert_out = self.experts[expert_id](tokens[token_ids])
             weight = expert_weight.reshape(-1)[assignments, None]
             output.index_add_(0, token_ids, (expert_out * weight).to(output.dtype))
-        return output, kept.view(num_tokens, k)
+        return output, torch.tensor(served, dtype=torch.float32, device=tokens.device)
 
     @torch.no_grad()
     def update_expert_bias(self) -> torch.Tensor:

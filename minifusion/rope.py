@@ -46,10 +46,15 @@ __all__ = [
 SUPPORTED_ROPE_TYPES = ROPE_TYPES  # validated by MiniFusionConfig
 
 
+def _wavelength_scales(head_dim: int, base: float) -> torch.Tensor:
+    """``base^(2i/head_dim)`` for the ``head_dim/2`` channel pairs, in fp32: ``1 / θ_i``."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    return base**exponents
+
+
 def _base_inverse_frequencies(head_dim: int, base: float) -> torch.Tensor:
     """``θ_i = base^(−2i/head_dim)`` for the ``head_dim/2`` channel pairs, in fp32."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
-    return 1.0 / (base**exponents)
+    return 1.0 / _wavelength_scales(head_dim, base)
 
 
 def _yarn_temperature(factor: float, mscale: float = 1.0) -> float:
@@ -95,7 +100,7 @@ def _yarn_inverse_frequencies(
 
     pairs = torch.arange(head_dim // 2, dtype=torch.float32)
     keep_share = 1 - ((pairs - first) / (last - first)).clamp(0, 1)  # 1 = keep, 0 = stretch
-    wavelength_scale = base ** (torch.arange(0, head_dim, 2).float() / head_dim)  # 1 / θ_i
+    wavelength_scale = _wavelength_scales(head_dim, base)
     # Written as a blend of 1/scale and 1/(factor·scale), the same float operations as
     # transformers, so the two tables agree to the last bits even at large positions.
     inv_freq = (1.0 / (factor * wavelength_scale)) * (1 - keep_share) + (
@@ -156,17 +161,8 @@ class RotaryEmbedding(nn.Module):
     ):
         super().__init__()
         self.config = config
+        # The config has already checked the rope type and that head_dim is even.
         self.rope_type = (config.rope_parameters or {}).get("rope_type", "default")
-        if self.rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
-                f"rope_type={self.rope_type!r} is not supported; use one of "
-                f"{list(SUPPORTED_ROPE_TYPES)}."
-            )
-        if config.head_dim % 2:
-            raise ValueError(
-                f"head_dim={config.head_dim} is odd; RoPE rotates channel pairs, so head_dim must "
-                "be even."
-            )
         inv_freq, self.attention_scaling = inverse_frequencies(config)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         empty = torch.empty(0, config.head_dim, device=device)
