@@ -26,3 +26,15 @@ def median_seconds(step: Callable[[], object], repeats: int, device: torch.devic
         synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def machine_description(device: torch.device) -> str:
+    """A short description of where a benchmark ran, for the saved result tables."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (PyTorch {torch.__version__})"
+    import os
+    import platform
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpu = platform.processor() or platform.machine()
+    return f"{cores} CPU cores ({cpu}), PyTorch {torch.__version__}"

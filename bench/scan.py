@@ -1,0 +1,269 @@
+"""Selective-scan cost vs sequence length: sequential loop, chunked scan, transformers' reference.
+
+For each length it times one forward + backward pass of each scan on the same inputs (median of
+a few runs after a warm-up) and measures the peak extra memory of one pass, then prints a table
+with every scan's ratios to the sequential loop:
+
+* ``sequential`` — :func:`minifusion.mamba.selective_scan_sequential`, one position at a time;
+* ``chunked`` — :func:`minifusion.mamba.selective_scan_chunked` (the default on CPU);
+* ``transformers`` — the pure-PyTorch ``mamba_selective_scan`` of transformers' Mamba model
+  (a loop over positions over precomputed ``exp(ΔA)`` and ``ΔBu`` tensors);
+* ``cuda`` — mamba-ssm's kernel, only on a CUDA device with mamba-ssm installed.
+
+    python -m bench.scan                                    # CPU defaults
+    python -m bench.scan --seq-lens 256 2048 --device cuda
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from minifusion.mamba import (
+    mamba_ssm_available,
+    selective_scan_chunked,
+    selective_scan_cuda,
+    selective_scan_sequential,
+)
+
+from .memory import peak_memory_bytes
+from .timing import median_seconds
+
+DEFAULT_SEQ_LENS = (256, 512, 1024, 2048, 4096, 8192)
+# Loops over positions cost seconds per pass at long lengths: time them once there.
+LONG_LOOP = 4096
+# transformers' loop indexes full tensors per position, so its backward pass fills a full-size
+# zero gradient at every step: O(L²) work (about 75 s at L = 1024 on two CPU cores).
+REFERENCE_MAX_LEN = 1024
+
+
+@dataclass
+class Measurement:
+    scan: str
+    seq_len: int
+    seconds: float  # median forward+backward time
+    peak_bytes: int | None
+
+
+def transformers_scan() -> Callable:
+    """transformers' pure-PyTorch selective scan (same interface as mamba-ssm's)."""
+    from transformers.models.mamba import modeling_mamba
+
+    return modeling_mamba.mamba_selective_scan
+
+
+def available_scans(device: torch.device) -> dict[str, Callable]:
+    scans = {
+        "sequential": selective_scan_sequential,
+        "chunked": selective_scan_chunked,
+        "transformers": transformers_scan(),
+    }
+    if device.type == "cuda" and mamba_ssm_available():
+        scans["cuda"] = selective_scan_cuda
+    return scans
+
+
+def scan_inputs(
+    batch_size: int, d_inner: int, d_state: int, seq_len: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """``u, delta, A, B, C, D, z, delta_bias`` (in that order), scaled as in a new Mamba layer."""
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(device).requires_grad_()
+
+    A = -torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)
+    return {
+        "u": randn(batch_size, d_inner, seq_len),
+        "delta": randn(batch_size, d_inner, seq_len),
+        "A": A.to(device).requires_grad_(),
+        "B": randn(batch_size, d_state, seq_len),
+        "C": randn(batch_size, d_state, seq_len),
+        "D": torch.ones(d_inner, device=device, requires_grad=True),
+        "z": randn(batch_size, d_inner, seq_len),
+        "delta_bias": torch.full((d_inner,), -3.0, device=device, requires_grad=True),
+    }
+
+
+def measure(
+    scan: str,
+    seq_len: int,
+    *,
+    batch_size: int = 2,
+    d_inner: int = 512,
+    d_state: int = 16,
+    repeats: int = 3,
+    device: str | torch.device = "cpu",
+    isolate_memory: bool = True,
+) -> Measurement:
+    """Median forward+backward time and peak extra memory of one scan at one length.
+
+    ``isolate_memory``: on CPU, measure the memory in a fresh process (see
+    :func:`isolated_peak_bytes`); otherwise in this one.
+    """
+    device = torch.device(device)
+    function = available_scans(device)[scan]
+    inputs = scan_inputs(batch_size, d_inner, d_state, seq_len, device)
+
+    def step() -> None:
+        # positional: transformers names the first two arguments differently
+        function(*inputs.values(), delta_softplus=True).sum().backward()
+        for tensor in inputs.values():
+            tensor.grad = None
+
+    if scan in ("sequential", "transformers") and seq_len >= LONG_LOOP and device.type == "cpu":
+        repeats = 1
+    seconds = median_seconds(step, repeats, device)
+    if device.type == "cpu" and isolate_memory:
+        peak = isolated_peak_bytes(scan, seq_len, batch_size, d_inner, d_state)
+    else:
+        peak = peak_memory_bytes(step, device)
+    return Measurement(scan, seq_len, seconds, peak)
+
+
+def isolated_peak_bytes(scan: str, seq_len: int, batch_size: int, d_inner: int, d_state: int):
+    """CPU peak memory of one pass, measured in a fresh Python process.
+
+    On CPU the peak is the process's resident high-water mark, and memory that ``malloc`` kept
+    from earlier passes (of other scans or lengths) would be reused without showing up in it.
+    """
+    arguments = json.dumps([scan, seq_len, batch_size, d_inner, d_state])
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.scan", "--peak-of", arguments],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    value = json.loads(result.stdout.strip().splitlines()[-1])
+    return None if value is None else int(value)
+
+
+def _print_peak(arguments: str) -> None:
+    scan, seq_len, batch_size, d_inner, d_state = json.loads(arguments)
+    device = torch.device("cpu")
+    function = available_scans(device)[scan]
+    inputs = scan_inputs(batch_size, d_inner, d_state, seq_len, device)
+    print(
+        json.dumps(
+            peak_memory_bytes(
+                lambda: function(*inputs.values(), delta_softplus=True).sum().backward(), device
+            )
+        )
+    )
+
+
+def run(
+    seq_lens=DEFAULT_SEQ_LENS,
+    device: str | torch.device = "cpu",
+    reference_max_len: int = REFERENCE_MAX_LEN,
+    **kwargs,
+) -> list[Measurement]:
+    """Every available scan at every length (transformers' only up to ``reference_max_len``)."""
+    scans = available_scans(torch.device(device))
+    return [
+        measure(scan, n, device=device, **kwargs)
+        for n in seq_lens
+        for scan in scans
+        if scan != "transformers" or n <= reference_max_len
+    ]
+
+
+def format_table(results: list[Measurement]) -> str:
+    """One row per length: each scan's time and memory, and its ratios to the sequential loop."""
+    scans = list(dict.fromkeys(m.scan for m in results))
+    others = [s for s in scans if s != "sequential"]
+    by_key = {(m.scan, m.seq_len): m for m in results}
+    header = "| L | " + " | ".join(f"{s} ms" for s in scans)
+    header += " | " + " | ".join(f"sequential/{s} time" for s in others)
+    header += " | " + " | ".join(f"{s} MiB" for s in scans)
+    header += " | " + " | ".join(f"{s}/sequential mem" for s in others) + " |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for n in sorted({m.seq_len for m in results}):
+        row = {s: by_key.get((s, n)) for s in scans}
+        base = row["sequential"]
+        cells = [str(n)]
+        cells += [_cell(row[s], lambda m: f"{m.seconds * 1e3:.1f}") for s in scans]
+        cells += [_cell(row[s], lambda m, b=base: f"{b.seconds / m.seconds:.1f}×") for s in others]
+        cells += [_cell(row[s], lambda m: _mib(m.peak_bytes)) for s in scans]
+        cells += [
+            _cell(row[s], lambda m, b=base: _ratio(m.peak_bytes, b.peak_bytes)) for s in others
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(measurement: Measurement | None, text: Callable[[Measurement], str]) -> str:
+    return "—" if measurement is None else text(measurement)
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.0f}"
+
+
+def _ratio(value: int | None, reference: int | None) -> str:
+    return "n/a" if value is None or not reference else f"{value / reference:.2f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=list(DEFAULT_SEQ_LENS))
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--d-inner", type=int, default=512)
+    parser.add_argument("--d-state", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reference-max-len", type=int, default=REFERENCE_MAX_LEN)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--save", help="also write the table to this Markdown file")
+    parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # internal: one isolated measurement
+    args = parser.parse_args(argv)
+    if args.peak_of:
+        _print_peak(args.peak_of)
+        return
+    print(
+        f"Selective scan forward+backward on {args.device}: batch {args.batch_size}, d_inner "
+        f"{args.d_inner}, d_state {args.d_state}. Time: median of {args.repeats} runs "
+        f"(loops on CPU at L ≥ {LONG_LOOP}: one run). Memory: peak extra memory of one pass. "
+        f"transformers' reference only up to L = {args.reference_max_len}: its backward pass "
+        "is O(L²)."
+    )
+    started = time.perf_counter()
+    results = run(
+        tuple(args.seq_lens),
+        device=args.device,
+        batch_size=args.batch_size,
+        d_inner=args.d_inner,
+        d_state=args.d_state,
+        repeats=args.repeats,
+        reference_max_len=args.reference_max_len,
+    )
+    table = format_table(results)
+    print(table)
+    print(f"({time.perf_counter() - started:.0f} s)")
+    if args.save:
+        _save(args.save, table, args)
+
+
+def _save(path: str, table: str, args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .timing import machine_description
+
+    lines = [
+        f"Selective scan, forward + backward: batch {args.batch_size}, d_inner {args.d_inner}, "
+        f"d_state {args.d_state}, on {machine_description(torch.device(args.device))}. "
+        "Written by `python -m bench.scan`.",
+        "",
+        table,
+        "",
+    ]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

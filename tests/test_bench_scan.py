@@ -1,0 +1,27 @@
+"""bench/scan.py runs at tiny sizes and prints one row per length with ratios to the loop."""
+
+from bench.scan import format_table, isolated_peak_bytes, main, run
+
+
+def test_table_marks_lengths_beyond_the_reference_limit():
+    results = run((8, 24), d_inner=4, d_state=2, batch_size=1, repeats=1,
+                  reference_max_len=8, isolate_memory=False)  # fmt: skip
+    assert {(m.scan, m.seq_len) for m in results} == {
+        ("sequential", 8), ("chunked", 8), ("transformers", 8), ("sequential", 24),
+        ("chunked", 24),
+    }  # fmt: skip
+    assert all(m.seconds > 0 for m in results)
+    rows = format_table(results).splitlines()
+    assert rows[0].startswith("| L | sequential ms | chunked ms | transformers ms |")
+    assert rows[2].startswith("| 8 |") and "—" not in rows[2]
+    assert rows[3].startswith("| 24 |") and rows[3].count("—") == 4
+
+
+def test_isolated_memory_and_command_line(tmp_path, capsys):
+    peak = isolated_peak_bytes("chunked", 64, 1, 256, 16)
+    assert peak is None or peak >= 0
+    saved = tmp_path / "scan.md"
+    main(["--seq-lens", "8", "--d-inner", "4", "--d-state", "2", "--repeats", "1",
+          "--reference-max-len", "0", "--save", str(saved)])  # fmt: skip
+    assert "sequential/chunked time" in capsys.readouterr().out
+    assert "| 8 |" in saved.read_text()
