@@ -52,9 +52,10 @@ notebooks: setup
 	  --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
 	  notebooks/*.ipynb chapters/*/solutions.ipynb
 
-bench: setup  ## benchmarks that print side-by-side tables (today: attention, MoE dispatch)
+bench: setup  ## benchmarks that print side-by-side tables (today: attention, MoE dispatch, scans)
 	$(BIN)/python -m bench.attention
 	$(BIN)/python -m bench.moe
+	$(BIN)/python -m bench.scan --save bench/results/scan_cpu.md
 
 lab: setup  ## open the chapters in JupyterLab
 	$(BIN)/jupyter lab notebooks/

@@ -2,12 +2,14 @@
 
 Each module is one chapter of the course (see the README's chapter table):
 ``utils`` (00), ``config`` (01), ``tokenizer`` and ``data`` (02–03), ``embedding`` (03),
-``norm`` (04), ``rope`` (05), ``attention`` (06), ``mlp`` (07), …
+``norm`` (04), ``rope`` (05), ``attention`` (06), ``mlp`` (07), ``moe`` (08), ``mamba`` (09), …
 """
 
 from .attention import Attention, LayerKVCache
 from .config import MiniFusionConfig
+from .mamba import MambaMixer, MambaState
 from .mlp import SwiGLU
+from .moe import MoE
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, apply_rotary
 from .utils import environment_report, pick_device, seed_everything
@@ -17,7 +19,10 @@ __version__ = "0.1.0"
 __all__ = [
     "Attention",
     "LayerKVCache",
+    "MambaMixer",
+    "MambaState",
     "MiniFusionConfig",
+    "MoE",
     "RMSNorm",
     "RotaryEmbedding",
     "SwiGLU",
