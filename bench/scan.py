@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -141,6 +142,7 @@ def isolated_peak_bytes(scan: str, seq_len: int, batch_size: int, d_inner: int, 
         capture_output=True,
         text=True,
         check=True,
+        cwd=Path(__file__).resolve().parents[1],  # the repository root, where `bench` imports
     )
     value = json.loads(result.stdout.strip().splitlines()[-1])
     return None if value is None else int(value)
@@ -252,8 +254,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _save(path: str, table: str, args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from .timing import machine_description
 
     lines = [
