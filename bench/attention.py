@@ -18,7 +18,7 @@ from minifusion.attention import Attention
 from minifusion.config import MiniFusionConfig
 from minifusion.rope import RotaryEmbedding
 
-from .memory import peak_memory_bytes
+from .memory import format_mib, format_ratio, peak_memory_bytes
 from .timing import median_seconds
 
 PATTERNS = ("full", "local", "mixed")
@@ -97,24 +97,14 @@ def format_table(results: list[Measurement]) -> str:
         row = [str(n)]
         row += [f"{m.seconds * 1e3:.1f}" for m in (full, local, mixed)]
         row += [f"{m.seconds / full.seconds:.2f}" for m in (local, mixed)]
-        row += [_mib(m.peak_bytes) for m in (full, local, mixed)]
-        row += [_ratio(m.peak_bytes, full.peak_bytes) for m in (local, mixed)]
+        row += [format_mib(m.peak_bytes) for m in (full, local, mixed)]
+        row += [format_ratio(m.peak_bytes, full.peak_bytes) for m in (local, mixed)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def _separator(header: str) -> str:
     return "|" + "---|" * (header.count("|") - 1)
-
-
-def _mib(value: int | None) -> str:
-    return "n/a" if value is None else f"{value / 2**20:.1f}"
-
-
-def _ratio(value: int | None, reference: int | None) -> str:
-    if value is None or not reference:
-        return "n/a"
-    return f"{value / reference:.2f}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -72,3 +72,13 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
     # The kernel's resident-size counters are updated in batches per thread, so for passes that
     # need well under a MiB the difference can come out slightly negative: report 0 then.
     return max(peak - before, 0)
+
+
+def format_mib(value: int | None, digits: int = 1) -> str:
+    """Bytes as MiB for a table cell; ``n/a`` where the memory could not be measured."""
+    return "n/a" if value is None else f"{value / 2**20:.{digits}f}"
+
+
+def format_ratio(value: int | None, reference: int | None) -> str:
+    """``value / reference`` for a table cell; ``n/a`` where either is missing or zero."""
+    return "n/a" if value is None or not reference else f"{value / reference:.2f}"

@@ -32,7 +32,7 @@ from minifusion.mamba import (
     selective_scan_sequential,
 )
 
-from .memory import peak_memory_bytes
+from .memory import format_mib, format_ratio, peak_memory_bytes
 from .timing import median_seconds
 
 DEFAULT_SEQ_LENS = (256, 512, 1024, 2048, 4096, 8192)
@@ -194,9 +194,10 @@ def format_table(results: list[Measurement]) -> str:
         cells = [str(n)]
         cells += [_cell(row[s], lambda m: f"{m.seconds * 1e3:.1f}") for s in scans]
         cells += [_cell(row[s], lambda m, b=base: f"{b.seconds / m.seconds:.1f}×") for s in others]
-        cells += [_cell(row[s], lambda m: _mib(m.peak_bytes)) for s in scans]
+        cells += [_cell(row[s], lambda m: format_mib(m.peak_bytes, 0)) for s in scans]
         cells += [
-            _cell(row[s], lambda m, b=base: _ratio(m.peak_bytes, b.peak_bytes)) for s in others
+            _cell(row[s], lambda m, b=base: format_ratio(m.peak_bytes, b.peak_bytes))
+            for s in others
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -204,14 +205,6 @@ def format_table(results: list[Measurement]) -> str:
 
 def _cell(measurement: Measurement | None, text: Callable[[Measurement], str]) -> str:
     return "—" if measurement is None else text(measurement)
-
-
-def _mib(value: int | None) -> str:
-    return "n/a" if value is None else f"{value / 2**20:.0f}"
-
-
-def _ratio(value: int | None, reference: int | None) -> str:
-    return "n/a" if value is None or not reference else f"{value / reference:.2f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"Selective scan forward+backward on {args.device}: batch {args.batch_size}, d_inner "
         f"{args.d_inner}, d_state {args.d_state}. Time: median of {args.repeats} runs "
-        f"(on CPU, transformers' scan and the sequential loop at L ≥ {LONG_LOOP}: one run). Memory: peak extra memory of one pass. "
+        f"(on CPU, transformers' scan and the sequential loop at L ≥ {LONG_LOOP}: one run). "
+        "Memory: peak extra memory of one pass. "
         f"transformers' reference only up to L = {args.reference_max_len}: its backward pass "
         "is O(L²)."
     )
