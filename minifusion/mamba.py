@@ -156,17 +156,23 @@ def _to_chunk_steps(x: torch.Tensor, chunk: int, num_chunks: int) -> torch.Tenso
     """``(batch, k, L)`` → ``(chunk, batch, num_chunks, k)``, zero-padded at the end.
 
     Index ``[t]`` is then the ``t``-th position of *every* chunk, contiguous in memory (the
-    per-step operations run several times faster on contiguous operands than on strided ones).
+    per-step operations run several times faster on contiguous operands). The copy goes through
+    the ``(batch, L, k)`` layout: one plain transpose (free when ``x`` is a transposed view of
+    it, as in the mixer), then whole rows of ``k`` values move at once — both much faster than
+    one strided gather.
     """
     batch, k, length = x.shape
-    x = F.pad(x, (0, num_chunks * chunk - length))
-    return x.view(batch, k, num_chunks, chunk).permute(3, 0, 2, 1).contiguous()
+    rows = x.transpose(1, 2).contiguous()  # (batch, L, k)
+    rows = F.pad(rows, (0, 0, 0, num_chunks * chunk - length))
+    return rows.view(batch, num_chunks, chunk, k).permute(2, 0, 1, 3).contiguous()
 
 
 def _from_chunk_steps(x: torch.Tensor, length: int) -> torch.Tensor:
-    """Inverse of :func:`_to_chunk_steps`: ``(chunk, batch, num_chunks, k)`` → ``(batch, k, L)``."""
+    """Inverse of :func:`_to_chunk_steps`: ``(chunk, batch, num_chunks, k)`` → ``(batch, k, L)``,
+    contiguous (elementwise operations that mix memory layouts are slow)."""
     chunk, batch, num_chunks, k = x.shape
-    return x.permute(1, 3, 2, 0).reshape(batch, k, num_chunks * chunk)[..., :length]
+    rows = x.permute(1, 2, 0, 3).reshape(batch, num_chunks * chunk, k)
+    return rows[:, :length].transpose(1, 2).contiguous()
 
 
 def _decay(step_t: torch.Tensor, A: torch.Tensor, out: torch.Tensor | None = None):
