@@ -2,13 +2,19 @@
 
 Each module is one chapter of the course (see the README's chapter table):
 ``utils`` (00), ``config`` (01), ``tokenizer`` and ``data`` (02–03), ``embedding`` (03),
-``norm`` (04), ``rope`` (05), ``attention`` (06), ``mlp`` (07), ``moe`` (08), ``mamba`` (09), …
+``norm`` (04), ``rope`` (05), ``attention`` (06), ``mlp`` (07), ``moe`` (08), ``mamba`` (09),
+``fusion`` (10), ``model`` (11), …
+
+Importing the package registers ``MiniFusionConfig`` and ``MiniFusionForCausalLM`` with
+transformers' ``AutoConfig`` and ``AutoModelForCausalLM``.
 """
 
 from .attention import Attention, LayerKVCache
 from .config import MiniFusionConfig
+from .fusion import GatedFusion
 from .mamba import MambaMixer, MambaState
 from .mlp import SwiGLU
+from .model import MiniFusionForCausalLM, MiniFusionModel
 from .moe import MoE
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, apply_rotary
@@ -18,10 +24,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Attention",
+    "GatedFusion",
     "LayerKVCache",
     "MambaMixer",
     "MambaState",
     "MiniFusionConfig",
+    "MiniFusionForCausalLM",
+    "MiniFusionModel",
     "MoE",
     "RMSNorm",
     "RotaryEmbedding",

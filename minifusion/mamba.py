@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 
 from .config import MiniFusionConfig
 
@@ -541,15 +542,18 @@ class MambaMixer(nn.Module):
           ``Δ₀`` log-uniform in ``[dt_min, dt_max]`` (floored at ``dt_init_floor``), so at the
           start ``softplus(bias) = Δ₀``.
         """
-        slots = torch.arange(1, self.d_state + 1, dtype=torch.float32)
-        self.A_log.copy_(torch.log(slots).expand(self.d_inner, -1))
-        self.D.fill_(1.0)
+        # transformers' init functions: plain torch.nn.init, except that they leave parameters
+        # alone that from_pretrained has already loaded.
+        device = self.A_log.device
+        slots = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=device)
+        init.copy_(self.A_log, torch.log(slots).expand(self.d_inner, -1))
+        init.ones_(self.D)
         bound = self.dt_rank**-0.5
-        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        init.uniform_(self.dt_proj.weight, -bound, bound)
         low, high = math.log(config.mamba_dt_min), math.log(config.mamba_dt_max)
-        dt = torch.exp(torch.rand(self.d_inner) * (high - low) + low)
+        dt = torch.exp(torch.rand(self.d_inner, device=device) * (high - low) + low)
         dt = dt.clamp(min=config.mamba_dt_init_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+        init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
 
     def _apply(self, fn, recurse=True):
         # keep the state-space parameters in fp32 when the module is cast to another dtype

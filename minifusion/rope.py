@@ -170,6 +170,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_table", empty.clone(), persistent=False)
         self._build_table(min(config.max_position_embeddings, initial_length))
 
+    def reset(self, initial_length: int = 4096) -> None:
+        """Recompute the frequencies and the table (the model's ``_init_weights`` calls this:
+        ``from_pretrained`` creates non-persistent buffers without their values)."""
+        device = self.inv_freq.device if not self.inv_freq.is_meta else None
+        inv_freq, self.attention_scaling = inverse_frequencies(self.config)
+        self.inv_freq = inv_freq.to(device)
+        self._build_table(min(self.config.max_position_embeddings, initial_length))
+
     @property
     def cached_length(self) -> int:
         return self.cos_table.shape[0]

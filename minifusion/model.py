@@ -1,0 +1,352 @@
+"""Chapter 11 — the full causal language model, as a Hugging Face ``PreTrainedModel``.
+
+One decoder layer (``config.mixer_types[i]``, ``config.ffn_types[i]``)::
+
+    x ─► input_layernorm ─┬─► attn  (attention | hybrid) ─┐
+                          └─► mamba (mamba | hybrid) ─────┴─► fusion (hybrid only) ─► + x
+    x ─► post_attention_layernorm ─► mlp (SwiGLU) | moe (MoE) ─► + x        (ffn ≠ "none")
+
+A ``"attention"`` layer is a Llama layer, a ``"mamba"`` layer with ``ffn="none"`` a Mamba block,
+and ``"hybrid"`` runs both branches on the same normalised input and mixes them with a gate
+(chapter 10). The stack: ``embed_tokens`` → layers → ``norm`` → ``lm_head`` (tied to the embedding
+or not). One :class:`~minifusion.rope.RotaryEmbedding` serves every attention layer.
+
+**Loss** = cross-entropy (next token) + the MoE auxiliary losses + the gate regularisers; each
+term is returned on its own in :class:`MiniFusionCausalLMOutput`.
+
+**Initialisation** (:meth:`MiniFusionPreTrainedModel._init_weights`, one place for all of it):
+
+* linear layers and the embedding: ``N(0, initializer_range²)``, biases 0;
+* *residual output projections* — the ones whose output is added to the residual stream:
+  ``o_proj``, Mamba's ``out_proj``, ``fusion_proj``, ``down_proj`` of the dense FFN and of every
+  expert — get ``initializer_range / sqrt(2 · num_hidden_layers)``, so the residual stream's
+  variance does not grow with depth (GPT-2, Radford et al., 2019);
+* norms: weight 1;
+* Mamba's own parameters are left to mamba-ssm's scheme (:meth:`MambaMixer.reset_ssm_parameters`:
+  ``A_log``, ``D``, ``dt_proj``) and its depthwise ``conv1d`` keeps PyTorch's default;
+* the fusion gate's bias starts at 0 (``g ≈ ½``), the scalar gate at 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .attention import Attention
+from .config import MiniFusionConfig
+from .embedding import TokenEmbedding
+from .fusion import GatedFusion
+from .mamba import MambaMixer
+from .mlp import SwiGLU
+from .moe import MoE
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+__all__ = [
+    "MiniFusionCausalLMOutput",
+    "MiniFusionDecoderLayer",
+    "MiniFusionForCausalLM",
+    "MiniFusionModel",
+    "MiniFusionModelOutput",
+]
+
+
+@dataclass
+class MiniFusionModelOutput(ModelOutput):
+    """``last_hidden_state (B, T, H)``; the summed auxiliary losses of the layers."""
+
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    moe_aux_loss: torch.Tensor | None = None
+    gate_balance_loss: torch.Tensor | None = None
+    gate_entropy_loss: torch.Tensor | None = None
+
+
+@dataclass
+class MiniFusionCausalLMOutput(ModelOutput):
+    """``loss = lm_loss + moe_aux_loss + gate_balance_loss + gate_entropy_loss``.
+
+    ``logits`` is ``(B, T, V)``; the loss terms are scalars (``loss`` and ``lm_loss`` only when
+    ``labels`` are given).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    lm_loss: torch.Tensor | None = None
+    moe_aux_loss: torch.Tensor | None = None
+    gate_balance_loss: torch.Tensor | None = None
+    gate_entropy_loss: torch.Tensor | None = None
+
+
+class MiniFusionDecoderLayer(GradientCheckpointingLayer):
+    """One layer: ``(B, T, H)`` → ``(B, T, H)``, plus its auxiliary loss terms."""
+
+    def __init__(self, config: MiniFusionConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.mixer_type = config.mixer_types[layer_idx]
+        self.ffn_type = config.ffn_types[layer_idx]
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(hidden, eps=eps)
+        has_attention = self.mixer_type in ("attention", "hybrid")
+        has_mamba = self.mixer_type in ("mamba", "hybrid")
+        self.attn = Attention(config, layer_idx) if has_attention else None
+        self.mamba = MambaMixer(config, layer_idx) if has_mamba else None
+        self.fusion = GatedFusion(config, layer_idx) if self.mixer_type == "hybrid" else None
+        if self.ffn_type != "none":
+            self.post_attention_layernorm = RMSNorm(hidden, eps=eps)
+        self.mlp = SwiGLU(config) if self.ffn_type == "dense" else None
+        self.moe = MoE(config, layer_idx) if self.ffn_type == "moe" else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        layer_cache: object | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        kv_cache = getattr(layer_cache, "kv", None)
+        mamba_state = getattr(layer_cache, "mamba", None)
+        normed = self.input_layernorm(hidden_states)
+        attn_out = mamba_out = None
+        if self.attn is not None:
+            attn_out = self.attn(normed, position_embeddings, attention_mask, kv_cache)
+            if kv_cache is not None:
+                kv_cache.advance(normed.shape[1])
+        if self.mamba is not None:
+            mamba_out = self.mamba(normed, mamba_state, attention_mask)
+        if self.fusion is not None:
+            mixed = self.fusion(mamba_out, attn_out)
+        else:
+            mixed = attn_out if attn_out is not None else mamba_out
+        hidden_states = hidden_states + mixed
+
+        losses: dict[str, torch.Tensor] = {}
+        if self.fusion is not None:
+            losses.update(self.fusion.regularisers())
+        if self.ffn_type != "none":
+            normed = self.post_attention_layernorm(hidden_states)
+            if self.moe is not None:
+                moe_output = self.moe(normed)
+                hidden_states = hidden_states + moe_output.hidden_states
+                losses["moe_aux"] = moe_output.aux_loss
+            else:
+                hidden_states = hidden_states + self.mlp(normed)
+        return hidden_states, losses
+
+
+# Modules whose output is added to the residual stream (their init is scaled with depth).
+_RESIDUAL_PROJECTIONS = ("o_proj", "out_proj", "fusion_proj", "down_proj")
+
+
+class MiniFusionPreTrainedModel(PreTrainedModel):
+    config_class = MiniFusionConfig
+    config: MiniFusionConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MiniFusionDecoderLayer"]
+    _keep_in_fp32_modules_strict = ["A_log", "D", "dt_proj"]
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, MambaMixer):
+            module.reset_ssm_parameters(self.config)  # A_log, D, dt_proj (mamba-ssm)
+            return
+        if isinstance(module, nn.Linear):
+            if getattr(module, "_init_managed_by_parent", False):
+                return
+            scale = 1.0
+            if getattr(module, "_residual_projection", False):
+                scale = 1.0 / math.sqrt(2 * self.config.num_hidden_layers)
+            init.normal_(module.weight, mean=0.0, std=std * scale)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, GatedFusion):
+            if module.kind == "scalar":
+                init.zeros_(module.gate_logit)
+            init.constant_(module.gate_mean, 0.5)
+            init.zeros_(module.gate_std)
+            init.constant_(module.gate_channel_mean, 0.5)
+        elif isinstance(module, RotaryEmbedding):
+            module.reset()
+        elif isinstance(module, MoE):
+            init.zeros_(module.router.expert_bias)
+            init.zeros_(module.load_since_update)
+
+    def _mark_parameter_roles(self) -> None:
+        """Tag the linear layers whose init differs from the default (read by _init_weights)."""
+        for name, module in self.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            module._residual_projection = leaf in _RESIDUAL_PROJECTIONS
+            module._init_managed_by_parent = leaf == "dt_proj"  # mamba-ssm's Δ initialisation
+
+
+class MiniFusionModel(MiniFusionPreTrainedModel):
+    """Embedding → decoder layers → final norm: ``input_ids (B, T)`` → ``(B, T, H)``."""
+
+    def __init__(self, config: MiniFusionConfig):
+        super().__init__(config)
+        self.embed_tokens = TokenEmbedding(config)
+        self.layers = nn.ModuleList(
+            MiniFusionDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        has_attention = any(t in ("attention", "hybrid") for t in config.mixer_types)
+        self.rotary_emb = RotaryEmbedding(config) if has_attention else None
+        self.gradient_checkpointing = False
+        self._mark_parameter_roles()
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens.embed_tokens = value
+        self.embed_tokens.vocab_size = value.num_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: object | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> MiniFusionModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, length = hidden_states.shape[:2]
+        past = getattr(past_key_values, "seen_tokens", 0) if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = _positions(attention_mask, past, length, hidden_states.device)
+        position_embeddings = None
+        if self.rotary_emb is not None:
+            position_embeddings = self.rotary_emb(position_ids, dtype=hidden_states.dtype)
+
+        totals: dict[str, torch.Tensor] = {}
+        all_hidden = [hidden_states] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            layer_cache = past_key_values.layers[i] if past_key_values is not None else None
+            hidden_states, losses = layer(
+                hidden_states, position_embeddings, attention_mask, layer_cache
+            )
+            for name, value in losses.items():
+                totals[name] = totals.get(name, 0.0) + value
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+        if past_key_values is not None:
+            past_key_values.seen_tokens += length
+        hidden_states = self.norm(hidden_states)
+        zero = hidden_states.new_zeros((), dtype=torch.float32)
+        return MiniFusionModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            moe_aux_loss=totals.get("moe_aux", zero),
+            gate_balance_loss=totals.get("gate_balance", zero),
+            gate_entropy_loss=totals.get("gate_entropy", zero),
+        )
+
+
+def _positions(attention_mask, past: int, length: int, device) -> torch.Tensor:
+    """Position of every new token: counted over real tokens only when a mask is given, so a
+    left-padded row starts at 0 like the unpadded one. ``(B, T)`` or ``(1, T)``."""
+    if attention_mask is None:
+        return torch.arange(past, past + length, device=device)[None]
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return positions[:, -length:]
+
+
+class MiniFusionForCausalLM(MiniFusionPreTrainedModel, GenerationMixin):
+    """The language model: ``MiniFusionModel`` + ``lm_head``; ``labels`` give the loss."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.embed_tokens.weight"}
+
+    def __init__(self, config: MiniFusionConfig):
+        super().__init__(config)
+        self.model = MiniFusionModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._mark_parameter_roles()
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: object | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> MiniFusionCausalLMOutput:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
+        loss = lm_loss = None
+        if labels is not None:
+            lm_loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+            )
+            loss = (
+                lm_loss
+                + outputs.moe_aux_loss
+                + outputs.gate_balance_loss
+                + outputs.gate_entropy_loss
+            )
+        return MiniFusionCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            lm_loss=lm_loss,
+            moe_aux_loss=outputs.moe_aux_loss,
+            gate_balance_loss=outputs.gate_balance_loss,
+            gate_entropy_loss=outputs.gate_entropy_loss,
+        )
+
+
+AutoConfig.register("minifusion", MiniFusionConfig, exist_ok=True)
+AutoModelForCausalLM.register(MiniFusionConfig, MiniFusionForCausalLM, exist_ok=True)
