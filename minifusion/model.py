@@ -41,6 +41,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .attention import Attention
+from .cache import HybridCache
 from .config import MiniFusionConfig
 from .embedding import TokenEmbedding
 from .fusion import GatedFusion
@@ -122,8 +123,6 @@ class MiniFusionDecoderLayer(GradientCheckpointingLayer):
         attn_out = mamba_out = None
         if self.attn is not None:
             attn_out = self.attn(normed, position_embeddings, attention_mask, kv_cache)
-            if kv_cache is not None:
-                kv_cache.advance(normed.shape[1])
         if self.mamba is not None:
             mamba_out = self.mamba(normed, mamba_state, attention_mask)
         if self.fusion is not None:
@@ -298,6 +297,29 @@ class MiniFusionForCausalLM(MiniFusionPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generation uses our HybridCache (created below), not transformers' caches
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: HybridCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        use_cache: bool = True,
+        **kwargs,
+    ) -> dict:
+        """First step: the whole prompt (and a new cache); later steps: only the new tokens."""
+        if use_cache and past_key_values is None:
+            past_key_values = HybridCache(self.model, batch_size=input_ids.shape[0])
+        if past_key_values is not None and past_key_values.seen_tokens:
+            input_ids = input_ids[:, past_key_values.seen_tokens :]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+        }
 
     def forward(
         self,

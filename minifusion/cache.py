@@ -1,0 +1,62 @@
+"""Chapter 11 — the hybrid cache: everything a MiniFusion model remembers while generating.
+
+Per layer, whatever its mixer needs:
+
+* attention (and the attention branch of a hybrid layer): a :class:`~minifusion.attention.
+  LayerKVCache` — every key/value for the global heads, only the last ``sliding_window`` for the
+  local heads;
+* Mamba (and the Mamba branch of a hybrid layer): a :class:`~minifusion.mamba.MambaState` — the
+  conv buffer and the scan state, the same size whatever the length.
+
+``model.generate()`` creates one :class:`HybridCache` per call (see
+``MiniFusionForCausalLM.prepare_inputs_for_generation``) and hands it from step to step.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import LayerKVCache
+from .mamba import MambaState
+
+__all__ = ["HybridCache", "LayerCache"]
+
+
+@dataclass
+class LayerCache:
+    """The cache of one layer: ``kv`` for its attention branch, ``mamba`` for its Mamba branch."""
+
+    kv: LayerKVCache | None = None
+    mamba: MambaState | None = None
+
+
+class HybridCache:
+    """One :class:`LayerCache` per decoder layer and the number of tokens already processed."""
+
+    def __init__(self, model, batch_size: int):
+        """``model``: a ``MiniFusionModel`` (its layers say which states each needs)."""
+        self.layers = [
+            LayerCache(
+                kv=layer.attn.new_cache() if layer.attn is not None else None,
+                mamba=layer.mamba.new_state(batch_size) if layer.mamba is not None else None,
+            )
+            for layer in model.layers
+        ]
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held, split into attention KV and Mamba state."""
+        kv = sum(c.kv.memory_bytes() for c in self.layers if c.kv is not None)
+        mamba = sum(c.mamba.memory_bytes for c in self.layers if c.mamba is not None)
+        return {"kv": kv, "mamba": mamba}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Keep the batch rows ``beam_idx`` (beam search)."""
+        for cache in self.layers:
+            if cache.kv is not None:
+                cache.kv.reorder(beam_idx)
+            if cache.mamba is not None:
+                cache.mamba.reorder(beam_idx)
