@@ -575,7 +575,9 @@ class MambaMixer(nn.Module):
     def _ssm_inputs(self, x: torch.Tensor):
         """``x (..., d_inner)`` → Δ before softplus ``(..., d_inner)``, ``B`` and ``C (..., N)``."""
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        return F.linear(dt, self.dt_proj.weight), B, C  # dt_proj.bias goes in as delta_bias
+        # dt_proj.bias goes into the scan as delta_bias; the weight may be kept fp32 (loading
+        # with dtype=bf16 keeps the whole dt_proj in fp32), the matmul runs in the input dtype
+        return F.linear(dt, self.dt_proj.weight.to(dt.dtype)), B, C
 
     def forward(
         self,

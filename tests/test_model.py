@@ -128,6 +128,13 @@ def test_save_and_reload_gives_identical_logits(tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
     mamba = reloaded.model.layers[0].mamba
     assert mamba.A_log.dtype == torch.float32
+    # loading in bf16 keeps Mamba's state-space parameters in fp32, and the model still runs
+    half = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    mamba = half.model.layers[0].mamba
+    assert mamba.in_proj.weight.dtype == torch.bfloat16
+    assert mamba.A_log.dtype == mamba.D.dtype == mamba.dt_proj.bias.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.isfinite(half(ids).logits.float()).all()
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
