@@ -53,6 +53,7 @@ from .rope import RotaryEmbedding
 
 __all__ = [
     "MiniFusionCausalLMOutput",
+    "parameter_breakdown_of",
     "MiniFusionDecoderLayer",
     "MiniFusionForCausalLM",
     "MiniFusionModel",
@@ -368,6 +369,43 @@ class MiniFusionForCausalLM(MiniFusionPreTrainedModel, GenerationMixin):
             gate_balance_loss=outputs.gate_balance_loss,
             gate_entropy_loss=outputs.gate_entropy_loss,
         )
+
+
+_FUSION_GROUPS = {"gate_up": "gate", "gate_down": "gate", "gate_logit": "gate",
+                  "mamba_norm": "branch_norms", "attn_norm": "branch_norms",
+                  "fusion_proj": "fusion_proj"}  # fmt: skip
+_MOE_GROUPS = {"router": "router", "experts": "experts", "shared_experts": "shared_experts"}
+
+
+def _breakdown_key(name: str) -> str:
+    """A parameter name → its key in ``MiniFusionConfig.parameter_breakdown``."""
+    parts = name.removeprefix("model.").split(".")
+    if parts[0] != "layers":
+        return {"embed_tokens": "embed_tokens", "lm_head": "lm_head", "norm": "final_norm"}[
+            parts[0]
+        ]
+    module, child = parts[2], parts[3]
+    if module in ("attn", "mamba"):
+        return f"{module}.{child}"
+    if module == "fusion":
+        return f"fusion.{_FUSION_GROUPS[child]}"
+    if module == "mlp":
+        return "ffn.mlp"
+    if module == "moe":
+        return f"ffn.{_MOE_GROUPS[child]}"
+    if module == "post_attention_layernorm":
+        return "ffn.post_attention_layernorm"
+    return module  # input_layernorm
+
+
+def parameter_breakdown_of(model: nn.Module) -> dict[str, int]:
+    """Parameters of a built model, grouped under ``MiniFusionConfig.parameter_breakdown``'s keys
+    (a tied ``lm_head`` counts once, as the embedding)."""
+    totals: dict[str, int] = {}
+    for name, parameter in model.named_parameters():  # shared parameters are listed once
+        key = _breakdown_key(name)
+        totals[key] = totals.get(key, 0) + parameter.numel()
+    return totals
 
 
 AutoConfig.register("minifusion", MiniFusionConfig, exist_ok=True)

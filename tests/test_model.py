@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import minifusion  # noqa: F401  (registers the Auto classes)
 from minifusion.config import MiniFusionConfig
 from minifusion.fusion import GatedFusion, binary_entropy
-from minifusion.model import MiniFusionForCausalLM
+from minifusion.model import MiniFusionForCausalLM, parameter_breakdown_of
 
 PATTERNS = {
     "hybrid-dense": dict(mixer_types=["hybrid"] * 2, ffn_types=["dense"] * 2),
@@ -44,7 +44,9 @@ def small_config(pattern: str = "everything", **overrides) -> MiniFusionConfig:
 )  # fmt: skip
 def test_parameter_count_equals_config_estimate(pattern, variant):
     config = small_config(pattern, **variant)
-    assert MiniFusionForCausalLM(config).num_parameters() == config.estimate_parameters()
+    model = MiniFusionForCausalLM(config)
+    assert model.num_parameters() == config.estimate_parameters()
+    assert parameter_breakdown_of(model) == config.parameter_breakdown()
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "fusiontree-1.5b"])
