@@ -20,9 +20,18 @@ __all__ = ["from_llama", "from_mamba", "from_mixtral"]
 _EMBED = "model.embed_tokens.embed_tokens.weight"
 
 
+def _special_tokens(source) -> dict:
+    """The source's bos/eos/pad ids: generate() stops on eos, and pad marks padding."""
+    return {
+        name: getattr(source, name, None)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id")
+    }
+
+
 def _attention_config(source, ffn: str, **extra) -> MiniFusionConfig:
     layers = source.num_hidden_layers
     return MiniFusionConfig(
+        **_special_tokens(source),
         vocab_size=source.vocab_size,
         hidden_size=source.hidden_size,
         num_hidden_layers=layers,
@@ -127,6 +136,7 @@ def from_mamba(model) -> MiniFusionForCausalLM:
     source = model.config
     layers = source.num_hidden_layers
     config = MiniFusionConfig(
+        **_special_tokens(source),
         vocab_size=source.vocab_size,
         hidden_size=source.hidden_size,
         num_hidden_layers=layers,

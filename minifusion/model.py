@@ -271,7 +271,11 @@ class MiniFusionModel(MiniFusionPreTrainedModel):
 
 def _positions(attention_mask, past: int, length: int, device) -> torch.Tensor:
     """Position of every new token: counted over real tokens only when a mask is given, so a
-    left-padded row starts at 0 like the unpadded one. ``(B, T)`` or ``(1, T)``."""
+    left-padded row starts at 0 like the unpadded one. ``(B, T)`` or ``(1, T)``.
+
+    (transformers' Llama, called without ``position_ids``, numbers positions 0, 1, 2, … whatever
+    the mask; with RoPE only differences of positions matter, so the two agree for left
+    padding, but not for a mask with zeros in the middle — pass ``position_ids`` there.)"""
     if attention_mask is None:
         return torch.arange(past, past + length, device=device)[None]
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -62,8 +62,11 @@ def test_converted_model_matches_logits_and_greedy_generation(case):
         mine = ours(ids).logits
     assert theirs.abs().max() > 0.5  # not a comparison of near-zero logits
     assert (mine - theirs).abs().max() <= 1e-4
-    prompt = ids[:, :7]
-    expected = reference.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    got = ours.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(ours.config, name) == getattr(reference.config, name), name
+    prompt = ids[:, :7].clone()
+    prompt[0, 2] = 0  # an ordinary token here: neither model may treat it as padding
+    expected = reference.generate(prompt, max_new_tokens=12, do_sample=False)
+    got = ours.generate(prompt, max_new_tokens=12, do_sample=False)
     assert torch.equal(got, expected)
     assert len(got[:, 7:].unique()) > 2  # a varied continuation, not one repeated token
