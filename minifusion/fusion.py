@@ -18,7 +18,9 @@ Gates (``config.fusion_gate``):
 
 With ``fusion_branch_norm`` each branch output first goes through its own RMSNorm: the two
 branches produce outputs of different scales (more so in deeper layers), and an unnormalised
-gate would mostly learn to undo that scale difference.
+gate would mostly learn to undo that scale difference. (Right after initialisation the branch
+outputs are so small — mean squares near ``rms_norm_eps`` — that the norms equalise them only
+partly; chapter 10 measures this.)
 
 **Regularisers** (:meth:`GatedFusion.regularisers`). A gate that saturates early (``g`` → 0 or 1)
 silences one branch, whose gradient then vanishes, so it never recovers. Two terms counter it:
@@ -65,7 +67,9 @@ class GatedFusion(nn.Module):
         if self.kind == "lowrank":
             self.gate_up = nn.Linear(2 * hidden, rank, bias=False)
             self.gate_down = nn.Linear(rank, hidden, bias=True)
-            nn.init.zeros_(self.gate_down.bias)  # start at g ≈ ½: no branch is favoured
+            # g ≈ ½ at the start (no branch favoured) once the model's init draws the gate
+            # weights from N(0, 0.02²); a GatedFusion built on its own keeps PyTorch's init
+            nn.init.zeros_(self.gate_down.bias)
         elif self.kind == "scalar":
             self.gate_logit = nn.Parameter(torch.zeros(()))
         if config.fusion_branch_norm:
