@@ -47,7 +47,7 @@ unit: setup
 # notebook prints a one-off download message that its committed outputs do not contain.
 notebooks: setup
 	$(BIN)/python -c "import matplotlib.pyplot; from minifusion.data import fetch_shakespeare; fetch_shakespeare(verbose=True)"
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
 	  $(BIN)/python -m pytest -n 2 --dist loadscope -p no:cacheprovider \
 	  --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
 	  notebooks/*.ipynb chapters/*/solutions.ipynb
