@@ -202,10 +202,21 @@ def _chunk_entry_states(steps, inputs, Bs, A) -> tuple[torch.Tensor, torch.Tenso
     decay = torch.empty_like(local)
     for step_t, input_t, B_t in zip(steps, inputs, Bs):
         local.mul_(_decay(step_t, A, out=decay)).addcmul_(input_t[..., None], B_t[..., None, :])
-    chunk_decay = _decay(steps.sum(0), A)
+    return _carry_across_chunks(local, steps, A, torch.zeros_like(local[:, 0]), reverse=False)
+
+
+def _carry_across_chunks(local, steps, A, start, reverse: bool):
+    """The short recurrence over chunks: ``carried = local[c] + exp(A · ΣΔ_c) · carried``.
+
+    ``local`` ``(batch, num_chunks, d_inner, N)`` holds each chunk's contribution scanned from
+    zero; ``start`` enters the first chunk (the last one when ``reverse``). Returns what enters
+    every chunk, and what leaves the final one.
+    """
+    chunk_decay = _decay(steps.sum(0), A)  # cumulative log-decay of each whole chunk
     entry = torch.empty_like(local)
-    carried = torch.zeros_like(local[:, 0])
-    for c in range(local.shape[1]):
+    carried = start
+    order = reversed(range(local.shape[1])) if reverse else range(local.shape[1])
+    for c in order:
         entry[:, c] = carried
         carried = torch.addcmul(local[:, c], chunk_decay[:, c], carried)
     return entry, carried
@@ -224,13 +235,7 @@ def _adjoint_entry_states(steps, grad_ys, Cs, A, grad_last) -> torch.Tensor:
         local.addcmul_(grad_ys[t][..., None], Cs[t][..., None, :]).mul_(
             _decay(steps[t], A, out=decay)
         )
-    chunk_decay = _decay(steps.sum(0), A)
-    entry = torch.empty_like(local)
-    carried = grad_last
-    for c in reversed(range(local.shape[1])):
-        entry[:, c] = carried
-        carried = torch.addcmul(local[:, c], chunk_decay[:, c], carried)
-    return entry
+    return _carry_across_chunks(local, steps, A, grad_last, reverse=True)[0]
 
 
 class _ChunkedScan(torch.autograd.Function):

@@ -291,8 +291,7 @@ class MiniFusionForCausalLM(MiniFusionPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MiniFusionModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self._mark_parameter_roles()
-        self.post_init()
+        self.post_init()  # MiniFusionModel has already tagged its layers' init roles
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
