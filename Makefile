@@ -30,8 +30,10 @@ $(STAMP): pyproject.toml
 	@$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
-train: setup  ## the main job on the default preset (today: corpus → tokenizer → token files)
-	$(BIN)/python -m minifusion.data --config configs/$(PRESET).yaml --out $(OUT)
+# Corpus → tokenizer → token files → training → evaluation → loss curve → sample → checkpoint
+# and a Hugging Face export, all in $(OUT). Running it again resumes; FRESH=1 starts over.
+train: setup  ## the main job: train the default preset (CPU: about five minutes)
+	$(BIN)/python -m minifusion.train --config configs/$(PRESET).yaml --out $(OUT) $(if $(FRESH),--fresh)
 
 test: setup lint unit notebooks  ## everything CI runs
 

@@ -1,0 +1,216 @@
+"""The pretraining script — chapter 12's loop and chapter 13's checkpoints behind one command.
+
+::
+
+    python -m minifusion.train --config configs/tiny.yaml --out runs/tiny
+    python -m minifusion.train --config configs/tiny.yaml --out runs/tiny --set train.max_steps=400
+    python -m minifusion.train --config configs/tiny.yaml --out runs/tiny --fresh
+
+A preset has three sections: ``model:`` (any ``MiniFusionConfig`` field), ``data:`` (corpus,
+validation share, block size) and ``train:`` (any ``TrainConfig`` field). ``--set
+section.name=value`` overrides one entry (the value is read as YAML: ``3e-4``, ``true``,
+``[a, b]``). The resolved settings are written to ``<out>/config.yaml``.
+
+Running the same command again continues from the newest checkpoint in ``<out>``; ``--fresh``
+deletes the run's checkpoints and logs first (the prepared data is kept and reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .checkpoint import CheckpointError
+from .config import MiniFusionConfig
+from .data import prepare_data
+from .tokenizer import load_tokenizer
+from .training import TrainConfig, Trainer, TrainingDivergedError
+from .utils import seed_everything
+
+SECTIONS = ("model", "data", "train")
+DATA_DEFAULTS = {"source": "shakespeare", "val_fraction": 0.1, "block_size": 256,
+                 "text_field": "text"}  # fmt: skip
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "loss_curve.png", "samples.txt",
+               "model")  # fmt: skip
+
+
+def apply_overrides(settings: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``section.name=value`` strings to a preset's sections (a new dict is returned)."""
+    settings = {section: dict(settings.get(section) or {}) for section in SECTIONS}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ValueError(
+                f"--set {item!r}: write section.name=value, e.g. train.max_steps=400 "
+                f"(sections: {', '.join(SECTIONS)})."
+            )
+        if section not in SECTIONS:
+            raise ValueError(
+                f"--set {item!r}: unknown section {section!r}; use one of {', '.join(SECTIONS)}."
+            )
+        settings[section][name] = _parse_value(raw)
+    return settings
+
+
+def _parse_value(raw: str) -> Any:
+    """YAML, except that ``3e-4`` (a string to YAML 1.1) becomes a number, as a user means."""
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def load_settings(config_path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    path = Path(config_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist (presets are in configs/).")
+    document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    unknown = sorted(set(document) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level section(s) {unknown}; use {list(SECTIONS)}.")
+    settings = apply_overrides(document, overrides)
+    unknown_data = sorted(set(settings["data"]) - set(DATA_DEFAULTS))
+    if unknown_data:
+        raise ValueError(
+            f"Unknown data setting(s) {unknown_data}. Valid names: {sorted(DATA_DEFAULTS)}."
+        )
+    settings["data"] = {**DATA_DEFAULTS, **settings["data"]}
+    # One block size for data and training: the data section's unless train sets its own.
+    settings["train"].setdefault("block_size", settings["data"]["block_size"])
+    return settings
+
+
+def start_fresh(out_dir: Path) -> None:
+    """Delete a run's checkpoints and logs; keep the prepared tokenizer and token files."""
+    for name in RUN_OUTPUTS:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m minifusion.train",
+        description="Train a MiniFusion model; rerun the same command to resume.",
+    )
+    parser.add_argument("--config", required=True, help="preset YAML, e.g. configs/tiny.yaml")
+    parser.add_argument("--out", required=True, help="run folder (data, checkpoints, logs)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.NAME=VALUE", help="override one setting (repeatable)")  # fmt: skip
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over: delete this run's checkpoints and logs")  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (CheckpointError, TrainingDivergedError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    out_dir = Path(args.out)
+    settings = load_settings(args.config, args.overrides)
+    train_config = TrainConfig.from_dict(settings["train"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved = out_dir / "config.yaml"
+    resolved.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
+    model_config = MiniFusionConfig.from_yaml(resolved)  # validates every model field
+    if args.fresh:
+        start_fresh(out_dir)
+
+    print(f"[1/4] data → {out_dir}")
+    data = settings["data"]
+    prepared = prepare_data(
+        out_dir,
+        source=data["source"],
+        vocab_size=model_config.vocab_size,
+        val_fraction=float(data["val_fraction"]),
+        text_field=data["text_field"],
+        progress=not args.no_progress,
+    )
+    print(prepared.summary())
+    tokenizer = load_tokenizer(prepared.tokenizer_dir)
+    if len(tokenizer) > model_config.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer):,} tokens but model.vocab_size is "
+            f"{model_config.vocab_size:,}; set model.vocab_size ≥ {len(tokenizer):,}."
+        )
+
+    from .model import MiniFusionForCausalLM
+
+    seed_everything(train_config.seed)
+    model = MiniFusionForCausalLM(model_config)
+    trainer = Trainer(
+        model,
+        tokenizer,
+        prepared.train_file,
+        prepared.val_file,
+        train_config,
+        out_dir,
+        resume=True,
+        progress=not args.no_progress,
+    )
+    count = sum(p.numel() for p in model.parameters())
+    print(
+        f"[2/4] model: {count:,} parameters on {trainer.device}"
+        f" ({'bf16 autocast' if trainer.dtype else 'fp32'}); "
+        f"{train_config.tokens_per_step:,} tokens per step, {train_config.max_steps:,} steps"
+    )
+    if trainer.resumed_from is not None:
+        print(f"      resuming from {trainer.resumed_from} (step {trainer.step:,})")
+    else:
+        print("      starting from scratch")
+    if trainer.step >= train_config.max_steps:
+        print(
+            f"      this run already finished its {train_config.max_steps:,} steps: raise "
+            "train.max_steps (--set train.max_steps=N) to train on, or start over with --fresh"
+        )
+
+    print("[3/4] training (Ctrl-C or SIGTERM: finish the step, save, exit)")
+    result = trainer.fit()
+
+    print(
+        "[4/4] done"
+        if result.stopped_by == "max_steps"
+        else f"[4/4] stopped by {result.stopped_by}"
+    )
+    if result.final_eval is not None:
+        final = result.final_eval
+        print(
+            f"  validation      loss {final.loss:.4f} nats/token, {final.bpc:.4f} bits/character"
+            f" ({final.tokens:,} tokens, {final.characters:,} characters)"
+        )
+    print(f"  steps           {result.step:,} ({result.tokens:,} tokens, "
+          f"{result.skipped_steps} skipped as non-finite)")  # fmt: skip
+    print(f"  checkpoint      {result.checkpoint}")
+    if result.export is not None:
+        print(f"  model (HF)      {result.export}  — AutoModelForCausalLM.from_pretrained(...)")
+    for label, name in (("metrics", "metrics.jsonl"), ("loss curve", "loss_curve.png"),
+                        ("samples", "samples.txt"), ("tensorboard", "tensorboard")):  # fmt: skip
+        if (out_dir / name).exists():
+            print(f"  {label:<15} {out_dir / name}")
+    if result.stopped_by != "max_steps":
+        print("  run the same command again to continue from the checkpoint")
+    if result.final_eval is not None and trainer.last_sample is not None:
+        print(f"\nSample at step {result.step}:\n{trainer.last_sample}")
+    print(f"\nTotal time {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

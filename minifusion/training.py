@@ -1,0 +1,953 @@
+"""Chapter 12 — the training loop on one device, readable top to bottom.
+
+One optimisation step, in the order the code below runs it:
+
+1. **Batches** come from the memory-mapped token file; batch ``n`` is a pure function of
+   ``(seed, n)`` (:class:`BatchStream`), so a resumed run reads exactly what an uninterrupted
+   run would have read.
+2. **Forward + backward** under bf16 autocast where that is faster (CUDA), fp32 otherwise,
+   ``grad_accum_steps`` micro-batches summed into one step (each loss divided by their number,
+   so the gradient equals the gradient of one big batch).
+3. **Guard**: a non-finite loss or gradient norm skips the step (the optimizer never sees it);
+   ``max_bad_steps`` such steps in a row stop the run with an explanation.
+4. **Clip** the gradient's global norm to ``grad_clip``.
+5. **AdamW** with two parameter groups — weight decay on matrices, none on norms, biases,
+   embeddings (by choice) and Mamba's ``A_log``, ``D``, ``dt_proj.bias`` — and a learning rate
+   that warms up linearly, then follows a cosine down to ``min_lr_ratio · lr``.
+6. **Measure**: loss, learning rate, tokens/s, gate and MoE statistics go to ``metrics.jsonl``,
+   TensorBoard and the progress bar; every ``eval_every`` steps the validation loss, bits per
+   character, a loss-curve PNG and a sample text; every ``save_every`` steps a checkpoint.
+
+The :class:`Trainer` owns the state a checkpoint must hold (chapter 13) and stops cleanly on
+SIGTERM/SIGINT: it finishes the step in progress, saves, and returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    capture_rng_state,
+    check_compatible,
+    export_pretrained,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from .data import TokenBlocks, TokenFile
+from .fusion import GatedFusion
+from .moe import MoE
+from .tokenizer import tokenizer_hash
+
+__all__ = [
+    "BatchStream",
+    "EvalResult",
+    "LossParts",
+    "MetricsLog",
+    "TrainConfig",
+    "TrainingDivergedError",
+    "Trainer",
+    "autocast_dtype",
+    "build_optimizer",
+    "build_scheduler",
+    "compute_loss",
+    "evaluate",
+    "parameter_groups",
+    "plot_loss_curve",
+    "warmup_cosine",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Every training setting, with the defaults ``make train`` uses for the ``tiny`` preset.
+
+    A preset's ``train:`` section sets any of these; ``--set train.<name>=<value>`` overrides.
+    """
+
+    # What one optimizer step sees: batch_size × grad_accum_steps × block_size tokens.
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum_steps: int = 1  # micro-batches summed into one step
+    block_size: int = 256  # tokens per sequence (the data section's block_size by default)
+    max_steps: int = 200
+    # AdamW and the schedule
+    lr: float = 3e-3  # peak learning rate, reached after warmup_steps
+    min_lr_ratio: float = 0.1  # the cosine ends at lr · min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False  # embeddings (and the tied head) usually get no decay
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 switches clipping off
+    precision: str = (
+        "auto"  # auto (bf16 on CUDA, fp32 on CPU — measured in chapter 12) | bf16 | fp32
+    )
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    seed: int = 0
+    # Measuring
+    log_every: int = 10  # steps between metrics lines
+    eval_every: int = 50  # steps between evaluations (and the last step always)
+    eval_batches: int = 8  # validation batches per periodic evaluation (the final one uses all)
+    sample_prompt: str = "ROMEO:"
+    sample_tokens: int = 60
+    sample_temperature: float = 0.8
+    tensorboard: bool = True
+    # Never losing work
+    save_every: int = 100  # steps between checkpoints (and the last step always)
+    keep_last: int = 3  # checkpoints kept on disk
+    max_bad_steps: int = 5  # non-finite steps in a row before giving up
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> TrainConfig:
+        """Build from a mapping, refusing unknown names and converting YAML strings like 3e-3."""
+        values = dict(values or {})
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"Unknown train setting(s) {unknown}. Valid names: {sorted(known)}.")
+        converted = {}
+        for name, value in values.items():
+            kind = type(getattr(cls(), name))
+            try:
+                converted[name] = _convert(value, kind)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"train.{name}={value!r} is not a valid {kind.__name__}."
+                ) from None
+        config = cls(**converted)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        checks = [
+            (self.batch_size >= 1, "batch_size must be ≥ 1"),
+            (self.grad_accum_steps >= 1, "grad_accum_steps must be ≥ 1"),
+            (self.block_size >= 1, "block_size must be ≥ 1"),
+            (self.max_steps >= 1, "max_steps must be ≥ 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
+            (0 <= self.warmup_steps <= self.max_steps, "warmup_steps must be in [0, max_steps]"),
+            (self.grad_clip >= 0, "grad_clip must be ≥ 0 (0 switches clipping off)"),
+            (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
+            (
+                min(self.log_every, self.eval_every, self.save_every) >= 1,
+                "log_every, eval_every and save_every must be ≥ 1",
+            ),  # fmt: skip
+            (self.eval_batches >= 1, "eval_batches must be ≥ 1"),
+            (self.keep_last >= 1, "keep_last must be ≥ 1"),
+            (self.max_bad_steps >= 1, "max_bad_steps must be ≥ 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"Invalid training setting: {message}.")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum_steps * self.block_size
+
+
+def _convert(value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(value)
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    return kind(float(value)) if kind is int and isinstance(value, str) else kind(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimizer: two parameter groups, and the learning-rate schedule
+# ----------------------------------------------------------------------------------------------
+def parameter_groups(
+    model: nn.Module, weight_decay: float, *, decay_embeddings: bool = False
+) -> list[dict[str, Any]]:
+    """Split parameters into a decayed and an undecayed group for AdamW.
+
+    Weight decay pulls weights toward zero. That regularises matrices, but it would drag norm
+    gains (ideally near 1), biases and Mamba's ``A_log``/``D``/``dt_proj.bias`` (which set
+    time constants) away from where they belong, so those get none. Embeddings get none
+    unless ``decay_embeddings`` — rare tokens are seen too seldom to fight the decay back.
+
+    Each group carries ``group_name`` and ``param_names`` for inspection.
+    """
+    embedding_ids = {
+        id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)
+    }
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue  # tied weights appear once
+        seen.add(id(param))
+        skip = (
+            param.ndim < 2
+            or getattr(param, "_no_weight_decay", False)
+            or (id(param) in embedding_ids and not decay_embeddings)
+        )
+        (no_decay if skip else decay).append((name, param))
+    return [
+        {"params": [p for _, p in decay], "param_names": [n for n, _ in decay],
+         "weight_decay": weight_decay, "group_name": "decay"},
+        {"params": [p for _, p in no_decay], "param_names": [n for n, _ in no_decay],
+         "weight_decay": 0.0, "group_name": "no_decay"},
+    ]  # fmt: skip
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    groups = parameter_groups(model, config.weight_decay, decay_embeddings=config.decay_embeddings)
+    return torch.optim.AdamW(
+        groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
+    )
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """The learning-rate multiplier used *for* optimizer step ``step`` (0-based).
+
+    Linear warm-up from ``1/warmup_steps`` to 1 over the first ``warmup_steps`` steps (Adam's
+    second-moment estimates are poor at first, so early steps are kept small), then half a
+    cosine from 1 down to ``min_lr_ratio`` at the last step.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(max_steps - 1 - warmup_steps, 1)
+    progress = min((step - warmup_steps) / decay_steps, 1.0)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    schedule = _ScheduleMultiplier(config.warmup_steps, config.max_steps, config.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+@dataclass
+class _ScheduleMultiplier:
+    """``warmup_cosine`` as a callable object, so the scheduler's state stays plain data."""
+
+    warmup_steps: int
+    max_steps: int
+    min_lr_ratio: float
+
+    def __call__(self, step: int) -> float:
+        return warmup_cosine(
+            step,
+            warmup_steps=self.warmup_steps,
+            max_steps=self.max_steps,
+            min_lr_ratio=self.min_lr_ratio,
+        )
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (``None``: plain fp32).
+
+    ``auto`` is bf16 on CUDA GPUs that support it and fp32 elsewhere: on CPUs without native
+    bf16 matrix units autocast only adds conversions (chapter 12 measures it).
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: resumable batches
+# ----------------------------------------------------------------------------------------------
+class BatchStream:
+    """Training batches drawn from a token file, resumable at any position.
+
+    Example ``k`` (counted from the start of training) is a block at a random offset drawn from
+    ``(seed, epoch, k mod n)`` where ``n`` is the number of blocks per pass over the file. The
+    only state is ``position`` — the number of examples consumed — so saving that one integer
+    is enough to continue exactly. With several processes, rank ``r`` of ``world_size`` takes
+    every ``world_size``-th batch-sized slice, so ranks never read the same example.
+    """
+
+    def __init__(
+        self,
+        token_file: TokenFile | str | Path,
+        block_size: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        position: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.file = token_file if isinstance(token_file, TokenFile) else TokenFile(token_file)
+        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
+        self.position, self.rank, self.world_size = position, rank, world_size
+        self._epoch_blocks: dict[int, TokenBlocks] = {}
+        self.examples_per_epoch = len(self._blocks(0))
+
+    def _blocks(self, epoch: int) -> TokenBlocks:
+        if epoch not in self._epoch_blocks:
+            self._epoch_blocks = {  # keep one epoch: each holds only its seed
+                epoch: TokenBlocks(
+                    self.file, self.block_size, mode="random", seed=self.seed * 1_000_003 + epoch
+                )
+            }
+        return self._epoch_blocks[epoch]
+
+    def example(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = divmod(k, self.examples_per_epoch)
+        return self._blocks(epoch)[index]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, targets)``, each ``(batch_size, block_size)`` int64."""
+        start = self.position + self.rank * self.batch_size
+        pairs = [self.example(k) for k in range(start, start + self.batch_size)]
+        self.position += self.batch_size * self.world_size
+        return torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
+
+    @property
+    def epoch(self) -> float:
+        return self.position / self.examples_per_epoch
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss and the evaluation
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class LossParts:
+    """The training objective and its parts (scalar tensors)."""
+
+    total: torch.Tensor  # what backward() sees
+    lm: torch.Tensor  # next-token cross-entropy in nats per token
+    moe_aux: torch.Tensor
+    gate_balance: torch.Tensor
+    gate_entropy: torch.Tensor
+
+
+def compute_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> LossParts:
+    """Cross-entropy of ``model(inputs)`` against ``targets`` plus the model's auxiliary losses.
+
+    ``targets`` are the inputs shifted by one (``TokenBlocks`` gives both), so every one of the
+    ``B·T`` positions is scored; passing ``labels=inputs`` to the model would score ``T−1``.
+    """
+    out = model(input_ids=inputs)
+    lm = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+    total = lm + out.moe_aux_loss + out.gate_balance_loss + out.gate_entropy_loss
+    return LossParts(total, lm, out.moe_aux_loss, out.gate_balance_loss, out.gate_entropy_loss)
+
+
+@dataclass
+class EvalResult:
+    loss: float  # nats per token
+    bpc: float  # bits per character
+    tokens: int
+    characters: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+
+class ValidationSet:
+    """Fixed validation blocks spread evenly over the validation file, with character counts.
+
+    Bits per character divide the total loss in bits by the number of characters the scored
+    tokens spell, so models with different tokenizers (or none) can be compared: a tokenizer
+    with longer tokens has a higher loss per token but not per character. The end-of-text token
+    counts as one character (it stands for a document break).
+    """
+
+    def __init__(self, token_file: TokenFile | str | Path, block_size: int, tokenizer):
+        self.blocks = TokenBlocks(token_file, block_size, mode="sequential")
+        eos = tokenizer.eos_token_id
+        targets = [self.blocks[i][1].tolist() for i in range(len(self.blocks))]
+        texts = tokenizer.batch_decode(targets, skip_special_tokens=True)
+        self.characters = np.array(
+            [len(text) + ids.count(eos) for text, ids in zip(texts, targets)], dtype=np.int64
+        )
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def indices(self, count: int | None) -> list[int]:
+        """``count`` block indices spread evenly over the file (all blocks for ``None``)."""
+        n = len(self.blocks)
+        if count is None or count >= n:
+            return list(range(n))
+        return np.linspace(0, n - 1, count).round().astype(int).tolist()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    validation: ValidationSet,
+    *,
+    batch_size: int,
+    max_blocks: int | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> EvalResult:
+    """Validation loss (nats/token) and bits per character over ``max_blocks`` blocks."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    total_nats, total_tokens, total_chars = 0.0, 0, 0
+    indices = validation.indices(max_blocks)
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        pairs = [validation.blocks[i] for i in chunk]
+        inputs = torch.stack([x for x, _ in pairs]).to(device)
+        targets = torch.stack([y for _, y in pairs]).to(device)
+        with _autocast(device, dtype):
+            logits = model(input_ids=inputs).logits
+        nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+        total_nats += nats.item()
+        total_tokens += targets.numel()
+        total_chars += int(validation.characters[chunk].sum())
+    model.train(was_training)
+    return EvalResult(
+        loss=total_nats / total_tokens,
+        bpc=total_nats / math.log(2) / total_chars,
+        tokens=total_tokens,
+        characters=total_chars,
+    )
+
+
+def generate_sample(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 60,
+    temperature: float = 0.8,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> str:
+    """Sample a continuation of ``prompt`` without touching the training run's RNG streams."""
+    was_training = model.training
+    model.eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    with torch.random.fork_rng(devices=[] if torch.device(device).type != "cuda" else None):
+        torch.manual_seed(seed)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            top_k=50,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    model.train(was_training)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements: model statistics, metrics file, loss curve
+# ----------------------------------------------------------------------------------------------
+def model_statistics(model: nn.Module) -> dict[str, float]:
+    """Gate and MoE statistics from the last forward pass, flat ``name: value`` pairs.
+
+    * ``gate/layer{i}/mean``, ``gate/layer{i}/std``: the fusion gate ``g`` (1 = all Mamba,
+      0 = all attention) over the batch, per hybrid layer.
+    * ``moe/layer{i}/max_load``: the busiest expert's share of routed tokens since the last
+      bias update (1/E is perfect balance) — only with aux-loss-free balancing, which counts it.
+    """
+    stats: dict[str, float] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, GatedFusion):
+            layer = _layer_index(name)
+            stats[f"gate/layer{layer}/mean"] = float(module.gate_mean)
+            stats[f"gate/layer{layer}/std"] = float(module.gate_std)
+        elif isinstance(module, MoE) and module.router.use_bias:
+            load = module.load_since_update
+            if float(load.sum()) > 0:
+                stats[f"moe/layer{_layer_index(name)}/max_load"] = float(load.max() / load.sum())
+    return stats
+
+
+def _layer_index(module_name: str) -> str:
+    parts = module_name.split(".")
+    return parts[parts.index("layers") + 1] if "layers" in parts else module_name
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, appended and flushed as training goes.
+
+    Training lines have ``kind="train"``, ``step``, ``loss`` (cross-entropy, nats/token),
+    ``lr``, ``tokens``; evaluation lines have ``kind="eval"`` and add ``val_loss`` and
+    ``val_bpc``. Plain JSON lines can be read by anything: ``pandas.read_json(path,
+    lines=True)``, ``jq``, or :meth:`read`.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text("utf-8").splitlines() if line]
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines past ``step``: after a resume from ``step`` those steps are redone."""
+        kept = [r for r in self.read() if r.get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        tmp.replace(self.path)
+
+
+def plot_loss_curve(records: list[dict[str, Any]], path: str | Path | None = None):
+    """Training and validation loss against tokens seen, plus validation bits per character.
+
+    Returns the matplotlib ``Figure``; with ``path`` it is also written as a PNG. Uses the
+    object-oriented API (no pyplot), so it works in scripts, threads and notebooks alike.
+    """
+    from matplotlib.figure import Figure
+
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    figure = Figure(figsize=(10, 3.6), layout="constrained")
+    loss_axes, bpc_axes = figure.subplots(1, 2)
+    loss_axes.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train")
+    loss_axes.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-",
+                   label="validation")  # fmt: skip
+    loss_axes.set(xlabel="tokens seen", ylabel="loss (nats / token)", title="Loss")
+    loss_axes.legend()
+    loss_axes.grid(alpha=0.3)
+    bpc_axes.plot([r["tokens"] for r in evals], [r["val_bpc"] for r in evals], "o-", color="C1")
+    bpc_axes.set(xlabel="tokens seen", ylabel="bits / character", title="Validation")
+    bpc_axes.grid(alpha=0.3)
+    if path is not None:
+        figure.savefig(path, dpi=110)
+    return figure
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping cleanly
+# ----------------------------------------------------------------------------------------------
+class TrainingDivergedError(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step.
+
+    The first signal only sets the flag (the step finishes, a checkpoint is saved, the run
+    returns); the original handlers are put back at once, so a second Ctrl-C interrupts
+    immediately for someone who really wants out.
+    """
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    @contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        try:
+            yield self
+        finally:
+            self._restore()
+
+    def __bool__(self) -> bool:
+        return self.signal_name is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    step: int
+    tokens: int
+    stopped_by: str  # "max_steps", "stop_at", or the signal's name
+    checkpoint: Path | None
+    final_eval: EvalResult | None = None
+    export: Path | None = None
+    seconds: float = 0.0
+    skipped_steps: int = 0
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Train ``model`` on a token file, writing everything into ``out_dir``.
+
+    ``out_dir`` receives ``metrics.jsonl``, ``tensorboard/``, ``loss_curve.png``,
+    ``samples.txt``, ``checkpoints/step_NNNNNN/`` and, at the end, ``model/`` (a Hugging Face
+    folder with safetensors). With ``resume=True`` the newest checkpoint in ``out_dir`` is
+    loaded first (if there is one).
+
+    Args:
+        model: a ``MiniFusionForCausalLM`` (any model returning ``logits`` and the aux losses).
+        tokenizer: the tokenizer the token files were made with.
+        train_file, val_file: token files (``minifusion.data.prepare_data`` writes them).
+        config: the training settings.
+        out_dir: the run folder.
+        progress: show a tqdm progress bar.
+        verbose: print one line per evaluation (no timings, so notebook output is repeatable).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        train_file: str | Path,
+        val_file: str | Path,
+        config: TrainConfig,
+        out_dir: str | Path,
+        *,
+        resume: bool = True,
+        progress: bool = True,
+        verbose: bool = True,
+    ):
+        config.validate()
+        self.config, self.tokenizer = config, tokenizer
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.device = _resolve_device(config.device)
+        self.dtype = autocast_dtype(config.precision, self.device)
+        self.model = model.to(self.device).train()
+        self.tokenizer_hash = tokenizer_hash(tokenizer)
+        self.progress, self.verbose = progress, verbose
+
+        train_tokens = TokenFile(train_file, expected_tokenizer_hash=self.tokenizer_hash)
+        val_tokens = TokenFile(val_file, expected_tokenizer_hash=self.tokenizer_hash)
+        self.batches = BatchStream(
+            train_tokens, config.block_size, config.batch_size, seed=config.seed
+        )
+        self.validation = ValidationSet(val_tokens, config.block_size, tokenizer)
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+
+        self.step = 0  # optimizer steps taken (skipped non-finite steps included)
+        self.tokens_seen = 0
+        self.skipped_steps = 0
+        self.bad_steps_in_row = 0
+        self.train_seconds = 0.0  # wall-clock time spent training, summed over resumes
+        self.resumed_from: Path | None = None
+        self.last_sample: str | None = None
+        if resume and (checkpoint := latest_checkpoint(self.checkpoint_dir)) is not None:
+            self.load(checkpoint)
+        else:
+            self.metrics.path.unlink(missing_ok=True)  # a fresh run starts a fresh log
+
+    # ---------------------------------------------------------------- state for checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "data_position": self.batches.position,
+            "skipped_steps": self.skipped_steps,
+            "train_seconds": self.train_seconds,
+            "rng": capture_rng_state(),
+        }
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "data_position": self.batches.position,
+            "model_config": self.model.config.to_dict(),
+            "tokenizer_hash": self.tokenizer_hash,
+            "train_config": dataclasses.asdict(self.config),
+            "torch_version": torch.__version__,
+        }
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step (atomically; see chapter 13)."""
+        return save_checkpoint(
+            self.checkpoint_dir, self.state_dict(), self._meta(), keep_last=self.config.keep_last
+        )
+
+    def load(self, checkpoint: str | Path) -> None:
+        """Continue from ``checkpoint`` exactly where it was saved."""
+        state, meta = load_checkpoint(checkpoint, map_location=self.device)
+        check_compatible(
+            meta,
+            model_config=self.model.config.to_dict(),
+            tokenizer_hash=self.tokenizer_hash,
+            where=f"Checkpoint {checkpoint}",
+        )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule follows this run's settings (max_steps may have been raised to train on).
+        schedule = _ScheduleMultiplier(
+            self.config.warmup_steps, self.config.max_steps, self.config.min_lr_ratio
+        )
+        self.scheduler.lr_lambdas = [schedule] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * schedule(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.batches.position = state["data_position"]
+        self.skipped_steps = state["skipped_steps"]
+        self.train_seconds = state["train_seconds"]
+        restore_rng_state(state["rng"])
+        self.metrics.truncate_after(self.step)
+        self.resumed_from = Path(checkpoint)
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns its numbers."""
+        config = self.config
+        parts_sum = {"loss": 0.0, "moe_aux_loss": 0.0, "gate_balance_loss": 0.0,
+                     "gate_entropy_loss": 0.0}  # fmt: skip
+        finite = True
+        for _ in range(config.grad_accum_steps):
+            inputs, targets = (t.to(self.device) for t in self.batches.next_batch())
+            with _autocast(self.device, self.dtype):
+                parts = compute_loss(self.model, inputs, targets)
+            # Dividing each micro-batch's mean by their number makes the summed gradient the
+            # gradient of the mean over the whole step's tokens — the same as one big batch.
+            (parts.total / config.grad_accum_steps).backward()
+            finite &= bool(torch.isfinite(parts.total))
+            for key, value in zip(parts_sum, (parts.lm, parts.moe_aux, parts.gate_balance,
+                                              parts.gate_entropy)):  # fmt: skip
+                parts_sum[key] += float(value.detach()) / config.grad_accum_steps
+        max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        finite &= math.isfinite(grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if finite:
+            self.optimizer.step()
+            self._update_moe_biases()
+            self.bad_steps_in_row = 0
+        else:
+            self.skipped_steps += 1
+            self.bad_steps_in_row += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # after only skipped steps torch warns about the order
+            warnings.filterwarnings("ignore", "Detected call of")
+            self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += config.tokens_per_step
+        if self.bad_steps_in_row >= config.max_bad_steps:
+            raise TrainingDivergedError(
+                f"{self.bad_steps_in_row} steps in a row had a non-finite loss or gradient (last "
+                f"at step {self.step}, lr {lr:.3g}). The run has diverged: lower train.lr or "
+                "raise train.warmup_steps, keep train.grad_clip on, or use train.precision=fp32; "
+                f"then resume from the last good checkpoint in {self.checkpoint_dir}."
+            )
+        return {**parts_sum, "grad_norm": grad_norm, "lr": lr, "skipped": not finite}
+
+    def _update_moe_biases(self) -> None:
+        for module in self.model.modules():
+            if isinstance(module, MoE) and module.router.use_bias:
+                module.update_expert_bias()
+
+    # ---------------------------------------------------------------- measuring
+    def evaluate(self, max_blocks: int | None = -1) -> EvalResult:
+        """Validation loss and bpc (``-1``: the periodic subset; ``None``: every block)."""
+        blocks = (
+            self.config.eval_batches * self.config.batch_size if max_blocks == -1 else max_blocks
+        )
+        return evaluate(
+            self.model,
+            self.validation,
+            batch_size=self.config.batch_size,
+            max_blocks=blocks,
+            device=self.device,
+            dtype=self.dtype,
+        )
+
+    def sample(self) -> str:
+        return generate_sample(
+            self.model,
+            self.tokenizer,
+            self.config.sample_prompt,
+            max_new_tokens=self.config.sample_tokens,
+            temperature=self.config.sample_temperature,
+            seed=self.config.seed + self.step,
+            device=self.device,
+        )
+
+    def _evaluate_and_report(
+        self, last_train: dict[str, Any], writer, *, final: bool
+    ) -> EvalResult:
+        result = self.evaluate(None if final else -1)
+        text = self.sample()
+        record = {
+            "kind": "eval",
+            "step": self.step,
+            "loss": last_train.get("loss"),
+            "lr": last_train.get("lr"),
+            "tokens": self.tokens_seen,
+            "val_loss": result.loss,
+            "val_bpc": result.bpc,
+            "val_tokens": result.tokens,
+            "final": final,
+        }
+        self.metrics.append(record)
+        self.last_sample = text
+        with open(self.out_dir / "samples.txt", "a", encoding="utf-8") as handle:
+            handle.write(f"--- step {self.step}, val_loss {result.loss:.4f}\n{text}\n\n")
+        if writer is not None:
+            writer.add_scalar("val/loss", result.loss, self.step)
+            writer.add_scalar("val/bpc", result.bpc, self.step)
+            writer.add_text("sample", text, self.step)
+            writer.flush()
+        plot_loss_curve(self.metrics.read(), self.out_dir / "loss_curve.png")
+        if self.verbose:
+            tqdm.write(
+                f"step {self.step:>5} | train loss {record['loss']:.3f} | val loss "
+                f"{result.loss:.3f} | val bpc {result.bpc:.3f}" + (" (all blocks)" if final else "")
+            )
+        return result
+
+    def _tensorboard(self):
+        if not self.config.tensorboard:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step or None)
+
+    # ---------------------------------------------------------------- the loop
+    def fit(
+        self,
+        *,
+        stop_at: int | None = None,
+        export: bool = True,
+        on_step: Callable[[Trainer, dict[str, Any]], None] | None = None,
+    ) -> TrainResult:
+        """Train until ``config.max_steps`` (or ``stop_at``, a pause: save and return).
+
+        At the end (``max_steps``): a final evaluation on the whole validation file, a sample, a
+        checkpoint and, with ``export``, the Hugging Face folder ``out_dir/model``. On SIGTERM or
+        SIGINT: the current step finishes, a checkpoint is saved, and ``fit`` returns with
+        ``stopped_by`` set to the signal's name.
+        """
+        config = self.config
+        target = config.max_steps if stop_at is None else min(stop_at, config.max_steps)
+        writer = self._tensorboard()
+        bar = tqdm(total=config.max_steps, initial=self.step, desc="train", unit="step",
+                   disable=not self.progress, dynamic_ncols=True)  # fmt: skip
+        stopped_by = "max_steps" if target == config.max_steps else "stop_at"
+        last: dict[str, Any] = {}
+        final_eval = None
+        window_tokens, window_start = 0, time.perf_counter()
+        try:
+            with StopRequest().installed() as stop:
+                while self.step < target:
+                    step_start = time.perf_counter()
+                    numbers = self.train_step()
+                    self.train_seconds += time.perf_counter() - step_start
+                    window_tokens += config.tokens_per_step
+                    last = {"loss": numbers["loss"], "lr": numbers["lr"]}
+                    bar.update(1)
+                    if self.step % config.log_every == 0 or self.step == target:
+                        elapsed = time.perf_counter() - window_start
+                        record = self._train_record(numbers, window_tokens / max(elapsed, 1e-9))
+                        self.metrics.append(record)
+                        if writer is not None:
+                            for key, value in record.items():
+                                if key not in ("kind", "step"):
+                                    writer.add_scalar(f"train/{key}", value, self.step)
+                        bar.set_postfix(loss=f"{numbers['loss']:.3f}",
+                                        tok_s=f"{record['tokens_per_s']:.0f}",
+                                        lr=f"{numbers['lr']:.2e}")  # fmt: skip
+                        window_tokens, window_start = 0, time.perf_counter()
+                    if on_step is not None:
+                        on_step(self, numbers)
+                    finishing = self.step == config.max_steps
+                    if finishing or (self.step % config.eval_every == 0 and not stop):
+                        final_eval = self._evaluate_and_report(last, writer, final=finishing)
+                    if stop:
+                        stopped_by = stop.signal_name
+                        break
+                    if self.step % config.save_every == 0 and not finishing:
+                        self.save()
+                checkpoint = self.save() if self.step > 0 else None
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        exported = None
+        if export and stopped_by == "max_steps":
+            exported = export_pretrained(self.model, self.tokenizer, self.out_dir / "model").path
+        return TrainResult(
+            step=self.step,
+            tokens=self.tokens_seen,
+            stopped_by=stopped_by,
+            checkpoint=checkpoint,
+            final_eval=final_eval if stopped_by == "max_steps" else None,
+            export=exported,
+            seconds=self.train_seconds,
+            skipped_steps=self.skipped_steps,
+            records=self.metrics.read(),
+        )
+
+    def _train_record(self, numbers: dict[str, Any], tokens_per_s: float) -> dict[str, Any]:
+        record = {
+            "kind": "train",
+            "step": self.step,
+            "loss": numbers["loss"],
+            "lr": numbers["lr"],
+            "tokens": self.tokens_seen,
+            "grad_norm": numbers["grad_norm"],
+            "tokens_per_s": tokens_per_s,
+            "epoch": self.batches.epoch,
+            "skipped_steps": self.skipped_steps,
+        }
+        for key in ("moe_aux_loss", "gate_balance_loss", "gate_entropy_loss"):
+            if numbers[key]:
+                record[key] = numbers[key]
+        record.update(model_statistics(self.model))
+        return record
+
+
+def _resolve_device(name: str) -> torch.device:
+    from .utils import pick_device
+
+    return pick_device(None if name == "auto" else name)

@@ -1,0 +1,355 @@
+"""The training loop: optimizer groups, schedule, accumulation, exact resume, guards, logs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minifusion import training
+from minifusion.checkpoint import CheckpointMismatchError, latest_checkpoint, load_checkpoint
+from minifusion.data import prepare_data
+from minifusion.model import MiniFusionForCausalLM
+from minifusion.tokenizer import load_tokenizer
+from minifusion.train import apply_overrides, main
+from minifusion.training import (
+    BatchStream,
+    TrainConfig,
+    Trainer,
+    TrainingDivergedError,
+    ValidationSet,
+    evaluate,
+    parameter_groups,
+    warmup_cosine,
+)
+from tests.test_model import small_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A prepared run folder on a small local corpus (tokenizer of 300, train/val token files)."""
+    from tests.conftest import SAMPLE_DOCUMENTS
+
+    root = tmp_path_factory.mktemp("prepared")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(SAMPLE_DOCUMENTS + [SAMPLE_DOCUMENTS[0][::-1]]):
+        (corpus / f"doc{i}.txt").write_text(text, encoding="utf-8")
+    data = prepare_data(
+        root / "data", source=str(corpus / "*.txt"), vocab_size=300, val_fraction=0.2,
+        progress=False,
+    )  # fmt: skip
+    return data, load_tokenizer(data.tokenizer_dir)
+
+
+def _config(**overrides) -> TrainConfig:
+    settings = dict(batch_size=4, block_size=16, max_steps=8, lr=3e-3, warmup_steps=2,
+                    log_every=1, eval_every=4, eval_batches=2, save_every=4, sample_tokens=8,
+                    tensorboard=False, device="cpu")  # fmt: skip
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def _trainer(prepared, out_dir, pattern="everything", seed=0, **overrides) -> Trainer:
+    data, tokenizer = prepared
+    torch.manual_seed(seed)
+    model_overrides = {"moe_aux_loss_free_bias": True} if pattern == "everything" else {}
+    model = MiniFusionForCausalLM(small_config(pattern, vocab_size=300, **model_overrides))
+    return Trainer(model, tokenizer, data.train_file, data.val_file, _config(**overrides),
+                   out_dir, progress=False, verbose=False)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- optimizer ----
+def test_parameter_groups_exclude_norms_biases_embeddings_and_ssm_constants():
+    model = MiniFusionForCausalLM(small_config("everything", attention_bias=True))
+    decay, no_decay = parameter_groups(model, 0.1)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    names = set(decay["param_names"]) | set(no_decay["param_names"])
+    unique = {id(p) for p in model.parameters()}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(unique) == len(names)
+    for name in no_decay["param_names"]:
+        assert any(
+            key in name
+            for key in ("norm", "bias", "A_log", ".D", "embed_tokens", "gate_logit", "layernorm")
+        ), name
+    for required in ("A_log", "mamba.D", "dt_proj.bias", "embed_tokens.weight", "q_proj.bias"):
+        assert any(required in n for n in no_decay["param_names"]), required
+    for required in ("q_proj.weight", "dt_proj.weight", "down_proj.weight", "router.gate.weight"):
+        assert any(required in n for n in decay["param_names"]), required
+    decay_all, _ = parameter_groups(model, 0.1, decay_embeddings=True)
+    assert any("embed_tokens" in n for n in decay_all["param_names"])
+
+
+def test_warmup_cosine_shape_and_scheduler_agree():
+    kw = dict(warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert warmup_cosine(0, **kw) == pytest.approx(0.1)
+    assert warmup_cosine(9, **kw) == pytest.approx(1.0)
+    assert warmup_cosine(10, **kw) == pytest.approx(1.0)
+    assert warmup_cosine(60, **kw) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 50 / 99)))
+    assert warmup_cosine(109, **kw) == pytest.approx(0.1)
+    after = [warmup_cosine(s, **kw) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(after, after[1:]))
+
+    config = TrainConfig(lr=2e-3, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    model = torch.nn.Linear(3, 3)
+    optimizer = training.build_optimizer(model, config)
+    scheduler = training.build_scheduler(optimizer, config)
+    for step in range(110):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 * warmup_cosine(step, **kw))
+        optimizer.step()
+        scheduler.step()
+
+
+def test_train_config_from_dict_checks_names_and_values():
+    config = TrainConfig.from_dict({"lr": "3e-4", "max_steps": "40", "tensorboard": "false"})
+    assert (config.lr, config.max_steps, config.tensorboard) == (3e-4, 40, False)
+    with pytest.raises(ValueError, match=r"Unknown train setting\(s\) \['learning_rate'\]"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
+    with pytest.raises(ValueError, match="train.max_steps='many' is not a valid int"):
+        TrainConfig.from_dict({"max_steps": "many"})
+    with pytest.raises(ValueError, match="warmup_steps must be in"):
+        TrainConfig.from_dict({"max_steps": 5, "warmup_steps": 10})
+
+
+# ----------------------------------------------------------------------------- data ---------
+def test_batch_stream_is_a_function_of_position_and_shards_ranks(prepared):
+    data, _ = prepared
+    stream = BatchStream(data.train_file, 16, 4, seed=3)
+    batches = [stream.next_batch() for _ in range(stream.examples_per_epoch)]  # > one epoch
+    resumed = BatchStream(data.train_file, 16, 4, seed=3, position=8)
+    assert torch.equal(resumed.next_batch()[0], batches[2][0])
+    x, y = batches[0]
+    assert x.shape == y.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    ranks = [BatchStream(data.train_file, 16, 2, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    together = torch.cat([ranks[0].next_batch()[0], ranks[1].next_batch()[0]])
+    assert torch.equal(together, batches[0][0])
+
+
+def test_bits_per_character_counts_the_decoded_targets(prepared):
+    data, tokenizer = prepared
+    validation = ValidationSet(data.val_file, 16, tokenizer)
+    span = validation.blocks.file.tokens[1 : len(validation) * 16 + 1].tolist()
+    whole = len(tokenizer.decode(span, skip_special_tokens=True)) + span.count(0)
+    # Block edges can split a multi-byte character (a few characters either way per edge).
+    assert abs(int(validation.characters.sum()) - whole) <= 3 * len(validation)
+    torch.manual_seed(0)
+    model = MiniFusionForCausalLM(small_config("llama", vocab_size=300))
+    result = evaluate(model, validation, batch_size=4)
+    assert result.tokens == 16 * len(validation)
+    assert result.bpc == pytest.approx(
+        result.loss * result.tokens / math.log(2) / result.characters
+    )
+    assert result.loss == pytest.approx(math.log(300), rel=0.05)  # untrained ≈ uniform
+
+
+# ----------------------------------------------------------------------------- the loop -----
+def test_gradient_accumulation_equals_one_large_batch(prepared, tmp_path):
+    # The llama pattern: the gate regularisers, squares of batch means, are not additive.
+    big = _trainer(prepared, tmp_path / "big", pattern="llama", batch_size=8)
+    small = _trainer(prepared, tmp_path / "small", pattern="llama", batch_size=4,
+                     grad_accum_steps=2)  # fmt: skip
+    big_numbers, small_numbers = big.train_step(), small.train_step()
+    assert small_numbers["loss"] == pytest.approx(big_numbers["loss"], rel=1e-5)
+    assert small_numbers["grad_norm"] == pytest.approx(big_numbers["grad_norm"], rel=1e-5)
+    # After one AdamW step the first moment is (1 − β₁)·gradient: compare the gradients.
+    for (name, a), b in zip(big.model.named_parameters(), small.model.parameters()):
+        grad_big = big.optimizer.state[a]["exp_avg"]
+        grad_small = small.optimizer.state[b]["exp_avg"]
+        torch.testing.assert_close(grad_small, grad_big, rtol=1e-4, atol=1e-8, msg=name)
+
+
+def test_loss_falls(prepared, tmp_path):
+    trainer = _trainer(prepared, tmp_path, pattern="hybrid-dense", max_steps=30, eval_every=30,
+                       save_every=30, lr=1e-2)  # fmt: skip
+    result = trainer.fit(export=False)
+    losses = [r["loss"] for r in result.records if r["kind"] == "train"]
+    assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5
+
+
+def test_exact_resume_gives_bitwise_identical_losses_and_weights(prepared, tmp_path):
+    straight = _trainer(prepared, tmp_path / "straight").fit(export=False)
+    first_half = _trainer(prepared, tmp_path / "resumed").fit(stop_at=4, export=False)
+    assert first_half.stopped_by == "stop_at" and first_half.step == 4
+    # A new process would build a model with other random weights: the checkpoint must win.
+    second = _trainer(prepared, tmp_path / "resumed", seed=123)
+    assert second.resumed_from.name == "step_000004"
+    resumed = second.fit(export=False)
+
+    def losses(result):
+        return [(r["step"], r["loss"]) for r in result.records if r["kind"] == "train"]
+
+    assert losses(resumed) == losses(straight)  # exact float equality, every step
+    assert [r["val_loss"] for r in resumed.records if r["kind"] == "eval"] == [
+        r["val_loss"] for r in straight.records if r["kind"] == "eval"
+    ]
+    final_straight, _ = load_checkpoint(straight.checkpoint)
+    final_resumed, meta = load_checkpoint(resumed.checkpoint)
+    assert meta["data_position"] == final_straight["data_position"] == 8 * 4
+    for key, value in final_straight["model"].items():
+        assert torch.equal(value, final_resumed["model"][key]), key
+    expert_bias = [k for k in final_straight["model"] if k.endswith("expert_bias")]
+    assert expert_bias and any(final_straight["model"][k].abs().sum() > 0 for k in expert_bias)
+
+
+def test_resume_refuses_another_model_config(prepared, tmp_path):
+    _trainer(prepared, tmp_path, pattern="llama").fit(stop_at=4, export=False)
+    data, tokenizer = prepared
+    model = MiniFusionForCausalLM(small_config("llama", vocab_size=300, hidden_size=64))
+    with pytest.raises(CheckpointMismatchError, match="hidden_size: checkpoint 32 vs run 64"):
+        Trainer(model, tokenizer, data.train_file, data.val_file, _config(), tmp_path,
+                progress=False)  # fmt: skip
+
+
+def test_nan_guard_skips_isolated_steps(prepared, tmp_path, monkeypatch):
+    real = training.compute_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(model, inputs, targets):
+        calls["n"] += 1
+        parts = real(model, inputs, targets)
+        if calls["n"] == 3:
+            parts.total = parts.total * float("nan")
+        return parts
+
+    monkeypatch.setattr(training, "compute_loss", sometimes_nan)
+    trainer = _trainer(prepared, tmp_path, pattern="hybrid-dense")
+    before = {}
+
+    def remember(t, numbers):
+        if t.step == 2:
+            before.update({k: v.clone() for k, v in t.model.state_dict().items()})
+        if t.step == 3:
+            assert numbers["skipped"]
+            for key, value in t.model.state_dict().items():
+                assert torch.equal(value, before[key]), key  # the optimizer did not step
+
+    result = trainer.fit(export=False, on_step=remember)
+    assert result.skipped_steps == 1 and result.step == 8
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert [r["skipped_steps"] for r in result.records if r["kind"] == "train"][-1] == 1
+
+
+def test_nan_guard_stops_a_diverged_run(prepared, tmp_path):
+    trainer = _trainer(prepared, tmp_path, pattern="hybrid-dense", max_bad_steps=3)
+    with torch.no_grad():
+        trainer.model.lm_head.weight[0, 0] = float("inf")
+    with pytest.raises(TrainingDivergedError, match="3 steps in a row.*lower train.lr"):
+        trainer.fit(export=False)
+    assert trainer.step == 3 and trainer.skipped_steps == 3
+
+
+def test_metrics_jsonl_format(prepared, tmp_path):
+    result = _trainer(prepared, tmp_path, pattern="hybrid-dense", log_every=2).fit(export=False)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == [2, 4, 6, 8]
+    assert [r["step"] for r in evals] == [4, 8] and evals[-1]["final"]
+    for r in records:
+        assert {"step", "loss", "lr", "tokens"} <= set(r)
+        assert r["tokens"] == r["step"] * 4 * 16
+    for r in evals:
+        assert r["val_loss"] > 0 and 0 < r["val_bpc"] < r["val_loss"] * 3 / math.log(2)
+    assert "gate/layer0/mean" in train[0] and "tokens_per_s" in train[0]
+    assert (tmp_path / "loss_curve.png").stat().st_size > 10_000
+    assert (tmp_path / "samples.txt").read_text().count("--- step") == 2
+    assert result.records == records
+
+
+def test_tensorboard_events_are_written(prepared, tmp_path):
+    _trainer(prepared, tmp_path, pattern="llama", tensorboard=True, max_steps=4).fit(export=False)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+# ----------------------------------------------------------------------------- the script ---
+def _preset(tmp_path, prepared) -> Path:
+    data, _ = prepared
+    corpus = Path(data.out_dir).parent / "corpus"
+    path = tmp_path / "preset.yaml"
+    path.write_text(
+        "model:\n  vocab_size: 300\n  hidden_size: 32\n  num_hidden_layers: 2\n"
+        "  num_attention_heads: 4\n  num_key_value_heads: 2\n  mixer_types: [hybrid, hybrid]\n"
+        "  ffn_types: [dense, dense]\n  mamba_d_state: 8\n  fusion_gate_rank: 8\n"
+        f"data:\n  source: '{corpus}/*.txt'\n  val_fraction: 0.2\n  block_size: 16\n"
+        "train:\n  batch_size: 4\n  max_steps: 6\n  warmup_steps: 2\n  eval_every: 3\n"
+        "  save_every: 3\n  log_every: 1\n  eval_batches: 2\n  sample_tokens: 8\n"
+        "  tensorboard: false\n  device: cpu\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_apply_overrides_parses_yaml_values_and_explains_mistakes():
+    settings = apply_overrides(
+        {"train": {"lr": 1.0}}, ["train.lr=3e-4", "model.mixer_types=[a, b]"]
+    )
+    assert settings["train"]["lr"] == 3e-4 and settings["model"]["mixer_types"] == ["a", "b"]
+    with pytest.raises(ValueError, match="write section.name=value"):
+        apply_overrides({}, ["lr=3"])
+    with pytest.raises(ValueError, match="unknown section 'optim'"):
+        apply_overrides({}, ["optim.lr=3"])
+
+
+def test_script_trains_resumes_and_exports(prepared, tmp_path, capsys):
+    preset, out = _preset(tmp_path, prepared), tmp_path / "run"
+    assert main(["--config", str(preset), "--out", str(out), "--no-progress",
+                 "--set", "train.max_steps=3"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert (
+        "bits/character" in printed
+        and "model (HF)" in printed
+        and "starting from scratch" in printed
+    )
+    assert main(["--config", str(preset), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "resuming from" in printed and "step_000003" in printed
+    assert latest_checkpoint(out / "checkpoints").name == "step_000006"
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s] == sorted(s for s in steps if s)  # no repeated steps
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "model").config.hidden_size == 32
+    assert main(["--config", str(preset), "--out", str(out), "--no-progress", "--fresh",
+                 "--set", "train.max_steps=2"]) == 0  # fmt: skip
+    assert latest_checkpoint(out / "checkpoints").name == "step_000002"
+    assert main(["--config", str(preset), "--out", str(out), "--set", "train.typo=1"]) == 1
+    assert "Unknown train setting(s) ['typo']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_saves_and_exits_cleanly(prepared, tmp_path):
+    preset, out = _preset(tmp_path, prepared), tmp_path / "run"
+    command = [sys.executable, "-m", "minifusion.train", "--config", str(preset), "--out",
+               str(out), "--no-progress", "--set", "train.max_steps=100000",
+               "--set", "train.save_every=100000", "--set", "train.eval_every=100000"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+            assert child.poll() is None, child.stdout.read()
+            assert time.time() < deadline, "training never started"
+            time.sleep(0.2)
+        child.send_signal(signal.SIGTERM)
+        output, _ = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 0, output
+    assert "stopped by SIGTERM" in output and "run the same command again" in output
+    checkpoint = latest_checkpoint(out / "checkpoints")
+    state, meta = load_checkpoint(checkpoint)
+    assert meta["step"] >= 1 and state["step"] == meta["step"]
+    assert not (out / "model").exists()  # no export for an unfinished run
