@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import signal
 import threading
 import time
@@ -676,8 +677,10 @@ class Trainer:
         self.last_sample: str | None = None
         if resume and (checkpoint := latest_checkpoint(self.checkpoint_dir)) is not None:
             self.load(checkpoint)
-        else:
-            self.metrics.path.unlink(missing_ok=True)  # a fresh run starts a fresh log
+        else:  # a fresh run starts fresh logs (leftovers of a run that never saved mislead)
+            self.metrics.path.unlink(missing_ok=True)
+            (self.out_dir / "samples.txt").unlink(missing_ok=True)
+            shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True)
 
     # ---------------------------------------------------------------- state for checkpoints
     def state_dict(self) -> dict[str, Any]:
