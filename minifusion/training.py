@@ -391,12 +391,25 @@ class ValidationSet:
 
     def __init__(self, token_file: TokenFile | str | Path, block_size: int, tokenizer):
         self.blocks = TokenBlocks(token_file, block_size, mode="sequential")
-        eos = tokenizer.eos_token_id
-        targets = [self.blocks[i][1].tolist() for i in range(len(self.blocks))]
-        texts = tokenizer.batch_decode(targets, skip_special_tokens=True)
-        self.characters = np.array(
-            [len(text) + ids.count(eos) for text, ids in zip(texts, targets)], dtype=np.int64
-        )
+        self.tokenizer = tokenizer
+        self._characters: dict[int, int] = {}  # block index → characters, filled on first use
+
+    def characters_of(self, indices: list[int]) -> int:
+        """Characters spelled by the targets of blocks ``indices`` (decoded once, then cached)."""
+        missing = [i for i in indices if i not in self._characters]
+        if missing:
+            eos = self.tokenizer.eos_token_id
+            targets = [self.blocks[i][1].tolist() for i in missing]
+            texts = self.tokenizer.batch_decode(targets, skip_special_tokens=True)
+            for i, text, ids in zip(missing, texts, targets):
+                self._characters[i] = len(text) + ids.count(eos)
+        return sum(self._characters[i] for i in indices)
+
+    @property
+    def characters(self) -> np.ndarray:
+        """Characters per block for every block, ``(len(self),)``."""
+        self.characters_of(list(range(len(self))))
+        return np.array([self._characters[i] for i in range(len(self))], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -435,7 +448,7 @@ def evaluate(
         nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
         total_nats += nats.item()
         total_tokens += targets.numel()
-        total_chars += int(validation.characters[chunk].sum())
+        total_chars += validation.characters_of(chunk)
     model.train(was_training)
     return EvalResult(
         loss=total_nats / total_tokens,
@@ -482,8 +495,8 @@ def model_statistics(model: nn.Module) -> dict[str, float]:
 
     * ``gate/layer{i}/mean``, ``gate/layer{i}/std``: the fusion gate ``g`` (1 = all Mamba,
       0 = all attention) over the batch, per hybrid layer.
-    * ``moe/layer{i}/max_load``: the busiest expert's share of routed tokens since the last
-      bias update (1/E is perfect balance) — only with aux-loss-free balancing, which counts it.
+    * ``moe/layer{i}/max_load``: the busiest expert's share of the routed tokens counted
+      since the last optimizer step (1/E is perfect balance; 1 means collapse onto one expert).
     """
     stats: dict[str, float] = {}
     for name, module in model.named_modules():
@@ -491,7 +504,7 @@ def model_statistics(model: nn.Module) -> dict[str, float]:
             layer = _layer_index(name)
             stats[f"gate/layer{layer}/mean"] = float(module.gate_mean)
             stats[f"gate/layer{layer}/std"] = float(module.gate_std)
-        elif isinstance(module, MoE) and module.router.use_bias:
+        elif isinstance(module, MoE):
             load = module.load_since_update
             if float(load.sum()) > 0:
                 stats[f"moe/layer{_layer_index(name)}/max_load"] = float(load.max() / load.sum())
@@ -763,13 +776,14 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         finite &= math.isfinite(grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
+        statistics = model_statistics(self.model)  # before the MoE load counters are reset
         if finite:
             self.optimizer.step()
-            self._update_moe_biases()
             self.bad_steps_in_row = 0
         else:
             self.skipped_steps += 1
             self.bad_steps_in_row += 1
+        self._update_moe_balance(apply_bias=finite)
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # after only skipped steps torch warns about the order
             warnings.filterwarnings("ignore", "Detected call of")
@@ -783,12 +797,21 @@ class Trainer:
                 "raise train.warmup_steps, keep train.grad_clip on, or use train.precision=fp32; "
                 f"then resume from the last good checkpoint in {self.checkpoint_dir}."
             )
-        return {**parts_sum, "grad_norm": grad_norm, "lr": lr, "skipped": not finite}
+        return {**parts_sum, "grad_norm": grad_norm, "lr": lr, "skipped": not finite,
+                "statistics": statistics}  # fmt: skip
 
-    def _update_moe_biases(self) -> None:
+    def _update_moe_balance(self, *, apply_bias: bool) -> None:
+        """Aux-loss-free balancing: nudge each router's expert bias after a real step.
+
+        Either way the per-step load counters start from zero again, so the logged load is
+        the last step's.
+        """
         for module in self.model.modules():
-            if isinstance(module, MoE) and module.router.use_bias:
-                module.update_expert_bias()
+            if isinstance(module, MoE):
+                if apply_bias and module.router.use_bias:
+                    module.update_expert_bias()
+                else:
+                    module.load_since_update.zero_()
 
     # ---------------------------------------------------------------- measuring
     def evaluate(self, max_blocks: int | None = -1) -> EvalResult:
@@ -946,7 +969,7 @@ class Trainer:
         for key in ("moe_aux_loss", "gate_balance_loss", "gate_entropy_loss"):
             if numbers[key]:
                 record[key] = numbers[key]
-        record.update(model_statistics(self.model))
+        record.update(numbers["statistics"])
         return record
 
 

@@ -189,6 +189,8 @@ def test_exact_resume_gives_bitwise_identical_losses_and_weights(prepared, tmp_p
         return [(r["step"], r["loss"]) for r in result.records if r["kind"] == "train"]
 
     assert losses(resumed) == losses(straight)  # exact float equality, every step
+    last = [r for r in straight.records if r["kind"] == "train"][-1]
+    assert 0.25 <= last["moe/layer1/max_load"] <= 1 and "gate/layer0/std" in last  # 4 experts
     assert [r["val_loss"] for r in resumed.records if r["kind"] == "eval"] == [
         r["val_loss"] for r in straight.records if r["kind"] == "eval"
     ]
