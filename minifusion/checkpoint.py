@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .utils import fsync_dir
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
@@ -55,6 +57,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "read_meta",
     "restore_rng_state",
     "save_checkpoint",
 ]
@@ -134,15 +137,6 @@ def _as_tuple(value: Any) -> Any:
 # ----------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in ``path`` durable (the directory entry itself)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_file(path: Path, write) -> None:
     with open(path, "wb") as handle:
         write(handle)
@@ -198,9 +192,9 @@ def save_checkpoint(
     }
     payload = json.dumps(meta, indent=2, sort_keys=True).encode("utf-8")
     _write_file(tmp / META_FILE, lambda handle: handle.write(payload))
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     os.rename(tmp, final)  # the moment the checkpoint exists: atomic
-    _fsync_dir(directory)
+    fsync_dir(directory)
     if keep_last is not None:
         for old in list_checkpoints(directory)[:-keep_last]:
             shutil.rmtree(old)
@@ -239,6 +233,16 @@ def read_meta(checkpoint: str | Path) -> dict[str, Any]:
     """``meta.json`` of a checkpoint folder, with a clear error if it is missing or damaged."""
     checkpoint = Path(checkpoint)
     meta_path = checkpoint / META_FILE
+    if not checkpoint.is_dir():
+        found = [p.name for p in list_checkpoints(checkpoint.parent)]
+        raise CheckpointError(
+            f"There is no checkpoint folder {checkpoint}. "
+            + (
+                f"Checkpoints in {checkpoint.parent}: {found}."
+                if found
+                else f"{checkpoint.parent} holds no checkpoints."
+            )  # fmt: skip
+        )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -386,11 +390,11 @@ def export_pretrained(model, tokenizer, directory: str | Path) -> ExportInfo:
     for path in tmp.iterdir():
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     old = directory.with_name(f".old-{directory.name}-{os.getpid()}")
     if directory.exists():
         os.rename(directory, old)
     os.rename(tmp, directory)
-    _fsync_dir(directory.parent)
+    fsync_dir(directory.parent)
     shutil.rmtree(old, ignore_errors=True)
     return ExportInfo(directory, sorted(p.name for p in directory.iterdir()))

@@ -31,6 +31,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from .utils import fsync_dir
 
 __all__ = [
     "CorpusUnavailableError",
@@ -394,7 +397,9 @@ def split_documents(documents, val_fraction: float = 0.1, seed: int = 0):
     return documents.select(train_idx), documents.select(val_idx)
 
 
-def tokenize_documents(documents, tokenizer, *, batch_size: int = 64, desc: str = "tokenize"):
+def tokenize_documents(
+    documents, tokenizer, *, batch_size: int = 64, desc: str = "tokenize", progress: bool = True
+):
     """Tokenise every document and append ``<|endoftext|>`` to each.
 
     The characters ``<|endoftext|>`` inside a document are encoded as ordinary text (see
@@ -413,10 +418,26 @@ def tokenize_documents(documents, tokenizer, *, batch_size: int = 64, desc: str 
             "num_chars": [len(t) for t in batch["text"]],
         }
 
-    return documents.map(
-        encode, batched=True, batch_size=batch_size, remove_columns=documents.column_names,
-        desc=desc,
-    )  # fmt: skip
+    with _datasets_progress(progress):
+        return documents.map(
+            encode, batched=True, batch_size=batch_size, remove_columns=documents.column_names,
+            desc=desc,
+        )  # fmt: skip
+
+
+@contextmanager
+def _datasets_progress(enabled: bool) -> Iterator[None]:
+    """Switch ``datasets``' progress bars off for a block (``map`` has no per-call switch)."""
+    from datasets.utils import logging as datasets_logging
+
+    was_enabled = datasets_logging.is_progress_bar_enabled()
+    if not enabled:
+        datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            datasets_logging.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,6 +474,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def write_token_file(
@@ -728,16 +750,21 @@ def prepare_data(
     if reused is not None:
         train_info, val_info = reused
     else:
-        documents = load_documents(source, text_field=text_field, encoding_errors=encoding_errors)
-        train_docs, val_docs = split_documents(documents, val_fraction=val_fraction, seed=seed)
+        with _datasets_progress(progress):  # "Generating train split" otherwise
+            documents = load_documents(
+                source, text_field=text_field, encoding_errors=encoding_errors
+            )
+            train_docs, val_docs = split_documents(documents, val_fraction=val_fraction, seed=seed)
         tokenizer = train_tokenizer(
             train_docs["text"], vocab_size, show_progress=progress, length=len(train_docs)
         )
         tokenizer.save_pretrained(str(tokenizer_dir))
         tokenizer = load_tokenizer(tokenizer_dir)  # exactly what later stages will load
         extra = {"recipe": recipe, "recipe_id": recipe_id}
-        train_ids = tokenize_documents(train_docs, tokenizer, desc="tokenize train")
-        val_ids = tokenize_documents(val_docs, tokenizer, desc="tokenize val")
+        train_ids = tokenize_documents(
+            train_docs, tokenizer, desc="tokenize train", progress=progress
+        )
+        val_ids = tokenize_documents(val_docs, tokenizer, desc="tokenize val", progress=progress)
         train_info = write_token_file(
             train_ids, train_file, tokenizer, extra=extra, progress=progress
         )

@@ -110,6 +110,10 @@ class MiniFusionDecoderLayer(GradientCheckpointingLayer):
             self.post_attention_layernorm = RMSNorm(hidden, eps=eps)
         self.mlp = SwiGLU(config) if self.ffn_type == "dense" else None
         self.moe = MoE(config, layer_idx) if self.ffn_type == "moe" else None
+        # Dropout on what each block adds to the residual stream (off by default, as in most
+        # pretraining: one pass over the data rarely overfits).
+        p = config.hidden_dropout
+        self.residual_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
 
     def forward(
         self,
@@ -130,7 +134,7 @@ class MiniFusionDecoderLayer(GradientCheckpointingLayer):
             mixed = self.fusion(mamba_out, attn_out)
         else:
             mixed = attn_out if attn_out is not None else mamba_out
-        hidden_states = hidden_states + mixed
+        hidden_states = hidden_states + self.residual_dropout(mixed)
 
         losses: dict[str, torch.Tensor] = {}
         if self.fusion is not None:
@@ -139,10 +143,10 @@ class MiniFusionDecoderLayer(GradientCheckpointingLayer):
             normed = self.post_attention_layernorm(hidden_states)
             if self.moe is not None:
                 moe_output = self.moe(normed)
-                hidden_states = hidden_states + moe_output.hidden_states
+                hidden_states = hidden_states + self.residual_dropout(moe_output.hidden_states)
                 losses["moe_aux"] = moe_output.aux_loss
             else:
-                hidden_states = hidden_states + self.mlp(normed)
+                hidden_states = hidden_states + self.residual_dropout(self.mlp(normed))
         return hidden_states, losses
 
 

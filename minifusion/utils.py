@@ -23,6 +23,7 @@ __all__ = [
     "EnvironmentReport",
     "environment_report",
     "format_count",
+    "fsync_dir",
     "pick_device",
     "seed_everything",
 ]
@@ -57,6 +58,22 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     else:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries to disk, so a file created or renamed in it survives a power cut.
+
+    ``fsync`` on a file makes its *contents* durable; the name that points to it lives in the
+    folder, which needs its own ``fsync`` (POSIX; a no-op where folders cannot be opened).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):  # Windows cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def pick_device(prefer: str | None = None) -> torch.device:

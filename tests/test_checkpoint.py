@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from minifusion.checkpoint import (
+    CheckpointError,
     CheckpointMismatchError,
     CorruptCheckpointError,
     capture_rng_state,
@@ -200,3 +201,9 @@ def test_meta_is_plain_json(tmp_path):
     path = save_checkpoint(tmp_path, _state(4), {"step": 4, "model_config": {"a": 1}})
     meta = json.loads((path / "meta.json").read_text())
     assert meta["format"] == "minifusion-checkpoint-1" and meta["model_config"] == {"a": 1}
+
+
+def test_a_missing_folder_is_reported_as_missing(tmp_path):
+    save_checkpoint(tmp_path, _state(2), {"step": 2})
+    with pytest.raises(CheckpointError, match=r"no checkpoint folder .*step_000001.*step_000002"):
+        load_checkpoint(tmp_path / "step_000001")

@@ -329,6 +329,18 @@ def test_prepare_data_end_to_end_and_reuse(tmp_path, text_corpus, monkeypatch):
     assert changed.train.vocab_size == 280
 
 
+def test_prepare_data_without_progress_writes_nothing_to_stderr(tmp_path, text_corpus, capfd):
+    import datasets
+
+    datasets.enable_progress_bars()  # the autouse fixture switched them off
+    prepare_data(tmp_path / "run", source=str(text_corpus / "*.txt"), vocab_size=300,
+                 val_fraction=0.25, progress=False)  # fmt: skip
+    assert capfd.readouterr().err == ""
+    from datasets.utils.logging import is_progress_bar_enabled
+
+    assert is_progress_bar_enabled()  # switched back on afterwards
+
+
 def test_command_line_prints_summary(tmp_path, text_corpus):
     config = tmp_path / "c.yaml"
     config.write_text(

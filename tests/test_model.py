@@ -197,3 +197,17 @@ def test_model_is_causal_and_left_padding_changes_nothing():
         mask = torch.cat([torch.zeros(1, 5), torch.ones(1, 16)], dim=1).long()
         torch.testing.assert_close(model(padded, attention_mask=mask).logits[:, 5:], logits,
                                    atol=1e-5, rtol=0)  # fmt: skip
+
+
+def test_hidden_dropout_acts_on_the_residual_branches_in_training_only():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 61, (2, 7))
+    model = MiniFusionForCausalLM(small_config("everything", hidden_dropout=0.5))
+    model.train()
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # a new mask every call
+    model.eval()
+    assert torch.equal(model(ids).logits, model(ids).logits)
+    plain = MiniFusionForCausalLM(small_config("everything"))
+    assert all(
+        isinstance(layer.residual_dropout, torch.nn.Identity) for layer in plain.model.layers
+    )
