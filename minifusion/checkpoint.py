@@ -86,19 +86,28 @@ class CheckpointMismatchError(CheckpointError):
 # Random number generators
 # ----------------------------------------------------------------------------------------------
 def capture_rng_state() -> dict[str, Any]:
-    """Every RNG a run touches, in a form ``torch.load(weights_only=True)`` accepts.
+    """Every RNG a run touches, as tensors that ``torch.load(weights_only=True)`` accepts.
 
-    NumPy's state holds an array, which the safe unpickler refuses; it is stored as a tensor.
+    NumPy's state holds an array, which the safe unpickler refuses, and Python's is a tuple of
+    624 integers whose pickled size depends on their values; both are stored as fixed-size
+    tensors, so a checkpoint's size does not depend on where the generators happen to be.
     """
+    version, words, gauss_next = random.getstate()
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state: dict[str, Any] = {
-        "python": random.getstate(),
+        "python": {
+            "version": version,
+            "words": torch.tensor(words, dtype=torch.int64),
+            # (has a cached Gaussian, its value): None becomes (0, 0)
+            "gauss_next": torch.tensor(
+                [gauss_next is not None, gauss_next or 0.0], dtype=torch.float64
+            ),
+        },
         "numpy": {
             "name": name,
             "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached_gaussian),
+            "pos_has_gauss": torch.tensor([pos, has_gauss], dtype=torch.int64),
+            "cached_gaussian": torch.tensor(cached_gaussian, dtype=torch.float64),
         },
         "torch": torch.get_rng_state(),
     }
@@ -109,15 +118,20 @@ def capture_rng_state() -> dict[str, Any]:
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Put every RNG back where :func:`capture_rng_state` found it."""
-    random.setstate(_as_tuple(state["python"]))
+    python = state["python"]
+    has_gauss_next, gauss_next = python["gauss_next"].tolist()
+    random.setstate(
+        (python["version"], tuple(python["words"].tolist()), gauss_next if has_gauss_next else None)
+    )
     npy = state["numpy"]
+    pos, has_gauss = npy["pos_has_gauss"].tolist()
     np.random.set_state(
         (
             npy["name"],
             npy["keys"].numpy().astype(np.uint32),
-            npy["pos"],
-            npy["has_gauss"],
-            npy["cached_gaussian"],
+            pos,
+            has_gauss,
+            float(npy["cached_gaussian"]),
         )  # fmt: skip
     )
     torch.set_rng_state(state["torch"])
@@ -127,11 +141,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
         else:  # another GPU count: the first state seeds device 0, the others keep theirs
             torch.cuda.set_rng_state(cuda_states[0], 0)
-
-
-def _as_tuple(value: Any) -> Any:
-    """``random.setstate`` wants tuples all the way down; a round trip may give lists."""
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 # ----------------------------------------------------------------------------------------------

@@ -207,3 +207,17 @@ def test_a_missing_folder_is_reported_as_missing(tmp_path):
     save_checkpoint(tmp_path, _state(2), {"step": 2})
     with pytest.raises(CheckpointError, match=r"no checkpoint folder .*step_000001.*step_000002"):
         load_checkpoint(tmp_path / "step_000001")
+
+
+def test_rng_state_has_a_fixed_size_and_keeps_cached_gaussians(tmp_path):
+    sizes = set()
+    for seed in range(5):
+        random.seed(seed), np.random.seed(seed)
+        random.gauss(0, 1), np.random.randn()  # leaves a cached Gaussian in both generators
+        state = capture_rng_state()
+        path = save_checkpoint(tmp_path / str(seed), {"rng": state}, {"step": 1})
+        sizes.add((path / "state.pt").stat().st_size)
+        expected = (random.gauss(0, 1), np.random.randn())
+        restore_rng_state(load_checkpoint(path)[0]["rng"])
+        assert (random.gauss(0, 1), np.random.randn()) == expected
+    assert len(sizes) == 1
