@@ -66,11 +66,15 @@ __all__ = [
     "TrainConfig",
     "TrainingDivergedError",
     "Trainer",
+    "TrainResult",
+    "ValidationSet",
     "autocast_dtype",
     "build_optimizer",
     "build_scheduler",
     "compute_loss",
     "evaluate",
+    "generate_sample",
+    "model_statistics",
     "parameter_groups",
     "plot_loss_curve",
     "warmup_cosine",
@@ -106,6 +110,9 @@ class TrainConfig:
         "auto"  # auto (bf16 on CUDA, fp32 on CPU — measured in chapter 12) | bf16 | fp32
     )
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    gradient_checkpointing: bool = (
+        False  # recompute activations in backward: less memory, ~⅓ more compute
+    )
     seed: int = 0
     # Measuring
     log_every: int = 10  # steps between metrics lines
@@ -667,6 +674,9 @@ class Trainer:
         self.device = _resolve_device(config.device)
         self.dtype = autocast_dtype(config.precision, self.device)
         self.model = model.to(self.device).train()
+        if config.gradient_checkpointing:
+            # Non-reentrant checkpointing works with inputs that need no grad (our token ids).
+            self.model.activation_checkpointing_enable({"use_reentrant": False})
         self.tokenizer_hash = tokenizer_hash(tokenizer)
         self.progress, self.verbose = progress, verbose
 
@@ -795,10 +805,16 @@ class Trainer:
                 f"{self.bad_steps_in_row} steps in a row had a non-finite loss or gradient (last "
                 f"at step {self.step}, lr {lr:.3g}). The run has diverged: lower train.lr or "
                 "raise train.warmup_steps, keep train.grad_clip on, or use train.precision=fp32; "
-                f"then resume from the last good checkpoint in {self.checkpoint_dir}."
+                + self._restart_advice()
             )
         return {**parts_sum, "grad_norm": grad_norm, "lr": lr, "skipped": not finite,
                 "statistics": statistics}  # fmt: skip
+
+    def _restart_advice(self) -> str:
+        checkpoint = latest_checkpoint(self.checkpoint_dir)
+        if checkpoint is None:
+            return "no checkpoint was saved yet, so start over (--fresh)."
+        return f"then resume from the last good checkpoint, {checkpoint}."
 
     def _update_moe_balance(self, *, apply_bias: bool) -> None:
         """Aux-loss-free balancing: nudge each router's expert bias after a real step.

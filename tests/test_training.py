@@ -168,6 +168,17 @@ def test_gradient_accumulation_equals_one_large_batch(prepared, tmp_path):
         torch.testing.assert_close(grad_small, grad_big, rtol=1e-4, atol=1e-8, msg=name)
 
 
+def test_gradient_checkpointing_gives_the_same_step(prepared, tmp_path, recwarn):
+    plain = _trainer(prepared, tmp_path / "plain", pattern="everything")
+    recomputed = _trainer(prepared, tmp_path / "ckpt", pattern="everything",
+                          gradient_checkpointing=True)  # fmt: skip
+    assert all(layer.gradient_checkpointing for layer in recomputed.model.model.layers)
+    a, b = plain.train_step(), recomputed.train_step()
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert not [w for w in recwarn if "checkpoint" in str(w.message).lower()]
+
+
 def test_loss_falls(prepared, tmp_path):
     trainer = _trainer(prepared, tmp_path, pattern="hybrid-dense", max_steps=30, eval_every=30,
                        save_every=30, lr=1e-2)  # fmt: skip
@@ -245,8 +256,9 @@ def test_nan_guard_stops_a_diverged_run(prepared, tmp_path):
     trainer = _trainer(prepared, tmp_path, pattern="hybrid-dense", max_bad_steps=3)
     with torch.no_grad():
         trainer.model.lm_head.weight[0, 0] = float("inf")
-    with pytest.raises(TrainingDivergedError, match="3 steps in a row.*lower train.lr"):
+    with pytest.raises(TrainingDivergedError, match="3 steps in a row.*lower train.lr") as error:
         trainer.fit(export=False)
+    assert "no checkpoint was saved yet" in str(error.value)
     assert trainer.step == 3 and trainer.skipped_steps == 3
 
 
