@@ -18,6 +18,7 @@ deletes the run's checkpoints and logs first (the prepared data is kept and reus
 from __future__ import annotations
 
 import argparse
+import builtins
 import shutil
 import sys
 import time
@@ -101,6 +102,17 @@ def start_fresh(out_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """``print`` on ranks other than 0."""
+
+
+def _barrier(args: argparse.Namespace) -> None:
+    if args.deepspeed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m minifusion.train",
@@ -113,6 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true",
                         help="start over: delete this run's checkpoints and logs")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--stop-at", type=int, metavar="STEP",
+                        help="pause after this step: save a checkpoint and exit (rerun to go on)")  # fmt: skip
+    parser.add_argument("--deepspeed", metavar="JSON",
+                        help="train with DeepSpeed ZeRO (configs/deepspeed/zero{1,2,3}.json); "
+                        "launch with torchrun --nproc_per_node=N")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         return run(args)
@@ -126,23 +143,31 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     settings = load_settings(args.config, args.overrides)
     train_config = TrainConfig.from_dict(settings["train"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resolved = out_dir / "config.yaml"
-    resolved.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
-    model_config = MiniFusionConfig.from_yaml(resolved)  # validates every model field
-    if args.fresh:
-        start_fresh(out_dir)
+    rank = 0
+    if args.deepspeed:
+        from .distributed import init_distributed
+
+        rank, world_size, _ = init_distributed()
+    main_process = rank == 0
+    print = builtins.print if main_process else _silent  # noqa: A001 — rank 0 speaks for all
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        resolved = out_dir / "config.yaml"
+        resolved.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
+        if args.fresh:
+            start_fresh(out_dir)
+    _barrier(args)
+    model_config = MiniFusionConfig.from_yaml(out_dir / "config.yaml")  # validates every field
 
     print(f"[1/4] data → {out_dir}")
     data = settings["data"]
-    prepared = prepare_data(
-        out_dir,
-        source=data["source"],
-        vocab_size=model_config.vocab_size,
-        val_fraction=float(data["val_fraction"]),
-        text_field=data["text_field"],
-        progress=not args.no_progress,
-    )
+    prepare = dict(source=data["source"], vocab_size=model_config.vocab_size,
+                   val_fraction=float(data["val_fraction"]), text_field=data["text_field"])  # fmt: skip
+    if main_process:  # one process prepares; the others then find it done and reuse it
+        prepared = prepare_data(out_dir, progress=not args.no_progress, **prepare)
+    _barrier(args)
+    if not main_process:
+        prepared = prepare_data(out_dir, progress=False, **prepare)
     print(prepared.summary())
     tokenizer = load_tokenizer(prepared.tokenizer_dir)
     if len(tokenizer) > model_config.vocab_size:
@@ -155,21 +180,23 @@ def run(args: argparse.Namespace) -> int:
 
     seed_everything(train_config.seed)
     model = MiniFusionForCausalLM(model_config)
-    trainer = Trainer(
-        model,
-        tokenizer,
-        prepared.train_file,
-        prepared.val_file,
-        train_config,
-        out_dir,
-        resume=True,
-        progress=not args.no_progress,
-    )
+    files = (prepared.train_file, prepared.val_file)
+    if args.deepspeed:
+        from .distributed import DeepSpeedTrainer
+
+        trainer = DeepSpeedTrainer(model, tokenizer, *files, train_config, out_dir,
+                                   deepspeed_config_path=args.deepspeed,
+                                   progress=not args.no_progress)  # fmt: skip
+        print(f"      DeepSpeed ZeRO-{trainer.zero_stage} on {world_size} processes")
+    else:
+        trainer = Trainer(model, tokenizer, *files, train_config, out_dir,
+                          progress=not args.no_progress)  # fmt: skip
     count = sum(p.numel() for p in model.parameters())
     print(
         f"[2/4] model: {count:,} parameters on {trainer.device}"
         f" ({'bf16 autocast' if trainer.dtype else 'fp32'}); "
-        f"{train_config.tokens_per_step:,} tokens per step, {train_config.max_steps:,} steps"
+        f"{train_config.tokens_per_step * (world_size if args.deepspeed else 1):,} tokens per "
+        f"step, {train_config.max_steps:,} steps"
     )
     if trainer.resumed_from is not None:
         print(f"      resuming from {trainer.resumed_from} (step {trainer.step:,})")
@@ -182,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
     print("[3/4] training (Ctrl-C or SIGTERM: finish the step, save, exit)")
-    result = trainer.fit()
+    result = trainer.fit(stop_at=args.stop_at)
 
     print(
         "[4/4] done"

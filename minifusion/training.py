@@ -698,9 +698,13 @@ class Trainer:
         self.train_seconds = 0.0  # wall-clock time spent training, summed over resumes
         self.resumed_from: Path | None = None
         self.last_sample: str | None = None
+        self.is_main = True  # the process that writes logs (rank 0 when distributed)
+        self._resume_or_start_fresh(resume)
+
+    def _resume_or_start_fresh(self, resume: bool) -> None:
         if resume and (checkpoint := latest_checkpoint(self.checkpoint_dir)) is not None:
             self.load(checkpoint)
-        else:  # a fresh run starts fresh logs (leftovers of a run that never saved mislead)
+        elif self.is_main:  # a fresh run starts fresh logs (leftovers of a run that never saved)
             self.metrics.path.unlink(missing_ok=True)
             (self.out_dir / "samples.txt").unlink(missing_ok=True)
             shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True)
@@ -761,7 +765,8 @@ class Trainer:
         self.skipped_steps = state["skipped_steps"]
         self.train_seconds = state["train_seconds"]
         restore_rng_state(state["rng"])
-        self.metrics.truncate_after(self.step)
+        if self.is_main:
+            self.metrics.truncate_after(self.step)
         self.resumed_from = Path(checkpoint)
 
     # ---------------------------------------------------------------- one step
@@ -871,8 +876,10 @@ class Trainer:
             "val_tokens": result.tokens,
             "final": final,
         }
-        self.metrics.append(record)
         self.last_sample = text
+        if not self.is_main:
+            return result
+        self.metrics.append(record)
         with open(self.out_dir / "samples.txt", "a", encoding="utf-8") as handle:
             handle.write(f"--- step {self.step}, val_loss {result.loss:.4f}\n{text}\n\n")
         if writer is not None:
@@ -889,7 +896,7 @@ class Trainer:
         return result
 
     def _tensorboard(self):
-        if not self.config.tensorboard:
+        if not self.config.tensorboard or not self.is_main:
             return None
         from torch.utils.tensorboard import SummaryWriter
 
@@ -931,7 +938,8 @@ class Trainer:
                     if self.step % config.log_every == 0 or self.step == target:
                         elapsed = time.perf_counter() - window_start
                         record = self._train_record(numbers, window_tokens / max(elapsed, 1e-9))
-                        self.metrics.append(record)
+                        if self.is_main:
+                            self.metrics.append(record)
                         if writer is not None:
                             for key, value in record.items():
                                 if key not in ("kind", "step"):
@@ -943,10 +951,11 @@ class Trainer:
                     if on_step is not None:
                         on_step(self, numbers)
                     finishing = self.step == config.max_steps
-                    if finishing or (self.step % config.eval_every == 0 and not stop):
+                    signal_name = self._stop_requested(stop)
+                    if finishing or (self.step % config.eval_every == 0 and not signal_name):
                         final_eval = self._evaluate_and_report(last, writer, final=finishing)
-                    if stop:
-                        stopped_by = stop.signal_name
+                    if signal_name:
+                        stopped_by = signal_name
                         break
                     if self.step % config.save_every == 0 and not finishing:
                         self.save()
@@ -957,7 +966,7 @@ class Trainer:
                 writer.close()
         exported = None
         if export and stopped_by == "max_steps":
-            exported = export_pretrained(self.model, self.tokenizer, self.out_dir / "model").path
+            exported = self.export(self.out_dir / "model")
         return TrainResult(
             step=self.step,
             tokens=self.tokens_seen,
@@ -969,6 +978,14 @@ class Trainer:
             skipped_steps=self.skipped_steps,
             records=self.metrics.read(),
         )
+
+    def _stop_requested(self, stop: StopRequest) -> str | None:
+        """The signal that asks this run to stop, if any (distributed runs agree across ranks)."""
+        return stop.signal_name
+
+    def export(self, directory: str | Path) -> Path:
+        """Write the model as a Hugging Face folder (safetensors) into ``directory``."""
+        return export_pretrained(self.model, self.tokenizer, directory).path
 
     def _train_record(self, numbers: dict[str, Any], tokens_per_s: float) -> dict[str, Any]:
         record = {

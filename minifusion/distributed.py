@@ -1,0 +1,331 @@
+"""Chapter 14 — the same training loop on many processes, with DeepSpeed ZeRO.
+
+:class:`DeepSpeedTrainer` is chapter 12's :class:`~minifusion.training.Trainer` with four parts
+swapped out; everything else (data order, schedule, evaluation cadence, metrics) is inherited:
+
+* **the step** — ``engine.backward`` / ``engine.step``: DeepSpeed averages gradients across
+  ranks, applies accumulation and clipping as ``deepspeed_config`` told it (from the one
+  ``TrainConfig``), and shards what the ZeRO stage shards;
+* **the data** — rank ``r`` of ``W`` reads every ``W``-th slice of the same batch stream, so the
+  global batch of ``W`` ranks is the batch one process with ``W×`` the batch size would read;
+* **checkpoints** — every rank writes its shard through ``engine.save_checkpoint`` into a
+  hidden temporary folder; when all have finished, rank 0 writes ``meta.json`` and renames the
+  folder into place, so an interrupted save is never mistaken for a checkpoint;
+* **agreement** — evaluation is sharded over ranks and summed; a stop signal on any rank stops
+  all of them after the same step (one ``all_reduce`` per step).
+
+Launch: ``torchrun --nproc_per_node=N -m minifusion.train --config ... --deepspeed
+configs/deepspeed/zero2.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    check_compatible,
+    export_pretrained,
+    list_checkpoints,
+    read_meta,
+    restore_rng_state,
+    step_dir_name,
+)
+from .training import (
+    EvalResult,
+    StopRequest,
+    TrainConfig,
+    Trainer,
+    TrainingDivergedError,
+    _autocast,
+    compute_loss,
+)
+from .utils import fsync_dir
+from .zero import deepspeed_config
+
+__all__ = ["DeepSpeedTrainer", "export_zero_checkpoint", "init_distributed"]
+
+ENGINE_TAG = "deepspeed"  # DeepSpeed's own folder inside one of our checkpoint folders
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group torchrun set up; returns ``(rank, world_size, device)``.
+
+    NCCL on CUDA machines (one GPU per process, chosen by ``LOCAL_RANK``), gloo on CPUs.
+    """
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+class DeepSpeedTrainer(Trainer):
+    """:class:`~minifusion.training.Trainer` on every rank of a DeepSpeed ZeRO run.
+
+    Args are the Trainer's, plus ``deepspeed_config_path`` (a ``configs/deepspeed/*.json``).
+    Only rank 0 shows progress, writes logs, samples and exports.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        train_file,
+        val_file,
+        config: TrainConfig,
+        out_dir,
+        *,
+        deepspeed_config_path: str | Path,
+        resume: bool = True,
+        progress: bool = True,
+        verbose: bool = True,
+    ):
+        import deepspeed
+
+        self.rank, self.world_size, device = init_distributed()
+        config = dataclasses.replace(config, device=str(device))
+        self._resume_requested = resume
+        super().__init__(model, tokenizer, train_file, val_file, config, out_dir,
+                         resume=False, progress=progress and self.rank == 0,
+                         verbose=verbose and self.rank == 0)  # fmt: skip
+        self.is_main = self.rank == 0
+        self.batches.rank, self.batches.world_size = self.rank, self.world_size
+        self.ds_config = deepspeed_config(
+            deepspeed_config_path, config, world_size=self.world_size, autocast_dtype=self.dtype
+        )
+        self.zero_stage = self.ds_config["zero_optimization"]["stage"]
+        for group in self.optimizer.param_groups:  # DeepSpeed wants plain groups
+            group.pop("param_names", None)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model,
+            optimizer=self.optimizer,
+            lr_scheduler=self.scheduler,
+            config=self.ds_config,
+        )
+        self.dtype = None  # the engine applies autocast itself (torch_autocast in its config)
+        self._really_resume_or_start_fresh()
+
+    # ---------------------------------------------------------------- lifecycle
+    def _resume_or_start_fresh(self, resume: bool) -> None:
+        pass  # deferred until the engine exists
+
+    def _really_resume_or_start_fresh(self) -> None:
+        latest = self._latest_complete()
+        if self._resume_requested and latest is not None:
+            self.load(latest)
+        elif self.is_main:
+            super()._resume_or_start_fresh(False)
+        dist.barrier()
+
+    def _latest_complete(self) -> Path | None:
+        complete = [p for p in list_checkpoints(self.checkpoint_dir) if (p / "meta.json").is_file()]
+        return complete[-1] if complete else None
+
+    # ---------------------------------------------------------------- the step
+    def train_step(self) -> dict[str, float]:
+        config = self.config
+        losses = torch.zeros(4, dtype=torch.float64)
+        finite = True
+        for _ in range(config.grad_accum_steps):
+            inputs, targets = (t.to(self.device) for t in self.batches.next_batch())
+            parts = compute_loss(self.engine, inputs, targets)
+            ok = torch.isfinite(parts.total.detach()).to(torch.int32)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # one rank's NaN poisons every rank
+            if bool(ok):
+                self.engine.backward(parts.total)  # DeepSpeed divides by grad_accum_steps
+            finite &= bool(ok)
+            values = [parts.lm, parts.moe_aux, parts.gate_balance, parts.gate_entropy]
+            losses += torch.tensor([float(v.detach()) for v in values], dtype=torch.float64)
+            self.engine.step()  # an optimizer step only at the accumulation boundary
+        dist.all_reduce(losses)
+        losses /= self.world_size * config.grad_accum_steps
+        lr = self.optimizer.param_groups[0]["lr"]
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else float("nan")
+        self.step += 1
+        self.tokens_seen += config.tokens_per_step * self.world_size
+        if finite:
+            self.bad_steps_in_row = 0
+        else:
+            self.skipped_steps += 1
+            self.bad_steps_in_row += 1
+            if self.bad_steps_in_row >= config.max_bad_steps:
+                raise TrainingDivergedError(
+                    f"{self.bad_steps_in_row} steps in a row had a non-finite loss on some rank "
+                    f"(last at step {self.step}). Lower train.lr or raise train.warmup_steps; "
+                    + self._restart_advice()
+                )
+        names = ("loss", "moe_aux_loss", "gate_balance_loss", "gate_entropy_loss")
+        numbers = dict(zip(names, losses.tolist()))
+        return {**numbers, "grad_norm": grad_norm, "lr": lr, "skipped": not finite,
+                "statistics": {}}  # fmt: skip
+
+    def _stop_requested(self, stop: StopRequest) -> str | None:
+        flag = torch.tensor([1 if stop.signal_name else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not bool(flag):
+            return None
+        return stop.signal_name or "signal on another rank"
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, max_blocks: int | None = -1) -> EvalResult:
+        """Validation over blocks shared out across ranks, summed with ``all_reduce``."""
+        config = self.config
+        blocks = config.eval_batches * config.batch_size if max_blocks == -1 else max_blocks
+        indices = self.validation.indices(blocks)[self.rank :: self.world_size]
+        self.engine.eval()
+        totals = torch.zeros(3, dtype=torch.float64)  # nats, tokens, characters
+        with torch.no_grad():
+            # Every rank runs the same number of forward passes (ZeRO-3 gathers need all ranks).
+            per_rank = math.ceil(len(self.validation.indices(blocks)) / self.world_size)
+            for start in range(0, per_rank, config.batch_size):
+                chunk = indices[start : start + config.batch_size]
+                pad = chunk or [0]  # a rank with nothing left still joins the collective
+                pairs = [self.validation.blocks[i] for i in pad]
+                inputs = torch.stack([x for x, _ in pairs]).to(self.device)
+                targets = torch.stack([y for _, y in pairs]).to(self.device)
+                with _autocast(self.device, self._eval_dtype()):
+                    logits = self.engine(input_ids=inputs).logits
+                if chunk:
+                    nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                           reduction="sum")  # fmt: skip
+                    totals += torch.tensor([float(nats), targets.numel(),
+                                            self.validation.characters_of(chunk)],
+                                           dtype=torch.float64)  # fmt: skip
+        self.engine.train()
+        dist.all_reduce(totals)
+        nats, tokens, characters = totals.tolist()
+        return EvalResult(nats / tokens, nats / math.log(2) / characters, int(tokens),
+                          int(characters))  # fmt: skip
+
+    def _eval_dtype(self) -> torch.dtype | None:
+        autocast = self.ds_config.get("torch_autocast", {})
+        return torch.bfloat16 if autocast.get("enabled") else None
+
+    def sample(self) -> str:
+        if self.zero_stage == 3:
+            return (
+                "(samples are skipped under ZeRO-3: generation would gather every layer per token)"
+            )
+        return super().sample()
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self) -> Path:
+        """Every rank writes its shard; rank 0 completes the folder and renames it into place."""
+        final = self.checkpoint_dir / step_dir_name(self.step)
+        if final.is_dir():
+            return final
+        tmp = self.checkpoint_dir / f".tmp-{step_dir_name(self.step)}"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        self.engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
+        torch.save(capture_rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        dist.barrier()  # every shard is on disk
+        if self.is_main:
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
+                     if p.is_file()}  # fmt: skip
+            meta = {**self._meta(), "format": "minifusion-deepspeed-checkpoint-1",
+                    "world_size": self.world_size, "zero_stage": self.zero_stage,
+                    "skipped_steps": self.skipped_steps, "train_seconds": self.train_seconds,
+                    "files": files}  # fmt: skip
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+            fsync_dir(tmp)
+            os.rename(tmp, final)
+            fsync_dir(self.checkpoint_dir)
+            for old in list_checkpoints(self.checkpoint_dir)[: -self.config.keep_last]:
+                shutil.rmtree(old)
+        dist.barrier()
+        return final
+
+    def load(self, checkpoint: str | Path) -> None:
+        checkpoint = Path(checkpoint)
+        meta = _read_deepspeed_meta(checkpoint)
+        check_compatible(meta, model_config=self.model.config.to_dict(),
+                         tokenizer_hash=self.tokenizer_hash, where=f"Checkpoint {checkpoint}")  # fmt: skip
+        if meta["world_size"] != self.world_size:
+            raise CheckpointError(
+                f"{checkpoint} was written by {meta['world_size']} processes and this run has "
+                f"{self.world_size}. Resuming at another world size is not supported yet; "
+                f"resume with --nproc_per_node={meta['world_size']}."
+            )
+        self.engine.load_checkpoint(str(checkpoint), tag=ENGINE_TAG)
+        self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
+        self.batches.position = meta["data_position"]
+        self.skipped_steps, self.train_seconds = meta["skipped_steps"], meta["train_seconds"]
+        rng = checkpoint / f"rng_rank{self.rank}.pt"
+        restore_rng_state(torch.load(rng, weights_only=True))
+        if self.is_main:
+            self.metrics.truncate_after(self.step)
+        self.resumed_from = checkpoint
+
+    def export(self, directory: str | Path) -> Path:
+        """Rank 0 rebuilds full fp32 weights from the newest checkpoint and exports them."""
+        checkpoint = self._latest_complete()
+        if self.is_main:
+            export_zero_checkpoint(checkpoint, self.model.config, self.tokenizer, directory)
+        dist.barrier()
+        return Path(directory)
+
+
+def _read_deepspeed_meta(checkpoint: Path) -> dict[str, Any]:
+    meta = read_meta_any(checkpoint)
+    missing = [name for name, size in meta["files"].items()
+               if not (checkpoint / name).is_file() or (checkpoint / name).stat().st_size != size]  # fmt: skip
+    if missing:
+        raise CheckpointError(
+            f"{checkpoint} is incomplete or damaged: {missing[:4]} missing or of the wrong size. "
+            "Delete it to resume from the previous checkpoint."
+        )
+    return meta
+
+
+def read_meta_any(checkpoint: Path) -> dict[str, Any]:
+    """``meta.json`` of a single-process or a DeepSpeed checkpoint."""
+    try:
+        return read_meta(checkpoint)
+    except CheckpointError:
+        meta = json.loads((checkpoint / "meta.json").read_text(encoding="utf-8"))
+        if meta.get("format") != "minifusion-deepspeed-checkpoint-1":
+            raise
+        return meta
+
+
+def export_zero_checkpoint(checkpoint: str | Path, model_config, tokenizer, directory) -> Path:
+    """A Hugging Face folder (safetensors) from a DeepSpeed checkpoint of any ZeRO stage.
+
+    The shards are merged into one fp32 state dict with DeepSpeed's ``zero_to_fp32`` helper, on
+    the CPU, without starting a process group — so it also works on a laptop after the run.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from .model import MiniFusionForCausalLM
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ENGINE_TAG)
+    model = MiniFusionForCausalLM(model_config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embedding
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{checkpoint} does not match the model: missing {missing[:4]}, unexpected "
+            f"{unexpected[:4]}."
+        )
+    return export_pretrained(model, tokenizer, directory).path

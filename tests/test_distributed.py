@@ -1,0 +1,150 @@
+"""Two-process DeepSpeed runs on the CPU (gloo): train, save, resume exactly, export, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+PRESET = """
+model:
+  vocab_size: 300
+  hidden_size: 32
+  num_hidden_layers: 2
+  num_attention_heads: 4
+  num_key_value_heads: 2
+  mixer_types: [hybrid, hybrid]
+  ffn_types: [dense, moe]
+  moe_num_experts: 4
+  moe_top_k: 2
+  mamba_d_state: 8
+  fusion_gate_rank: 8
+  sliding_window: 8
+  max_position_embeddings: 64
+data:
+  source: '{corpus}/*.txt'
+  val_fraction: 0.2
+  block_size: 16
+train:
+  batch_size: 2
+  max_steps: 6
+  warmup_steps: 2
+  eval_every: 3
+  save_every: 3
+  log_every: 1
+  eval_batches: 2
+  sample_tokens: 4
+  tensorboard: false
+"""
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory):
+    from tests.conftest import SAMPLE_DOCUMENTS
+
+    root = tmp_path_factory.mktemp("dist")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(SAMPLE_DOCUMENTS + [SAMPLE_DOCUMENTS[0][::-1]]):
+        (corpus / f"doc{i}.txt").write_text(text, encoding="utf-8")
+    path = root / "preset.yaml"
+    path.write_text(PRESET.format(corpus=corpus), encoding="utf-8")
+    return path
+
+
+def _command(preset, out, processes, stage, *extra):
+    # --standalone: a rendezvous on a free local port, so tests can run side by side.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={processes}"]  # fmt: skip
+    return [*launcher, "-m", "minifusion.train", "--config", str(preset), "--out", str(out),
+            "--no-progress", "--deepspeed", str(REPO / f"configs/deepspeed/zero{stage}.json"),
+            *extra]  # fmt: skip
+
+
+def _run(*args, **kwargs) -> str:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    done = subprocess.run(_command(*args, **kwargs), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def _losses(out: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_run_resumes_exactly_and_exports(preset, tmp_path, stage):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    printed = _run(preset, straight, 2, stage)
+    assert f"DeepSpeed ZeRO-{stage} on 2 processes" in printed and "bits/character" in printed
+    _run(preset, resumed, 2, stage, "--stop-at", "3")
+    assert _losses(resumed)[-1][0] == 3
+    printed = _run(preset, resumed, 2, stage)
+    assert "resuming from" in printed and "step_000003" in printed
+    assert _losses(resumed) == _losses(straight)  # exact, every step
+    checkpoints = sorted(p.name for p in (straight / "checkpoints").iterdir())
+    assert checkpoints == ["step_000003", "step_000006"]  # no temporary folder left behind
+    meta = json.loads((straight / "checkpoints/step_000006/meta.json").read_text())
+    assert (meta["world_size"], meta["zero_stage"], meta["data_position"]) == (2, stage, 6 * 2 * 2)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import minifusion  # noqa: F401  (registers the Auto classes)
+
+    model = AutoModelForCausalLM.from_pretrained(straight / "model")
+    tokenizer = AutoTokenizer.from_pretrained(straight / "model")
+    ids = tokenizer("The river", return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, ids.shape[1] + 5)
+
+
+def test_resume_at_another_world_size_is_refused_clearly(preset, tmp_path):
+    out = tmp_path / "run"
+    _run(preset, out, 2, 2, "--stop-at", "3")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    done = subprocess.run(_command(preset, out, 1, 2), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode != 0
+    assert "written by 2 processes and this run has 1" in done.stdout + done.stderr
+
+
+def test_sigterm_on_one_rank_stops_all_with_a_usable_checkpoint(preset, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    command = _command(preset, out, 2, 2, "--set", "train.max_steps=100000",
+                       "--set", "train.save_every=100000", "--set", "train.eval_every=100000")  # fmt: skip
+    child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+            assert child.poll() is None, child.stdout.read()[-3000:]
+            assert time.time() < deadline, "training never started"
+            time.sleep(0.5)
+        workers = subprocess.run(["pgrep", "-f", "-P", str(child.pid), "minifusion.train"],
+                                 capture_output=True, text=True).stdout.split()  # fmt: skip
+        assert workers, "no worker processes found"
+        os.kill(int(workers[-1]), signal.SIGTERM)  # one rank only
+        output, _ = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 0, output[-3000:]
+    assert "stopped by" in output
+    latest = sorted((out / "checkpoints").glob("step_*"))[-1]
+    meta = json.loads((latest / "meta.json").read_text())
+    assert meta["step"] >= 1 and (latest / "deepspeed").is_dir()
+    assert torch.load(latest / "rng_rank1.pt", weights_only=True)["torch"].dtype == torch.uint8
