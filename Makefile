@@ -32,8 +32,17 @@ $(STAMP): pyproject.toml
 
 # Corpus → tokenizer → token files → training → evaluation → loss curve → sample → checkpoint
 # and a Hugging Face export, all in $(OUT). Running it again resumes; FRESH=1 starts over.
+# With CUDA GPUs: torchrun on all of them, DeepSpeed ZeRO-2, the `small` preset (GPU_PRESET).
+NGPU := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+GPU_PRESET ?= small
 train: setup  ## the main job: train the default preset (CPU: about five minutes)
+ifeq ($(NGPU),0)
 	$(BIN)/python -m minifusion.train --config configs/$(PRESET).yaml --out $(OUT) $(if $(FRESH),--fresh)
+else
+	$(BIN)/torchrun --standalone --nproc_per_node=$(NGPU) -m minifusion.train \
+	  --config configs/$(GPU_PRESET).yaml --out runs/$(GPU_PRESET) \
+	  --deepspeed configs/deepspeed/zero2.json $(if $(FRESH),--fresh)
+endif
 
 test: setup lint unit notebooks  ## everything CI runs
 

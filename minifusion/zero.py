@@ -248,3 +248,37 @@ def _saved_bytes(layer, rotary, seq_len: int, dtype: torch.dtype | None) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         layer(hidden, rotary(torch.arange(seq_len)[None]), None, None)
     return sum(storages.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m minifusion.zero --preset fusiontree-1.5b --gpus 8``: the memory table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m minifusion.zero", description="Training memory per GPU by ZeRO stage."
+    )
+    parser.add_argument("--preset", default="fusiontree-1.5b")
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per GPU")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    args = parser.parse_args(argv)
+    config = MiniFusionConfig.from_preset(args.preset)
+    per_token = activation_bytes_per_token(config, seq_len=min(args.seq_len, 512))
+    print(
+        f"{args.preset}: {config.estimate_parameters():,} parameters; micro-batch "
+        f"{args.batch_size} × {args.seq_len} tokens per GPU; activations measured at "
+        f"{per_token:,.0f} bytes per token per layer (bf16 autocast)"
+    )
+    for checkpointing in (False, True):
+        for stage in (0, 1, 2, 3):
+            estimate = memory_per_gpu(
+                config, stage=stage, gpus=args.gpus, batch_size=args.batch_size,
+                seq_len=args.seq_len, activation_checkpointing=checkpointing,
+                activation_bytes=per_token * config.num_hidden_layers, preset=args.preset,
+            )  # fmt: skip
+            print(estimate.row())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -80,3 +80,12 @@ def test_activation_bytes_grow_with_width_and_not_with_length_without_attention(
     assert activation_bytes_per_token(narrow, seq_len=128) == pytest.approx(a32, rel=0.02)
     # A real training step keeps at least the layer's input-sized tensors for every layer.
     assert a32 > 4 * 32
+
+
+def test_memory_table_command(capsys):
+    from minifusion.zero import main
+
+    assert main(["--preset", "tiny", "--gpus", "2", "--batch-size", "1", "--seq-len", "64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("tiny: 1,869,440 parameters")
+    assert len(lines) == 9 and sum("(ckpt)" in line for line in lines) == 4
