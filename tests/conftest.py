@@ -50,6 +50,14 @@ def text_corpus(tmp_path):
     return folder
 
 
+def write_training_corpus(folder):
+    """Five .txt documents (the samples plus one reversed) for training runs; returns ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, text in enumerate(SAMPLE_DOCUMENTS + [SAMPLE_DOCUMENTS[0][::-1]]):
+        (folder / f"doc{i}.txt").write_text(text, encoding="utf-8")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def small_tokenizer():
     from minifusion.tokenizer import train_tokenizer

@@ -51,13 +51,10 @@ train:
 
 @pytest.fixture(scope="module")
 def preset(tmp_path_factory):
-    from tests.conftest import SAMPLE_DOCUMENTS
+    from tests.conftest import write_training_corpus
 
     root = tmp_path_factory.mktemp("dist")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i, text in enumerate(SAMPLE_DOCUMENTS + [SAMPLE_DOCUMENTS[0][::-1]]):
-        (corpus / f"doc{i}.txt").write_text(text, encoding="utf-8")
+    corpus = write_training_corpus(root / "corpus")
     path = root / "preset.yaml"
     path.write_text(PRESET.format(corpus=corpus), encoding="utf-8")
     return path

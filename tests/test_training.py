@@ -38,13 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A prepared run folder on a small local corpus (tokenizer of 300, train/val token files)."""
-    from tests.conftest import SAMPLE_DOCUMENTS
+    from tests.conftest import write_training_corpus
 
     root = tmp_path_factory.mktemp("prepared")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i, text in enumerate(SAMPLE_DOCUMENTS + [SAMPLE_DOCUMENTS[0][::-1]]):
-        (corpus / f"doc{i}.txt").write_text(text, encoding="utf-8")
+    corpus = write_training_corpus(root / "corpus")
     data = prepare_data(
         root / "data", source=str(corpus / "*.txt"), vocab_size=300, val_fraction=0.2,
         progress=False,
