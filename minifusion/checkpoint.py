@@ -53,6 +53,7 @@ __all__ = [
     "CorruptCheckpointError",
     "capture_rng_state",
     "check_compatible",
+    "complete_checkpoint",
     "export_pretrained",
     "latest_checkpoint",
     "list_checkpoints",
@@ -199,13 +200,24 @@ def save_checkpoint(
         "state_sha256": _sha256(tmp / STATE_FILE),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    return complete_checkpoint(tmp, final, meta, keep_last=keep_last)
+
+
+def complete_checkpoint(
+    tmp: Path, final: Path, meta: dict[str, Any], *, keep_last: int | None
+) -> Path:
+    """Write ``meta.json`` into the filled temporary folder, rename it to ``final``, rotate.
+
+    The last step of every save (single-process or DeepSpeed): until the rename, nothing
+    under a ``step_*`` name exists, so a crash before it leaves only debris.
+    """
     payload = json.dumps(meta, indent=2, sort_keys=True).encode("utf-8")
     _write_file(tmp / META_FILE, lambda handle: handle.write(payload))
     fsync_dir(tmp)
     os.rename(tmp, final)  # the moment the checkpoint exists: atomic
-    fsync_dir(directory)
+    fsync_dir(final.parent)
     if keep_last is not None:
-        for old in list_checkpoints(directory)[:-keep_last]:
+        for old in list_checkpoints(final.parent)[:-keep_last]:
             shutil.rmtree(old)
     return final
 
@@ -238,7 +250,9 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def read_meta(checkpoint: str | Path) -> dict[str, Any]:
+def read_meta(
+    checkpoint: str | Path, formats: tuple[str, ...] = (CHECKPOINT_FORMAT,)
+) -> dict[str, Any]:
     """``meta.json`` of a checkpoint folder, with a clear error if it is missing or damaged."""
     checkpoint = Path(checkpoint)
     meta_path = checkpoint / META_FILE
@@ -263,10 +277,10 @@ def read_meta(checkpoint: str | Path) -> dict[str, Any]:
         raise CorruptCheckpointError(
             f"{meta_path} is damaged ({error}). {_older_hint(checkpoint)}"
         ) from None
-    if meta.get("format") != CHECKPOINT_FORMAT:
+    if meta.get("format") not in formats:
         raise CorruptCheckpointError(
-            f"{meta_path} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}: "
-            "this folder was not written by minifusion.checkpoint.save_checkpoint."
+            f"{meta_path} has format {meta.get('format')!r}, expected one of {list(formats)}: "
+            "this folder was not written by a MiniFusion trainer of this kind."
         )
     return meta
 

@@ -21,7 +21,6 @@ configs/deepspeed/zero2.json``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -30,14 +29,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .checkpoint import (
     CheckpointError,
     capture_rng_state,
     check_compatible,
+    complete_checkpoint,
     export_pretrained,
-    list_checkpoints,
+    latest_checkpoint,
     read_meta,
     restore_rng_state,
     step_dir_name,
@@ -48,15 +47,15 @@ from .training import (
     TrainConfig,
     Trainer,
     TrainingDivergedError,
-    _autocast,
     compute_loss,
+    validation_sums,
 )
-from .utils import fsync_dir
 from .zero import deepspeed_config
 
 __all__ = ["DeepSpeedTrainer", "export_zero_checkpoint", "init_distributed"]
 
 ENGINE_TAG = "deepspeed"  # DeepSpeed's own folder inside one of our checkpoint folders
+DEEPSPEED_FORMAT = "minifusion-deepspeed-checkpoint-1"
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -127,16 +126,12 @@ class DeepSpeedTrainer(Trainer):
         pass  # deferred until the engine exists
 
     def _really_resume_or_start_fresh(self) -> None:
-        latest = self._latest_complete()
+        latest = latest_checkpoint(self.checkpoint_dir)
         if self._resume_requested and latest is not None:
             self.load(latest)
         elif self.is_main:
             super()._resume_or_start_fresh(False)
         dist.barrier()
-
-    def _latest_complete(self) -> Path | None:
-        complete = [p for p in list_checkpoints(self.checkpoint_dir) if (p / "meta.json").is_file()]
-        return complete[-1] if complete else None
 
     # ---------------------------------------------------------------- the step
     def train_step(self) -> dict[str, float]:
@@ -189,31 +184,16 @@ class DeepSpeedTrainer(Trainer):
         """Validation over blocks shared out across ranks, summed with ``all_reduce``."""
         config = self.config
         blocks = config.eval_batches * config.batch_size if max_blocks == -1 else max_blocks
-        indices = self.validation.indices(blocks)[self.rank :: self.world_size]
-        self.engine.eval()
-        totals = torch.zeros(3, dtype=torch.float64)  # nats, tokens, characters
-        with torch.no_grad():
-            # Every rank runs the same number of forward passes (ZeRO-3 gathers need all ranks).
-            per_rank = math.ceil(len(self.validation.indices(blocks)) / self.world_size)
-            for start in range(0, per_rank, config.batch_size):
-                chunk = indices[start : start + config.batch_size]
-                pad = chunk or [0]  # a rank with nothing left still joins the collective
-                pairs = [self.validation.blocks[i] for i in pad]
-                inputs = torch.stack([x for x, _ in pairs]).to(self.device)
-                targets = torch.stack([y for _, y in pairs]).to(self.device)
-                with _autocast(self.device, self._eval_dtype()):
-                    logits = self.engine(input_ids=inputs).logits
-                if chunk:
-                    nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                           reduction="sum")  # fmt: skip
-                    totals += torch.tensor([float(nats), targets.numel(),
-                                            self.validation.characters_of(chunk)],
-                                           dtype=torch.float64)  # fmt: skip
-        self.engine.train()
+        everything = self.validation.indices(blocks)
+        # Every rank runs the same number of forward passes (ZeRO-3 gathers need all ranks).
+        per_rank = math.ceil(len(everything) / self.world_size)
+        sums = validation_sums(self.engine, self.validation, everything[self.rank :: self.world_size],
+                               batch_size=config.batch_size, device=self.device,
+                               dtype=self._eval_dtype(),
+                               forward_passes=math.ceil(per_rank / config.batch_size))  # fmt: skip
+        totals = torch.tensor(sums, dtype=torch.float64)
         dist.all_reduce(totals)
-        nats, tokens, characters = totals.tolist()
-        return EvalResult(nats / tokens, nats / math.log(2) / characters, int(tokens),
-                          int(characters))  # fmt: skip
+        return EvalResult.from_sums(*totals.tolist())
 
     def _eval_dtype(self) -> torch.dtype | None:
         autocast = self.ds_config.get("torch_autocast", {})
@@ -243,16 +223,11 @@ class DeepSpeedTrainer(Trainer):
         if self.is_main:
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
                      if p.is_file()}  # fmt: skip
-            meta = {**self._meta(), "format": "minifusion-deepspeed-checkpoint-1",
+            meta = {**self._meta(), "format": DEEPSPEED_FORMAT,
                     "world_size": self.world_size, "zero_stage": self.zero_stage,
                     "skipped_steps": self.skipped_steps, "train_seconds": self.train_seconds,
                     "files": files}  # fmt: skip
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-            fsync_dir(tmp)
-            os.rename(tmp, final)
-            fsync_dir(self.checkpoint_dir)
-            for old in list_checkpoints(self.checkpoint_dir)[: -self.config.keep_last]:
-                shutil.rmtree(old)
+            complete_checkpoint(tmp, final, meta, keep_last=self.config.keep_last)
         dist.barrier()
         return final
 
@@ -279,7 +254,7 @@ class DeepSpeedTrainer(Trainer):
 
     def export(self, directory: str | Path) -> Path:
         """Rank 0 rebuilds full fp32 weights from the newest checkpoint and exports them."""
-        checkpoint = self._latest_complete()
+        checkpoint = latest_checkpoint(self.checkpoint_dir)
         if self.is_main:
             export_zero_checkpoint(checkpoint, self.model.config, self.tokenizer, directory)
         dist.barrier()
@@ -287,7 +262,7 @@ class DeepSpeedTrainer(Trainer):
 
 
 def _read_deepspeed_meta(checkpoint: Path) -> dict[str, Any]:
-    meta = read_meta_any(checkpoint)
+    meta = read_meta(checkpoint, formats=(DEEPSPEED_FORMAT,))
     missing = [name for name, size in meta["files"].items()
                if not (checkpoint / name).is_file() or (checkpoint / name).stat().st_size != size]  # fmt: skip
     if missing:
@@ -296,17 +271,6 @@ def _read_deepspeed_meta(checkpoint: Path) -> dict[str, Any]:
             "Delete it to resume from the previous checkpoint."
         )
     return meta
-
-
-def read_meta_any(checkpoint: Path) -> dict[str, Any]:
-    """``meta.json`` of a single-process or a DeepSpeed checkpoint."""
-    try:
-        return read_meta(checkpoint)
-    except CheckpointError:
-        meta = json.loads((checkpoint / "meta.json").read_text(encoding="utf-8"))
-        if meta.get("format") != "minifusion-deepspeed-checkpoint-1":
-            raise
-        return meta
 
 
 def export_zero_checkpoint(checkpoint: str | Path, model_config, tokenizer, directory) -> Path:

@@ -74,6 +74,7 @@ __all__ = [
     "compute_loss",
     "evaluate",
     "generate_sample",
+    "validation_sums",
     "model_statistics",
     "parameter_groups",
     "plot_loss_curve",
@@ -382,6 +383,10 @@ class EvalResult:
     tokens: int
     characters: int
 
+    @classmethod
+    def from_sums(cls, nats: float, tokens: int, characters: int) -> EvalResult:
+        return cls(nats / tokens, nats / math.log(2) / characters, int(tokens), int(characters))
+
     @property
     def perplexity(self) -> float:
         return math.exp(self.loss)
@@ -440,29 +445,48 @@ def evaluate(
     dtype: torch.dtype | None = None,
 ) -> EvalResult:
     """Validation loss (nats/token) and bits per character over ``max_blocks`` blocks."""
+    indices = validation.indices(max_blocks)
+    nats, tokens, characters = validation_sums(
+        model, validation, indices, batch_size=batch_size, device=device, dtype=dtype
+    )
+    return EvalResult.from_sums(nats, tokens, characters)
+
+
+@torch.no_grad()
+def validation_sums(
+    model: nn.Module,
+    validation: ValidationSet,
+    indices: list[int],
+    *,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    forward_passes: int | None = None,
+) -> tuple[float, int, int]:
+    """Summed loss (nats), target tokens and characters over the blocks ``indices``.
+
+    ``forward_passes`` forces at least that many batches: a distributed rank with fewer blocks
+    than the others runs extra, uncounted passes so every rank joins every collective.
+    """
     device = torch.device(device)
     was_training = model.training
     model.eval()
     total_nats, total_tokens, total_chars = 0.0, 0, 0
-    indices = validation.indices(max_blocks)
-    for start in range(0, len(indices), batch_size):
+    batches = max(-(-len(indices) // batch_size), forward_passes or 0)
+    for start in range(0, batches * batch_size, batch_size):
         chunk = indices[start : start + batch_size]
-        pairs = [validation.blocks[i] for i in chunk]
+        pairs = [validation.blocks[i] for i in chunk or [0]]
         inputs = torch.stack([x for x, _ in pairs]).to(device)
         targets = torch.stack([y for _, y in pairs]).to(device)
         with _autocast(device, dtype):
             logits = model(input_ids=inputs).logits
-        nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
-        total_nats += nats.item()
-        total_tokens += targets.numel()
-        total_chars += validation.characters_of(chunk)
+        if chunk:
+            nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+            total_nats += nats.item()
+            total_tokens += targets.numel()
+            total_chars += validation.characters_of(chunk)
     model.train(was_training)
-    return EvalResult(
-        loss=total_nats / total_tokens,
-        bpc=total_nats / math.log(2) / total_chars,
-        tokens=total_tokens,
-        characters=total_chars,
-    )
+    return total_nats, total_tokens, total_chars
 
 
 def generate_sample(
