@@ -50,11 +50,13 @@ from .training import (
     compute_loss,
     validation_sums,
 )
+from .utils import fsync_dir
 from .zero import deepspeed_config
 
-__all__ = ["DeepSpeedTrainer", "export_zero_checkpoint", "init_distributed"]
+__all__ = ["DeepSpeedTrainer", "export_zero_checkpoint", "init_distributed", "universal_checkpoint"]
 
 ENGINE_TAG = "deepspeed"  # DeepSpeed's own folder inside one of our checkpoint folders
+UNIVERSAL_TAG = "universal"  # the same state re-laid out per parameter, for another world size
 DEEPSPEED_FORMAT = "minifusion-deepspeed-checkpoint-1"
 
 
@@ -232,25 +234,68 @@ class DeepSpeedTrainer(Trainer):
         return final
 
     def load(self, checkpoint: str | Path) -> None:
+        """Restore a checkpoint written by this many processes — or by any other number.
+
+        Same world size: each rank reads back its own shard. Another world size: the shards are
+        first merged into DeepSpeed's *universal* layout (one folder per parameter holding its
+        fp32 weight, ``exp_avg``, ``exp_avg_sq`` and step), once, next to the original; every rank
+        then cuts its new shard out of that, so weights and optimizer state carry over exactly.
+        """
         checkpoint = Path(checkpoint)
         meta = _read_deepspeed_meta(checkpoint)
         check_compatible(meta, model_config=self.model.config.to_dict(),
                          tokenizer_hash=self.tokenizer_hash, where=f"Checkpoint {checkpoint}")  # fmt: skip
-        if meta["world_size"] != self.world_size:
-            raise CheckpointError(
-                f"{checkpoint} was written by {meta['world_size']} processes and this run has "
-                f"{self.world_size}. Resuming at another world size is not supported yet; "
-                f"resume with --nproc_per_node={meta['world_size']}."
-            )
-        self.engine.load_checkpoint(str(checkpoint), tag=ENGINE_TAG)
+        saved_world = meta["world_size"]
+        if saved_world == self.world_size:
+            self.engine.load_checkpoint(str(checkpoint), tag=ENGINE_TAG)
+        else:
+            if self.is_main:
+                print(f"      {checkpoint.name} was written by {saved_world} processes; "
+                      f"re-sharding it for {self.world_size} (DeepSpeed universal checkpoint)")  # fmt: skip
+                universal_checkpoint(checkpoint)
+            dist.barrier()
+            self._load_universal(checkpoint)
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         self.batches.position = meta["data_position"]
         self.skipped_steps, self.train_seconds = meta["skipped_steps"], meta["train_seconds"]
-        rng = checkpoint / f"rng_rank{self.rank}.pt"
+        # A rank that did not exist in the saved run borrows an existing rank's random streams.
+        rng = checkpoint / f"rng_rank{self.rank % saved_world}.pt"
         restore_rng_state(torch.load(rng, weights_only=True))
         if self.is_main:
             self.metrics.truncate_after(self.step)
         self.resumed_from = checkpoint
+
+    def _load_universal(self, checkpoint: Path) -> None:
+        config = self.engine._config  # DeepSpeed reads this switch at load time only
+        config.load_universal_checkpoint = True
+        try:
+            self.engine.load_checkpoint(str(checkpoint), tag=UNIVERSAL_TAG)
+        finally:
+            config.load_universal_checkpoint = False
+
+    def training_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every parameter's full fp32 master weight and Adam moments, gathered from all shards.
+
+        ``{name: {"fp32": W, "exp_avg": m, "exp_avg_sq": v}}`` on the CPU, the same on every
+        rank. A collective call: every rank must make it. Used to check that a resume at
+        another world size carries the state over unchanged.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        optimizer = self.engine.optimizer
+        if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+            # ZeRO-1/2 point each parameter at its slice of the Adam moments only after a step;
+            # after loading a checkpoint nothing has stepped yet, so make the links now.
+            optimizer._hp_optimizer_states_linked = False
+            optimizer._lazy_init_hp_params_optimizer_state()
+        state = {}
+        for name, param in self.engine.module.named_parameters():
+            state[name] = {
+                "fp32": safe_get_full_fp32_param(param).detach().cpu().clone(),
+                **{key: safe_get_full_optimizer_state(param, key).detach().cpu().clone()
+                   for key in ("exp_avg", "exp_avg_sq")},
+            }  # fmt: skip
+        return state
 
     def export(self, directory: str | Path) -> Path:
         """Rank 0 rebuilds full fp32 weights from the newest checkpoint and exports them."""
@@ -293,3 +338,51 @@ def export_zero_checkpoint(checkpoint: str | Path, model_config, tokenizer, dire
             f"{unexpected[:4]}."
         )
     return export_pretrained(model, tokenizer, directory).path
+
+
+def universal_checkpoint(checkpoint: str | Path) -> Path:
+    """Convert ``<checkpoint>/deepspeed`` (shards for N ranks) to ``<checkpoint>/universal``.
+
+    DeepSpeed's ``ds_to_universal`` merges the ZeRO shards into one folder per parameter
+    (``fp32.pt``, ``exp_avg.pt``, ``exp_avg_sq.pt``, ``step.pt``), which any number of ranks can
+    load. Runs in this process, without a process group; done once per checkpoint, written under
+    a temporary name and renamed, so a crash mid-conversion leaves nothing half-made behind.
+    Returns the universal folder.
+    """
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    checkpoint = Path(checkpoint)
+    final = checkpoint / UNIVERSAL_TAG
+    if final.is_dir():
+        return final
+    tmp = checkpoint / f".tmp-{UNIVERSAL_TAG}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(checkpoint / ENGINE_TAG), output_folder=str(tmp),
+        num_extract_workers=1, num_merge_workers=1,  # no worker processes inside a launched rank
+        keep_temp_folder=False, strict=True, inject_missing_state=True,
+    )  # fmt: skip
+    chatter = io.StringIO()  # the converter prints every stage and draws progress bars
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            ds_to_universal(args)
+    except Exception as error:
+        raise CheckpointError(
+            f"Could not convert {checkpoint} to DeepSpeed's universal format ({error}). Resume "
+            f"with the world size that wrote it.\n{chatter.getvalue()[-2000:]}"
+        ) from error
+    (checkpoint / "latest_universal").unlink(missing_ok=True)  # we always name the tag
+    for path in sorted(tmp.rglob("*"), reverse=True):  # contents, then the folders naming them
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        else:
+            fsync_dir(path)
+    fsync_dir(tmp)
+    os.rename(tmp, final)
+    fsync_dir(checkpoint)
+    return final
