@@ -781,6 +781,117 @@ def prepare_data(
     )
 
 
+@dataclass
+class PreparedStream:
+    """A streamed corpus made ready for training: tokenizer and validation file on disk.
+
+    Training documents are not stored: :meth:`training_documents` streams them again on every
+    call, skipping the first ``val_documents``, which were held out for validation.
+    """
+
+    out_dir: Path
+    tokenizer_dir: Path
+    val_file: Path
+    val: TokenFileInfo
+    source: str
+    text_field: str
+    val_documents: int
+    encoding_errors: str
+    seconds: float
+
+    def training_documents(self):
+        """The corpus as an ``IterableDataset`` with a ``text`` column, validation skipped."""
+        stream = load_documents(self.source, text_field=self.text_field,
+                                encoding_errors=self.encoding_errors, streaming=True)  # fmt: skip
+        return stream.skip(self.val_documents)
+
+    def summary(self) -> str:
+        cpt = self.val.num_characters / max(self.val.num_tokens, 1)
+        return "\n".join(
+            [
+                f"Prepared a streamed corpus in {self.out_dir} ({self.seconds:.1f} s)",
+                f"  tokenizer  vocabulary {self.val.vocab_size:,}, hash {self.val.tokenizer_hash}"
+                f"  → {self.tokenizer_dir}",
+                f"  train      streamed from {self.source} (after the first "
+                f"{self.val_documents:,} documents), tokenised on the fly",
+                f"  val        {self.val.num_documents:>6,} documents  "
+                f"{self.val.num_characters:>12,} characters  {self.val.num_tokens:>11,} tokens  "
+                f"{cpt:.2f} characters/token  → {self.val_file}",
+            ]
+        )
+
+
+def prepare_streaming_data(
+    out_dir: str | Path,
+    *,
+    source: str,
+    vocab_size: int = 4096,
+    val_documents: int = 100,
+    tokenizer_documents: int = 10_000,
+    text_field: str = "text",
+    encoding_errors: str = "strict",
+    force: bool = False,
+    progress: bool = True,
+) -> PreparedStream:
+    """Get a corpus too large for the disk ready to stream: tokenizer + validation file.
+
+    The first ``val_documents`` documents of the stream become ``out_dir/val.bin`` (validation
+    stays fixed and unseen); the tokenizer is trained on the next ``tokenizer_documents``.
+    Training then streams everything after the validation documents
+    (:meth:`PreparedStream.training_documents`, :class:`~minifusion.training.StreamingBatches`).
+    A second call with the same settings reuses both.
+    """
+    import datasets
+
+    from .tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
+
+    started = time.perf_counter()
+    if val_documents < 1 or tokenizer_documents < 1:
+        raise ValueError(
+            f"val_documents={val_documents} and tokenizer_documents={tokenizer_documents} must "
+            "both be ≥ 1: validation and the tokenizer each need some documents."
+        )
+    out_dir = Path(out_dir)
+    tokenizer_dir, val_file = out_dir / "tokenizer", out_dir / "val.bin"
+    recipe = {"source": source, "streaming": True, "val_documents": val_documents,
+              "tokenizer_documents": tokenizer_documents, "text_field": text_field,
+              "encoding_errors": encoding_errors, "vocab_size": vocab_size}  # fmt: skip
+    recipe_id = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    if force:
+        for stale in (val_file, _sidecar(val_file)):
+            stale.unlink(missing_ok=True)
+        shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    try:
+        current = tokenizer_hash(load_tokenizer(tokenizer_dir))
+        val_info = TokenFile(val_file, expected_tokenizer_hash=current).info
+        reused = val_info.extra.get("recipe_id") == recipe_id
+    except (FileNotFoundError, ValueError, OSError):
+        reused = False
+    if not reused:
+        stream = load_documents(source, text_field=text_field, encoding_errors=encoding_errors,
+                                streaming=True)  # fmt: skip
+        held_out = [doc["text"] for doc in stream.take(val_documents)]
+        tokenizer_texts = [doc["text"] for doc in stream.skip(val_documents).take(tokenizer_documents)]  # fmt: skip
+        if len(held_out) < val_documents or not tokenizer_texts:
+            raise ValueError(
+                f"{source} has {len(held_out) + len(tokenizer_texts)} document(s): too few to hold "
+                f"out {val_documents} for validation and train a tokenizer on the rest. Lower "
+                "data.val_documents or use a larger corpus."
+            )
+        tokenizer = train_tokenizer(tokenizer_texts, vocab_size, show_progress=progress,
+                                    length=len(tokenizer_texts))  # fmt: skip
+        tokenizer.save_pretrained(str(tokenizer_dir))
+        tokenizer = load_tokenizer(tokenizer_dir)
+        val_docs = datasets.Dataset.from_dict({"text": held_out})
+        val_ids = tokenize_documents(val_docs, tokenizer, desc="tokenize val", progress=progress)
+        extra = {"recipe": recipe, "recipe_id": recipe_id}
+        val_info = write_token_file(val_ids, val_file, tokenizer, extra=extra, progress=progress)
+    return PreparedStream(out_dir=out_dir, tokenizer_dir=tokenizer_dir, val_file=val_file,
+                          val=val_info, source=source, text_field=text_field,
+                          val_documents=val_documents, encoding_errors=encoding_errors,
+                          seconds=time.perf_counter() - started)  # fmt: skip
+
+
 def _reuse_prepared(
     tokenizer_dir: Path, train_file: Path, val_file: Path, recipe_id: str
 ) -> tuple[TokenFileInfo, TokenFileInfo] | None:

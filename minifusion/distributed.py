@@ -7,7 +7,8 @@ swapped out; everything else (data order, schedule, evaluation cadence, metrics)
   ranks, applies accumulation and clipping as ``deepspeed_config`` told it (from the one
   ``TrainConfig``), and shards what the ZeRO stage shards;
 * **the data** — rank ``r`` of ``W`` reads every ``W``-th slice of the same batch stream, so the
-  global batch of ``W`` ranks is the batch one process with ``W×`` the batch size would read;
+  global batch of ``W`` ranks is the batch one process with ``W×`` the batch size would read
+  (a streamed corpus is split between ranks by documents or shards instead);
 * **checkpoints** — every rank writes its shard through ``engine.save_checkpoint`` into a
   hidden temporary folder; when all have finished, rank 0 writes ``meta.json`` and renames the
   folder into place, so an interrupted save is never mistaken for a checkpoint;
@@ -97,6 +98,7 @@ class DeepSpeedTrainer(Trainer):
         resume: bool = True,
         progress: bool = True,
         verbose: bool = True,
+        batches=None,
     ):
         import deepspeed
 
@@ -105,7 +107,7 @@ class DeepSpeedTrainer(Trainer):
         self._resume_requested = resume
         super().__init__(model, tokenizer, train_file, val_file, config, out_dir,
                          resume=False, progress=progress and self.rank == 0,
-                         verbose=verbose and self.rank == 0)  # fmt: skip
+                         verbose=verbose and self.rank == 0, batches=batches)  # fmt: skip
         self.is_main = self.rank == 0
         self.batches.rank, self.batches.world_size = self.rank, self.world_size
         self.ds_config = deepspeed_config(

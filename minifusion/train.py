@@ -7,7 +7,8 @@
     python -m minifusion.train --config configs/tiny.yaml --out runs/tiny --fresh
 
 A preset has three sections: ``model:`` (any ``MiniFusionConfig`` field), ``data:`` (corpus,
-validation share, block size) and ``train:`` (any ``TrainConfig`` field). ``--set
+validation share, block size; ``streaming: true`` to read a corpus too big for the disk lazily,
+split between ranks) and ``train:`` (any ``TrainConfig`` field). ``--set
 section.name=value`` overrides one entry (the value is read as YAML: ``3e-4``, ``true``,
 ``[a, b]``). The resolved settings are written to ``<out>/config.yaml``.
 
@@ -19,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import functools
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +32,18 @@ import yaml
 
 from .checkpoint import CheckpointError
 from .config import MiniFusionConfig
-from .data import prepare_data
+from .data import PreparedStream, prepare_data, prepare_streaming_data
 from .tokenizer import load_tokenizer
-from .training import TrainConfig, Trainer, TrainingDivergedError
+from .training import StreamingBatches, TrainConfig, Trainer, TrainingDivergedError
 from .utils import seed_everything
 
 SECTIONS = ("model", "data", "train")
 DATA_DEFAULTS = {"source": "shakespeare", "val_fraction": 0.1, "block_size": 256,
-                 "text_field": "text"}  # fmt: skip
+                 "text_field": "text",
+                 # streaming: read the corpus lazily instead of tokenising it ahead (for corpora
+                 # too big for the disk); the first val_documents are held out for validation
+                 # and the tokenizer is trained on the next tokenizer_documents.
+                 "streaming": False, "val_documents": 100, "tokenizer_documents": 10_000}  # fmt: skip
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "loss_curve.png", "samples.txt",
                "model")  # fmt: skip
 
@@ -90,6 +96,16 @@ def load_settings(config_path: str | Path, overrides: Sequence[str] = ()) -> dic
     # One block size for data and training: the data section's unless train sets its own.
     settings["train"].setdefault("block_size", settings["data"]["block_size"])
     return settings
+
+
+def _data_preparation(data: dict[str, Any], vocab_size: int) -> Callable[..., Any]:
+    """``prepare(out_dir, progress=...)`` for the data section: token files, or a stream."""
+    common = dict(source=data["source"], vocab_size=vocab_size, text_field=data["text_field"])
+    if data["streaming"]:
+        return functools.partial(prepare_streaming_data, **common,
+                                 val_documents=int(data["val_documents"]),
+                                 tokenizer_documents=int(data["tokenizer_documents"]))  # fmt: skip
+    return functools.partial(prepare_data, **common, val_fraction=float(data["val_fraction"]))
 
 
 def start_fresh(out_dir: Path) -> None:
@@ -160,14 +176,12 @@ def run(args: argparse.Namespace) -> int:
     model_config = MiniFusionConfig.from_yaml(out_dir / "config.yaml")  # validates every field
 
     print(f"[1/4] data → {out_dir}")
-    data = settings["data"]
-    prepare = dict(source=data["source"], vocab_size=model_config.vocab_size,
-                   val_fraction=float(data["val_fraction"]), text_field=data["text_field"])  # fmt: skip
+    prepare = _data_preparation(settings["data"], model_config.vocab_size)
     if main_process:  # one process prepares; the others then find it done and reuse it
-        prepared = prepare_data(out_dir, progress=not args.no_progress, **prepare)
+        prepared = prepare(out_dir, progress=not args.no_progress)
     _barrier(args)
     if not main_process:
-        prepared = prepare_data(out_dir, progress=False, **prepare)
+        prepared = prepare(out_dir, progress=False)
     print(prepared.summary())
     tokenizer = load_tokenizer(prepared.tokenizer_dir)
     if len(tokenizer) > model_config.vocab_size:
@@ -180,16 +194,21 @@ def run(args: argparse.Namespace) -> int:
 
     seed_everything(train_config.seed)
     model = MiniFusionForCausalLM(model_config)
-    files = (prepared.train_file, prepared.val_file)
+    if isinstance(prepared, PreparedStream):
+        files = (None, prepared.val_file)
+        batches = StreamingBatches(prepared.training_documents(), tokenizer,
+                                   train_config.block_size, train_config.batch_size)  # fmt: skip
+    else:
+        files, batches = (prepared.train_file, prepared.val_file), None
     if args.deepspeed:
         from .distributed import DeepSpeedTrainer
 
         trainer = DeepSpeedTrainer(model, tokenizer, *files, train_config, out_dir,
-                                   deepspeed_config_path=args.deepspeed,
+                                   deepspeed_config_path=args.deepspeed, batches=batches,
                                    progress=not args.no_progress)  # fmt: skip
         print(f"      DeepSpeed ZeRO-{trainer.zero_stage} on {world_size} processes")
     else:
-        trainer = Trainer(model, tokenizer, *files, train_config, out_dir,
+        trainer = Trainer(model, tokenizer, *files, train_config, out_dir, batches=batches,
                           progress=not args.no_progress)  # fmt: skip
     count = sum(p.numel() for p in model.parameters())
     print(

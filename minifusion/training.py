@@ -63,6 +63,7 @@ __all__ = [
     "EvalResult",
     "LossParts",
     "MetricsLog",
+    "StreamingBatches",
     "TrainConfig",
     "TrainingDivergedError",
     "Trainer",
@@ -348,6 +349,84 @@ class BatchStream:
     @property
     def epoch(self) -> float:
         return self.position / self.examples_per_epoch
+
+
+class StreamingBatches:
+    """Training batches packed on the fly from a streamed corpus — for data too big to tokenise.
+
+    The same interface as :class:`BatchStream` (``next_batch()``, ``position``, ``rank``,
+    ``world_size``, ``epoch``), fed by :class:`~minifusion.data.StreamingBlocks`: documents are
+    read in order, tokenised, packed into blocks, and split between ranks by
+    ``datasets.distributed.split_dataset_by_node`` (whole files or shards per rank when their
+    number divides evenly, otherwise every ``world_size``-th document). A rank that reaches the
+    end of its share starts it again.
+
+    ``position`` counts examples consumed by all ranks together, as in :class:`BatchStream`. A
+    stream cannot jump, so resuming at ``position`` re-reads and discards the first
+    ``position / world_size`` blocks of this rank's share: exact at the same world size, and
+    close to where the run was (not the same blocks) at another one.
+
+    Args:
+        documents: an iterable ``datasets.IterableDataset`` with a ``text`` column (for example
+            :meth:`~minifusion.data.PreparedStream.training_documents`).
+        tokenizer: the run's tokenizer.
+        block_size, batch_size: as for :class:`BatchStream`.
+    """
+
+    def __init__(
+        self,
+        documents,
+        tokenizer,
+        block_size: int,
+        batch_size: int,
+        *,
+        position: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.documents, self.tokenizer = documents, tokenizer
+        self.block_size, self.batch_size = block_size, batch_size
+        self.position, self.rank, self.world_size = position, rank, world_size
+        self.completed_passes = 0
+        self._examples: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._expected: tuple[int, int, int] | None = None  # (position, rank, world_size)
+
+    def _endless(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from .data import StreamingBlocks
+
+        self.completed_passes = 0
+        while True:
+            blocks = StreamingBlocks(self.documents, self.tokenizer, self.block_size,
+                                     rank=self.rank, world_size=self.world_size)  # fmt: skip
+            empty = True
+            for pair in blocks:
+                empty = False
+                yield pair
+            if empty:
+                raise ValueError(
+                    f"Rank {self.rank} of {self.world_size} got no complete block of "
+                    f"{self.block_size + 1} tokens from its share of the stream. Use more or "
+                    "longer documents, a smaller block_size, or fewer processes."
+                )
+            self.completed_passes += 1
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, targets)``, each ``(batch_size, block_size)`` int64."""
+        if self._expected != (self.position, self.rank, self.world_size):
+            # First call, or position / rank changed from outside (a resume): start the stream
+            # again and skip what this rank has already consumed.
+            self._examples = self._endless()
+            for _ in range(self.position // self.world_size):
+                next(self._examples)
+        pairs = [next(self._examples) for _ in range(self.batch_size)]
+        self.position += self.batch_size * self.world_size
+        self._expected = (self.position, self.rank, self.world_size)
+        return torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
+
+    @property
+    def epoch(self) -> float:
+        """Completed passes over this rank's share (the stream's length is not known ahead)."""
+        return float(self.completed_passes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -674,6 +753,8 @@ class Trainer:
         train_file, val_file: token files (``minifusion.data.prepare_data`` writes them).
         config: the training settings.
         out_dir: the run folder.
+        batches: where training batches come from instead of ``train_file`` (which may then be
+            ``None``) — a :class:`StreamingBatches` for a streamed corpus.
         progress: show a tqdm progress bar.
         verbose: print one line per evaluation (no timings, so notebook output is repeatable).
     """
@@ -682,7 +763,7 @@ class Trainer:
         self,
         model: nn.Module,
         tokenizer,
-        train_file: str | Path,
+        train_file: str | Path | None,
         val_file: str | Path,
         config: TrainConfig,
         out_dir: str | Path,
@@ -690,6 +771,7 @@ class Trainer:
         resume: bool = True,
         progress: bool = True,
         verbose: bool = True,
+        batches: BatchStream | StreamingBatches | None = None,
     ):
         config.validate()
         self.config, self.tokenizer = config, tokenizer
@@ -704,11 +786,13 @@ class Trainer:
         self.tokenizer_hash = tokenizer_hash(tokenizer)
         self.progress, self.verbose = progress, verbose
 
-        train_tokens = TokenFile(train_file, expected_tokenizer_hash=self.tokenizer_hash)
+        if batches is None:
+            train_tokens = TokenFile(train_file, expected_tokenizer_hash=self.tokenizer_hash)
+            batches = BatchStream(
+                train_tokens, config.block_size, config.batch_size, seed=config.seed
+            )
+        self.batches = batches
         val_tokens = TokenFile(val_file, expected_tokenizer_hash=self.tokenizer_hash)
-        self.batches = BatchStream(
-            train_tokens, config.block_size, config.batch_size, seed=config.seed
-        )
         self.validation = ValidationSet(val_tokens, config.block_size, tokenizer)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config)

@@ -205,3 +205,12 @@ def test_sigterm_on_one_rank_stops_all_with_a_usable_checkpoint(preset, tmp_path
     meta = json.loads((latest / "meta.json").read_text())
     assert meta["step"] >= 1 and (latest / "deepspeed").is_dir()
     assert torch.load(latest / "rng_rank1.pt", weights_only=True)["torch"].dtype == torch.uint8
+
+
+def test_a_streamed_corpus_trains_on_two_ranks(preset, tmp_path):
+    out = tmp_path / "run"
+    printed = _run(preset, out, 2, 2, "--set", "data.streaming=true",
+                   "--set", "data.val_documents=1", "--set", "train.max_steps=3")  # fmt: skip
+    assert "Prepared a streamed corpus" in printed and "bits/character" in printed
+    meta = json.loads((out / "checkpoints/step_000003/meta.json").read_text())
+    assert meta["data_position"] == 3 * 2 * 2 and not (out / "train.bin").exists()

@@ -16,12 +16,13 @@ import torch
 
 from minifusion import training
 from minifusion.checkpoint import CheckpointMismatchError, latest_checkpoint, load_checkpoint
-from minifusion.data import prepare_data
+from minifusion.data import prepare_data, prepare_streaming_data
 from minifusion.model import MiniFusionForCausalLM
 from minifusion.tokenizer import load_tokenizer
 from minifusion.train import apply_overrides, main
 from minifusion.training import (
     BatchStream,
+    StreamingBatches,
     TrainConfig,
     Trainer,
     TrainingDivergedError,
@@ -284,6 +285,76 @@ def test_tensorboard_events_are_written(prepared, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the script ---
+# ----------------------------------------------------------------------------- streaming ----
+@pytest.fixture(scope="module")
+def streamed(prepared, tmp_path_factory):
+    """The same corpus, streamed: document 0 held out for validation, a tokenizer of 300."""
+    corpus = Path(prepared[0].out_dir).parent / "corpus"
+    stream = prepare_streaming_data(tmp_path_factory.mktemp("stream"), source=str(corpus / "*.txt"),
+                                    vocab_size=300, val_documents=1, tokenizer_documents=10,
+                                    progress=False)  # fmt: skip
+    return stream, load_tokenizer(stream.tokenizer_dir)
+
+
+def test_prepare_streaming_data_holds_out_the_first_documents(streamed, prepared):
+    stream, tokenizer = streamed
+    assert stream.val.num_documents == 1
+    held_out = stream.val.num_characters
+    corpus = Path(prepared[0].out_dir).parent / "corpus"
+    assert held_out == len((corpus / "doc0.txt").read_text(encoding="utf-8"))  # the first file
+    training = [doc["text"] for doc in stream.training_documents()]
+    assert len(training) == 4 and training[0].startswith("A lantern")
+    again = prepare_streaming_data(stream.out_dir, source=stream.source, vocab_size=300,
+                                   val_documents=1, tokenizer_documents=10, progress=False)  # fmt: skip
+    assert again.val.tokenizer_hash == stream.val.tokenizer_hash  # reused, not retrained
+    with pytest.raises(ValueError, match="too few"):
+        prepare_streaming_data(stream.out_dir / "x", source=stream.source, vocab_size=300,
+                               val_documents=5, progress=False)  # fmt: skip
+
+
+def test_streaming_batches_resume_by_position_and_split_ranks(streamed):
+    stream, tokenizer = streamed
+    documents = stream.training_documents()
+    batches = StreamingBatches(documents, tokenizer, 16, 4)
+    seen = [batches.next_batch() for _ in range(80)]
+    assert batches.epoch >= 1  # the stream was read more than once
+    x, y = seen[0]
+    assert x.shape == y.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    resumed = StreamingBatches(documents, tokenizer, 16, 4, position=8)
+    assert torch.equal(resumed.next_batch()[0], seen[2][0])
+    resumed.position = 4 * 30  # moved from outside, as a checkpoint load does
+    assert torch.equal(resumed.next_batch()[0], seen[30][0])
+
+    def rows(rank: int) -> set[tuple[int, ...]]:
+        share = StreamingBatches(documents, tokenizer, 16, 4, rank=rank, world_size=2)
+        return {tuple(row.tolist()) for _ in range(3) for row in share.next_batch()[0]}
+
+    assert rows(0).isdisjoint(rows(1))  # every rank reads its own documents
+    too_many = StreamingBatches(documents, tokenizer, 16, 4, rank=0, world_size=5)
+    with pytest.raises(ValueError, match="Rank 0 of 5 got no complete block"):
+        too_many.next_batch()
+
+
+def test_training_on_a_stream_resumes_exactly(streamed, tmp_path):
+    stream, tokenizer = streamed
+
+    def trainer(out_dir, seed=0):
+        torch.manual_seed(seed)
+        model = MiniFusionForCausalLM(small_config("everything", vocab_size=300))
+        batches = StreamingBatches(stream.training_documents(), tokenizer, 16, 4)
+        return Trainer(model, tokenizer, None, stream.val_file, _config(), out_dir,
+                       progress=False, verbose=False, batches=batches)  # fmt: skip
+
+    straight = trainer(tmp_path / "straight").fit(export=False)
+    trainer(tmp_path / "resumed").fit(stop_at=4, export=False)
+    resumed = trainer(tmp_path / "resumed", seed=7).fit(export=False)
+
+    def losses(result):
+        return [(r["step"], r["loss"]) for r in result.records if r["kind"] == "train"]
+
+    assert losses(resumed) == losses(straight) and len(losses(straight)) == 8
+
+
 def _preset(tmp_path, prepared) -> Path:
     data, _ = prepared
     corpus = Path(data.out_dir).parent / "corpus"
@@ -336,6 +407,16 @@ def test_script_trains_resumes_and_exports(prepared, tmp_path, capsys):
     assert latest_checkpoint(out / "checkpoints").name == "step_000002"
     assert main(["--config", str(preset), "--out", str(out), "--set", "train.typo=1"]) == 1
     assert "Unknown train setting(s) ['typo']" in capsys.readouterr().err
+
+
+def test_script_trains_on_a_streamed_corpus(prepared, tmp_path, capsys):
+    preset, out = _preset(tmp_path, prepared), tmp_path / "run"
+    assert main(["--config", str(preset), "--out", str(out), "--no-progress",
+                 "--set", "data.streaming=true", "--set", "data.val_documents=1",
+                 "--set", "train.max_steps=3"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "Prepared a streamed corpus" in printed and "tokenised on the fly" in printed
+    assert "bits/character" in printed and not (out / "train.bin").exists()
 
 
 @pytest.mark.slow
