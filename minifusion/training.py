@@ -1037,10 +1037,10 @@ class Trainer:
         try:
             with StopRequest().installed() as stop:
                 while self.step < target:
-                    step_start = time.perf_counter()
+                    step_start, tokens_before = time.perf_counter(), self.tokens_seen
                     numbers = self.train_step()
                     self.train_seconds += time.perf_counter() - step_start
-                    window_tokens += config.tokens_per_step
+                    window_tokens += self.tokens_seen - tokens_before  # all ranks together
                     last = {"loss": numbers["loss"], "lr": numbers["lr"]}
                     bar.update(1)
                     if self.step % config.log_every == 0 or self.step == target:
