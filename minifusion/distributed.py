@@ -141,18 +141,18 @@ class DeepSpeedTrainer(Trainer):
     def train_step(self) -> dict[str, float]:
         config = self.config
         losses = torch.zeros(4, dtype=torch.float64)
-        finite = True
         for _ in range(config.grad_accum_steps):
             inputs, targets = (t.to(self.device) for t in self.batches.next_batch())
             parts = compute_loss(self.engine, inputs, targets)
-            ok = torch.isfinite(parts.total.detach()).to(torch.int32)
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # one rank's NaN poisons every rank
-            if bool(ok):
-                self.engine.backward(parts.total)  # DeepSpeed divides by grad_accum_steps
-            finite &= bool(ok)
+            # A non-finite loss makes non-finite gradients; DeepSpeed then finds the global
+            # gradient norm invalid (the same on every rank) and skips the optimizer step.
+            self.engine.backward(parts.total)  # DeepSpeed divides by grad_accum_steps
             values = [parts.lm, parts.moe_aux, parts.gate_balance, parts.gate_entropy]
             losses += torch.tensor([float(v.detach()) for v in values], dtype=torch.float64)
             self.engine.step()  # an optimizer step only at the accumulation boundary
+        finite = self.engine.was_step_applied()
+        if not finite:
+            self.scheduler.step()  # DeepSpeed holds the schedule on a skipped step; ours moves on
         dist.all_reduce(losses)
         losses /= self.world_size * config.grad_accum_steps
         lr = self.optimizer.param_groups[0]["lr"]
@@ -167,7 +167,7 @@ class DeepSpeedTrainer(Trainer):
             self.bad_steps_in_row += 1
             if self.bad_steps_in_row >= config.max_bad_steps:
                 raise TrainingDivergedError(
-                    f"{self.bad_steps_in_row} steps in a row had a non-finite loss on some rank "
+                    f"{self.bad_steps_in_row} steps in a row had a non-finite loss or gradient "
                     f"(last at step {self.step}). Lower train.lr or raise train.warmup_steps; "
                     + self._restart_advice()
                 )

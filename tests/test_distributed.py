@@ -97,7 +97,7 @@ def straight_run(tmp_path_factory, preset):
     return get
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_run_resumes_exactly_and_exports(preset, tmp_path, stage, straight_run):
     straight, printed = straight_run(stage)
     resumed = tmp_path / "resumed"
@@ -214,3 +214,17 @@ def test_a_streamed_corpus_trains_on_two_ranks(preset, tmp_path):
     assert "Prepared a streamed corpus" in printed and "bits/character" in printed
     meta = json.loads((out / "checkpoints/step_000003/meta.json").read_text())
     assert meta["data_position"] == 3 * 2 * 2 and not (out / "train.bin").exists()
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(preset, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    command = _command(preset, out, 2, 2, "--set", "train.lr=1e4", "--set", "train.warmup_steps=0",
+                       "--set", "train.max_bad_steps=2", "--set", "train.max_steps=30")  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "2 steps in a row had a non-finite loss or gradient" in done.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first_bad = next(r for r in records if not math.isfinite(r["loss"]))
+    assert first_bad["skipped_steps"] == 1  # skipped and counted, not crashed
+    assert first_bad["lr"] < records[0]["lr"]  # the schedule moved on (cosine from step 0)
