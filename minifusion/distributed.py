@@ -21,7 +21,10 @@ configs/deepspeed/zero2.json``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import logging
 import math
 import os
 import shutil
@@ -51,7 +54,7 @@ from .training import (
     compute_loss,
     validation_sums,
 )
-from .utils import fsync_dir
+from .utils import fsync_dir, fsync_tree
 from .zero import deepspeed_config
 
 __all__ = ["DeepSpeedTrainer", "export_zero_checkpoint", "init_distributed", "universal_checkpoint"]
@@ -122,6 +125,7 @@ class DeepSpeedTrainer(Trainer):
             lr_scheduler=self.scheduler,
             config=self.ds_config,
         )
+        self.compute_dtype = self.dtype  # what the forward pass computes in, for reports
         self.dtype = None  # the engine applies autocast itself (torch_autocast in its config)
         self._really_resume_or_start_fresh()
 
@@ -223,7 +227,11 @@ class DeepSpeedTrainer(Trainer):
         dist.barrier()
         self.engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
         torch.save(capture_rng_state(), tmp / f"rng_rank{self.rank}.pt")
-        dist.barrier()  # every shard is on disk
+        dist.barrier()  # every shard is written ...
+        # ... and flushed to disk by every rank (DeepSpeed's torch.save does not fsync; on a
+        # shared file system each node flushes what it wrote — and, harmlessly, the rest).
+        fsync_tree(tmp)
+        dist.barrier()
         if self.is_main:
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
                      if p.is_file()}  # fmt: skip
@@ -252,7 +260,7 @@ class DeepSpeedTrainer(Trainer):
             self.engine.load_checkpoint(str(checkpoint), tag=ENGINE_TAG)
         else:
             if self.is_main:
-                print(f"      {checkpoint.name} was written by {saved_world} processes; "
+                print(f"      {checkpoint.name} was written by {count_processes(saved_world)}; "
                       f"re-sharding it for {self.world_size} (DeepSpeed universal checkpoint)")  # fmt: skip
                 universal_checkpoint(checkpoint)
             dist.barrier()
@@ -268,12 +276,17 @@ class DeepSpeedTrainer(Trainer):
         self.resumed_from = checkpoint
 
     def _load_universal(self, checkpoint: Path) -> None:
+        from deepspeed.utils import logger
+
         config = self.engine._config  # DeepSpeed reads this switch at load time only
         config.load_universal_checkpoint = True
+        level = logger.level
+        logger.setLevel(logging.ERROR)  # "MPU is not provided": we use no tensor parallelism
         try:
             self.engine.load_checkpoint(str(checkpoint), tag=UNIVERSAL_TAG)
         finally:
             config.load_universal_checkpoint = False
+            logger.setLevel(level)
 
     def training_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Every parameter's full fp32 master weight and Adam moments, gathered from all shards.
@@ -308,6 +321,11 @@ class DeepSpeedTrainer(Trainer):
         return Path(directory)
 
 
+def count_processes(n: int) -> str:
+    """``"1 process"``, ``"2 processes"``."""
+    return f"{n} process" + ("es" if n != 1 else "")
+
+
 def _read_deepspeed_meta(checkpoint: Path) -> dict[str, Any]:
     meta = read_meta(checkpoint, formats=(DEEPSPEED_FORMAT,))
     missing = [name for name, size in meta["files"].items()
@@ -330,7 +348,8 @@ def export_zero_checkpoint(checkpoint: str | Path, model_config, tokenizer, dire
 
     from .model import MiniFusionForCausalLM
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ENGINE_TAG)
+    with contextlib.redirect_stdout(io.StringIO()):  # it narrates every stage on stdout
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ENGINE_TAG)
     model = MiniFusionForCausalLM(model_config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embedding
@@ -352,8 +371,6 @@ def universal_checkpoint(checkpoint: str | Path) -> Path:
     Returns the universal folder.
     """
     import argparse
-    import contextlib
-    import io
 
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
@@ -378,13 +395,7 @@ def universal_checkpoint(checkpoint: str | Path) -> Path:
             f"with the world size that wrote it.\n{chatter.getvalue()[-2000:]}"
         ) from error
     (checkpoint / "latest_universal").unlink(missing_ok=True)  # we always name the tag
-    for path in sorted(tmp.rglob("*"), reverse=True):  # contents, then the folders naming them
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-        else:
-            fsync_dir(path)
-    fsync_dir(tmp)
+    fsync_tree(tmp)
     os.rename(tmp, final)
     fsync_dir(checkpoint)
     return final

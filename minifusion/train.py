@@ -201,19 +201,19 @@ def run(args: argparse.Namespace) -> int:
     else:
         files, batches = (prepared.train_file, prepared.val_file), None
     if args.deepspeed:
-        from .distributed import DeepSpeedTrainer
+        from .distributed import DeepSpeedTrainer, count_processes
 
         trainer = DeepSpeedTrainer(model, tokenizer, *files, train_config, out_dir,
                                    deepspeed_config_path=args.deepspeed, batches=batches,
                                    progress=not args.no_progress)  # fmt: skip
-        print(f"      DeepSpeed ZeRO-{trainer.zero_stage} on {world_size} processes")
+        print(f"      DeepSpeed ZeRO-{trainer.zero_stage} on {count_processes(world_size)}")
     else:
         trainer = Trainer(model, tokenizer, *files, train_config, out_dir, batches=batches,
                           progress=not args.no_progress)  # fmt: skip
     count = sum(p.numel() for p in model.parameters())
     print(
         f"[2/4] model: {count:,} parameters on {trainer.device}"
-        f" ({'bf16 autocast' if trainer.dtype else 'fp32'}); "
+        f" ({'bf16 autocast' if trainer.compute_dtype else 'fp32'}); "
         f"{train_config.tokens_per_step * (world_size if args.deepspeed else 1):,} tokens per "
         f"step, {train_config.max_steps:,} steps"
     )

@@ -779,6 +779,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.device = _resolve_device(config.device)
         self.dtype = autocast_dtype(config.precision, self.device)
+        self.compute_dtype = self.dtype  # for reports (DeepSpeed's engine takes over autocast)
         self.model = model.to(self.device).train()
         if config.gradient_checkpointing:
             # Non-reentrant checkpointing works with inputs that need no grad (our token ids).

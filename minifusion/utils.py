@@ -15,6 +15,7 @@ import platform
 import random
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -74,6 +75,21 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """``fsync`` every file below ``path``, then every folder, deepest first.
+
+    For folders whose files were written by code that does not flush them itself (DeepSpeed's
+    checkpoint shards, its universal-checkpoint converter) before they are renamed into place.
+    """
+    for entry in sorted(Path(path).rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if entry.is_file():
+            with open(entry, "rb") as handle:
+                os.fsync(handle.fileno())
+        elif entry.is_dir():
+            fsync_dir(entry)
+    fsync_dir(path)
 
 
 def pick_device(prefer: str | None = None) -> torch.device:

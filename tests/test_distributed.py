@@ -168,7 +168,9 @@ def test_resume_at_another_world_size_carries_the_state_over(
     assert sum(float(s["exp_avg_sq"].sum()) for s in saved["parameters"].values()) > 0  # not zeros
 
     printed = _run(preset, run, after, stage, "--set", f"train.batch_size={4 // after}")
-    assert f"written by {before} processes; re-sharding it for {after}" in printed
+    written_by = "1 process" if before == 1 else f"{before} processes"
+    assert f"written by {written_by}; re-sharding it for {after}" in printed
+    assert f"DeepSpeed ZeRO-{stage} on {after} process" in printed and "(fp32)" in printed
     losses = _losses(run)
     assert [step for step, _ in losses] == list(range(1, 7))
     # Step 4 is computed from the carried-over weights on the next 4 examples: recompute it here
