@@ -738,13 +738,11 @@ def prepare_data(
         "encoding_errors": encoding_errors,
         "vocab_size": vocab_size,
     }
-    recipe_id = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    if force and out_dir.exists():
-        for stale in (train_file, val_file, _sidecar(train_file), _sidecar(val_file)):
-            stale.unlink(missing_ok=True)
-        shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    recipe_id = _recipe_id(recipe)
+    if force:
+        _remove_prepared(tokenizer_dir, (train_file, val_file))
 
-    reused = _reuse_prepared(tokenizer_dir, train_file, val_file, recipe_id)
+    reused = _reuse_prepared(tokenizer_dir, (train_file, val_file), recipe_id)
     if reused is None and source == "shakespeare":
         fetch_shakespeare(verbose=progress)  # says so when it downloads; instant when cached
     if reused is not None:
@@ -843,7 +841,7 @@ def prepare_streaming_data(
     """
     import datasets
 
-    from .tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
+    from .tokenizer import load_tokenizer, train_tokenizer
 
     started = time.perf_counter()
     if val_documents < 1 or tokenizer_documents < 1:
@@ -856,18 +854,13 @@ def prepare_streaming_data(
     recipe = {"source": source, "streaming": True, "val_documents": val_documents,
               "tokenizer_documents": tokenizer_documents, "text_field": text_field,
               "encoding_errors": encoding_errors, "vocab_size": vocab_size}  # fmt: skip
-    recipe_id = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    recipe_id = _recipe_id(recipe)
     if force:
-        for stale in (val_file, _sidecar(val_file)):
-            stale.unlink(missing_ok=True)
-        shutil.rmtree(tokenizer_dir, ignore_errors=True)
-    try:
-        current = tokenizer_hash(load_tokenizer(tokenizer_dir))
-        val_info = TokenFile(val_file, expected_tokenizer_hash=current).info
-        reused = val_info.extra.get("recipe_id") == recipe_id
-    except (FileNotFoundError, ValueError, OSError):
-        reused = False
-    if not reused:
+        _remove_prepared(tokenizer_dir, (val_file,))
+    reused = _reuse_prepared(tokenizer_dir, (val_file,), recipe_id)
+    if reused is not None:
+        (val_info,) = reused
+    else:
         stream = load_documents(source, text_field=text_field, encoding_errors=encoding_errors,
                                 streaming=True)  # fmt: skip
         held_out = [doc["text"] for doc in stream.take(val_documents)]
@@ -892,21 +885,32 @@ def prepare_streaming_data(
                           seconds=time.perf_counter() - started)  # fmt: skip
 
 
+def _recipe_id(recipe: dict[str, Any]) -> str:
+    """A short fingerprint of the settings that made the prepared files."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _remove_prepared(tokenizer_dir: Path, token_files: Sequence[Path]) -> None:
+    for token_file in token_files:
+        token_file.unlink(missing_ok=True)
+        _sidecar(token_file).unlink(missing_ok=True)
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)
+
+
 def _reuse_prepared(
-    tokenizer_dir: Path, train_file: Path, val_file: Path, recipe_id: str
-) -> tuple[TokenFileInfo, TokenFileInfo] | None:
+    tokenizer_dir: Path, token_files: Sequence[Path], recipe_id: str
+) -> tuple[TokenFileInfo, ...] | None:
+    """The token files' infos if the tokenizer and every file were made by this recipe."""
     from .tokenizer import load_tokenizer, tokenizer_hash
 
     try:
         current_hash = tokenizer_hash(load_tokenizer(tokenizer_dir))
-        infos = tuple(
-            TokenFile(f, expected_tokenizer_hash=current_hash).info for f in (train_file, val_file)
-        )
+        infos = tuple(TokenFile(f, expected_tokenizer_hash=current_hash).info for f in token_files)
     except (FileNotFoundError, ValueError, OSError):
         return None
     if any(info.extra.get("recipe_id") != recipe_id for info in infos):
         return None
-    return infos[0], infos[1]
+    return infos
 
 
 def main(argv: Sequence[str] | None = None) -> int:
