@@ -57,7 +57,13 @@ from .training import (
 from .utils import fsync_dir, fsync_tree
 from .zero import deepspeed_config
 
-__all__ = ["DeepSpeedTrainer", "export_zero_checkpoint", "init_distributed", "universal_checkpoint"]
+__all__ = [
+    "DeepSpeedTrainer",
+    "export_zero_checkpoint",
+    "init_distributed",
+    "model_from_zero_checkpoint",
+    "universal_checkpoint",
+]
 
 ENGINE_TAG = "deepspeed"  # DeepSpeed's own folder inside one of our checkpoint folders
 UNIVERSAL_TAG = "universal"  # the same state re-laid out per parameter, for another world size
@@ -338,11 +344,12 @@ def _read_deepspeed_meta(checkpoint: Path) -> dict[str, Any]:
     return meta
 
 
-def export_zero_checkpoint(checkpoint: str | Path, model_config, tokenizer, directory) -> Path:
-    """A Hugging Face folder (safetensors) from a DeepSpeed checkpoint of any ZeRO stage.
+def model_from_zero_checkpoint(checkpoint: str | Path, model_config):
+    """A ``MiniFusionForCausalLM`` with the full fp32 weights of a DeepSpeed checkpoint.
 
-    The shards are merged into one fp32 state dict with DeepSpeed's ``zero_to_fp32`` helper, on
-    the CPU, without starting a process group — so it also works on a laptop after the run.
+    The shards (any ZeRO stage, any world size) are merged with DeepSpeed's ``zero_to_fp32``
+    helper, on the CPU, without starting a process group — so it also works on a laptop after
+    the run. Raises :class:`CheckpointError` if the weights do not fit ``model_config``.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -358,6 +365,12 @@ def export_zero_checkpoint(checkpoint: str | Path, model_config, tokenizer, dire
             f"{checkpoint} does not match the model: missing {missing[:4]}, unexpected "
             f"{unexpected[:4]}."
         )
+    return model
+
+
+def export_zero_checkpoint(checkpoint: str | Path, model_config, tokenizer, directory) -> Path:
+    """A Hugging Face folder (safetensors) from a DeepSpeed checkpoint of any ZeRO stage."""
+    model = model_from_zero_checkpoint(checkpoint, model_config)
     return export_pretrained(model, tokenizer, directory).path
 
 

@@ -136,14 +136,12 @@ def _dump_state(run: Path, processes: int, stage: int, out: Path) -> dict:
 
 def _loss_from_checkpoint(run: Path, checkpoint: Path, position: int, batch: int) -> float:
     """The loss of the global batch at ``position`` under the checkpoint's weights, on our own."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from minifusion import MiniFusionConfig, MiniFusionForCausalLM
+    from minifusion import MiniFusionConfig
+    from minifusion.distributed import model_from_zero_checkpoint
     from minifusion.training import BatchStream, compute_loss
 
-    model = MiniFusionForCausalLM(MiniFusionConfig.from_yaml(run / "config.yaml"))
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="deepspeed")
-    model.load_state_dict(state, strict=False)  # lm_head is tied to the embedding
+    config = MiniFusionConfig.from_yaml(run / "config.yaml")
+    model = model_from_zero_checkpoint(checkpoint, config)
     inputs, targets = BatchStream(run / "train.bin", 16, batch, position=position).next_batch()
     with torch.no_grad():
         return float(compute_loss(model.train(), inputs, targets).lm)
