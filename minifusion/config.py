@@ -121,6 +121,9 @@ class MiniFusionConfig(PreTrainedConfig):
     # --- layer pattern ----------------------------------------------------------------------
     mixer_types: list[str] | None = None
     ffn_types: list[str] | None = None
+    # Hybrid layers pruned to one branch (chapter 15): their mixer_types entry names the branch
+    # kept, and they keep that branch's fusion norm and fusion_proj (the gate is gone).
+    pruned_fusion_layers: list[int] | None = None
 
     # --- feed-forward (SwiGLU) --------------------------------------------------------------
     intermediate_size: int | None = None
@@ -205,6 +208,7 @@ class MiniFusionConfig(PreTrainedConfig):
             self.ffn_types = ["dense"] * self.num_hidden_layers
         self.mixer_types = list(self.mixer_types)
         self.ffn_types = list(self.ffn_types)
+        self.pruned_fusion_layers = sorted(int(i) for i in self.pruned_fusion_layers or [])
 
     # ------------------------------------------------------------------------ validation ---
     def _check_positive_sizes(self) -> None:
@@ -295,6 +299,7 @@ class MiniFusionConfig(PreTrainedConfig):
                 )
         errors += self._check_layer_list("mixer_types", MIXER_TYPES)
         errors += self._check_layer_list("ffn_types", FFN_TYPES)
+        errors += self._check_pruned_layers()
         if self.moe_top_k > self.moe_num_experts:
             errors.append(
                 f"moe_top_k={self.moe_top_k} exceeds moe_num_experts={self.moe_num_experts}: a "
@@ -365,6 +370,22 @@ class MiniFusionConfig(PreTrainedConfig):
         unknown = sorted({v for v in values if v not in allowed}, key=str)
         if unknown:
             errors.append(f"{name} contains unknown type(s) {unknown}; allowed: {list(allowed)}.")
+        return errors
+
+    def _check_pruned_layers(self) -> list[str]:
+        errors = []
+        for i in self.pruned_fusion_layers:
+            if not 0 <= i < self.num_hidden_layers:
+                errors.append(
+                    f"pruned_fusion_layers contains {i}, but layers are numbered 0.."
+                    f"{self.num_hidden_layers - 1}; list only existing layers."
+                )
+            elif i < len(self.mixer_types) and self.mixer_types[i] not in ("attention", "mamba"):
+                errors.append(
+                    f"pruned_fusion_layers contains layer {i}, whose mixer is "
+                    f"{self.mixer_types[i]!r}: a pruned layer keeps one branch, so its mixer_types "
+                    "entry must be 'attention' or 'mamba' (minifusion.prune writes both fields)."
+                )
         return errors
 
     @staticmethod
@@ -466,6 +487,10 @@ class MiniFusionConfig(PreTrainedConfig):
             counts.update({f"mamba.{k}": v for k, v in self._mamba_parameters().items()})
         if mixer == "hybrid":
             counts.update({f"fusion.{k}": v for k, v in self._fusion_parameters().items()})
+        elif layer_idx in self.pruned_fusion_layers:  # one branch norm and the projection remain
+            fusion = self._fusion_parameters()
+            counts["fusion.branch_norms"] = fusion["branch_norms"] // 2
+            counts["fusion.fusion_proj"] = fusion["fusion_proj"]
         counts.update({f"ffn.{k}": v for k, v in self._ffn_parameters(ffn).items()})
         return counts
 
@@ -533,7 +558,7 @@ class MiniFusionConfig(PreTrainedConfig):
         mamba_scan = float(SCAN_FLOPS_PER_STATE * di * n)
         rank = self.fusion_gate_rank
         gate = 2.0 * (2 * h * rank + rank * h) if self.fusion_gate == "lowrank" else 0.0
-        for mixer, ffn in zip(self.mixer_types, self.ffn_types):
+        for i, (mixer, ffn) in enumerate(zip(self.mixer_types, self.ffn_types)):
             if mixer in ("attention", "hybrid"):
                 add("attention_projections", attn_proj)
                 add("attention_scores", scores)
@@ -543,6 +568,8 @@ class MiniFusionConfig(PreTrainedConfig):
                 add("mamba_scan", mamba_scan)
             if mixer == "hybrid":
                 add("fusion", gate + 2.0 * h * h)
+            elif i in self.pruned_fusion_layers:
+                add("fusion", 2.0 * h * h)
             if ffn == "dense":
                 add("ffn", 2.0 * 3 * h * self.intermediate_size)
             elif ffn == "moe":

@@ -67,6 +67,7 @@ __all__ = [
 
 ENGINE_TAG = "deepspeed"  # DeepSpeed's own folder inside one of our checkpoint folders
 UNIVERSAL_TAG = "universal"  # the same state re-laid out per parameter, for another world size
+GATE_MONITOR_FILE = "gate_monitor.pt"  # the gate statistics' history (minifusion.monitor)
 DEEPSPEED_FORMAT = "minifusion-deepspeed-checkpoint-1"
 
 
@@ -119,6 +120,7 @@ class DeepSpeedTrainer(Trainer):
                          verbose=verbose and self.rank == 0, batches=batches)  # fmt: skip
         self.is_main = self.rank == 0
         self.batches.rank, self.batches.world_size = self.rank, self.world_size
+        self.gate_monitor.reduce = dist.all_reduce  # gate sums over every rank's tokens
         self.ds_config = deepspeed_config(
             deepspeed_config_path, config, world_size=self.world_size, autocast_dtype=self.dtype
         )
@@ -233,6 +235,8 @@ class DeepSpeedTrainer(Trainer):
         dist.barrier()
         self.engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
         torch.save(capture_rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        if self.is_main:  # the same on every rank (its sums are reduced across ranks)
+            torch.save(self.gate_monitor.state_dict(), tmp / GATE_MONITOR_FILE)
         dist.barrier()  # every shard is written ...
         # ... and flushed to disk by every rank (DeepSpeed's torch.save does not fsync; on a
         # shared file system each node flushes what it wrote — and, harmlessly, the rest).
@@ -277,6 +281,11 @@ class DeepSpeedTrainer(Trainer):
         # A rank that did not exist in the saved run borrows an existing rank's random streams.
         rng = checkpoint / f"rng_rank{self.rank % saved_world}.pt"
         restore_rng_state(torch.load(rng, weights_only=True))
+        if (checkpoint / GATE_MONITOR_FILE).is_file():
+            self.gate_monitor.load_state_dict(
+                torch.load(checkpoint / GATE_MONITOR_FILE, weights_only=True),
+                pending=self.is_main,  # rank 0's unreduced sums, added back in once
+            )
         if self.is_main:
             self.metrics.truncate_after(self.step)
         self.resumed_from = checkpoint

@@ -28,6 +28,12 @@ a *balance* term ``coef_b · (mean(g) − target)²`` pulls the average gate tow
 *entropy* term ``−coef_e · mean(H(g))`` (``H`` the binary entropy) rewards gates that keep
 their options open. Both send gradient into the gate's parameters.
 
+**Pruned layers** (chapter 15). A hybrid layer whose gate sits near 0 or 1 can lose its quieter
+branch: ``GatedFusion(config, i, keep="attention")`` (or ``"mamba"``) holds only that branch's
+norm and ``fusion_proj`` and computes ``fusion_proj(norm(branch))`` — exactly the full layer with
+the gate fixed at 0 (attention) or 1 (Mamba). :attr:`GatedFusion.forced_gate` fixes the gate of a
+full layer to a number, which is how a pruning decision is measured before weights are removed.
+
 **Statistics**: every forward pass writes the gate's mean, standard deviation and per-channel
 mean into buffers, in place and without gradient — no ``.item()``, so neither autograd nor
 ``torch.compile`` is disturbed. Chapter 15 collects them for monitoring and pruning.
@@ -57,12 +63,20 @@ class GatedFusion(nn.Module):
     After each forward pass, :attr:`last_gate` holds the gate (with gradient) for the
     regularisers, and the buffers ``gate_mean``, ``gate_std`` and ``gate_channel_mean`` its
     statistics.
+
+    ``keep="attention"`` or ``"mamba"`` builds the fusion of a pruned layer: no gate, only the kept
+    branch's norm and ``fusion_proj``; ``forward`` then takes ``None`` for the removed branch.
     """
 
-    def __init__(self, config: MiniFusionConfig, layer_idx: int = 0):
+    def __init__(self, config: MiniFusionConfig, layer_idx: int = 0, keep: str | None = None):
         super().__init__()
+        if keep not in (None, "attention", "mamba"):
+            raise ValueError(f"keep={keep!r}: expected None, 'attention' or 'mamba'.")
         self.layer_idx = layer_idx
-        self.kind = config.fusion_gate
+        self.keep = keep
+        self.kind = config.fusion_gate if keep is None else "pruned"
+        # A number in [0, 1] fixes the gate (1 = all Mamba); None lets it compute (chapter 15).
+        self.forced_gate: float | None = None
         hidden, rank = config.hidden_size, config.fusion_gate_rank
         if self.kind == "lowrank":
             self.gate_up = nn.Linear(2 * hidden, rank, bias=False)
@@ -72,11 +86,12 @@ class GatedFusion(nn.Module):
             nn.init.zeros_(self.gate_down.bias)
         elif self.kind == "scalar":
             self.gate_logit = nn.Parameter(torch.zeros(()))
+        self.mamba_norm = self.attn_norm = None
         if config.fusion_branch_norm:
-            self.mamba_norm = RMSNorm(hidden, eps=config.rms_norm_eps)
-            self.attn_norm = RMSNorm(hidden, eps=config.rms_norm_eps)
-        else:
-            self.mamba_norm = self.attn_norm = None
+            if keep != "attention":
+                self.mamba_norm = RMSNorm(hidden, eps=config.rms_norm_eps)
+            if keep != "mamba":
+                self.attn_norm = RMSNorm(hidden, eps=config.rms_norm_eps)
         self.fusion_proj = nn.Linear(hidden, hidden, bias=False)
         self.balance_coef = float(config.gate_balance_coef)
         self.balance_target = float(config.gate_balance_target)
@@ -88,6 +103,8 @@ class GatedFusion(nn.Module):
 
     def gate(self, mamba_out: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """``g`` in ``(0, 1)``: ``(B, T, H)`` for ``lowrank``, a 0-d tensor otherwise."""
+        if self.forced_gate is not None:
+            return mamba_out.new_tensor(float(self.forced_gate))
         if self.kind == "lowrank":
             bottleneck = torch.tanh(self.gate_up(torch.cat((mamba_out, attn_out), dim=-1)))
             return torch.sigmoid(self.gate_down(bottleneck))
@@ -95,7 +112,13 @@ class GatedFusion(nn.Module):
             return torch.sigmoid(self.gate_logit)
         return mamba_out.new_tensor(0.5)
 
-    def forward(self, mamba_out: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, mamba_out: torch.Tensor | None, attn_out: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.keep is not None:  # a pruned layer: the kept branch, normed and projected
+            kept, norm = (attn_out, self.attn_norm) if self.keep == "attention" else (
+                mamba_out, self.mamba_norm)  # fmt: skip
+            return self.fusion_proj(norm(kept) if norm is not None else kept)
         if self.mamba_norm is not None:
             mamba_out, attn_out = self.mamba_norm(mamba_out), self.attn_norm(attn_out)
         g = self.gate(mamba_out, attn_out)
@@ -115,7 +138,7 @@ class GatedFusion(nn.Module):
         """``{"gate_balance", "gate_entropy"}`` for the last forward pass (0 before any, and for a
         fixed ``average`` gate, which has nothing to learn)."""
         g = self.last_gate
-        if g is None or self.kind == "average":
+        if g is None or self.kind in ("average", "pruned") or self.forced_gate is not None:
             zero = self.fusion_proj.weight.new_zeros(())
             return {"gate_balance": zero, "gate_entropy": zero}
         balance = self.balance_coef * (g.float().mean() - self.balance_target) ** 2
@@ -123,4 +146,6 @@ class GatedFusion(nn.Module):
         return {"gate_balance": balance, "gate_entropy": entropy}
 
     def extra_repr(self) -> str:
+        if self.keep is not None:
+            return f"pruned, keeps {self.keep}"
         return f"gate={self.kind!r}, branch_norm={self.mamba_norm is not None}"

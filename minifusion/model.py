@@ -105,7 +105,11 @@ class MiniFusionDecoderLayer(GradientCheckpointingLayer):
         has_mamba = self.mixer_type in ("mamba", "hybrid")
         self.attn = Attention(config, layer_idx) if has_attention else None
         self.mamba = MambaMixer(config, layer_idx) if has_mamba else None
-        self.fusion = GatedFusion(config, layer_idx) if self.mixer_type == "hybrid" else None
+        self.fusion = None
+        if self.mixer_type == "hybrid":
+            self.fusion = GatedFusion(config, layer_idx)
+        elif layer_idx in config.pruned_fusion_layers:  # a hybrid layer pruned to one branch
+            self.fusion = GatedFusion(config, layer_idx, keep=self.mixer_type)
         if self.ffn_type != "none":
             self.post_attention_layernorm = RMSNorm(hidden, eps=eps)
         self.mlp = SwiGLU(config) if self.ffn_type == "dense" else None

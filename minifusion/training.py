@@ -56,6 +56,7 @@ from .checkpoint import (
 from .data import TokenBlocks, TokenFile
 from .fusion import GatedFusion
 from .moe import MoE
+from .monitor import GateMonitor, plot_gate_heatmaps
 from .tokenizer import tokenizer_hash
 
 __all__ = [
@@ -610,7 +611,7 @@ def model_statistics(model: nn.Module) -> dict[str, float]:
     """
     stats: dict[str, float] = {}
     for name, module in model.named_modules():
-        if isinstance(module, GatedFusion):
+        if isinstance(module, GatedFusion) and module.keep is None:
             layer = _layer_index(name)
             stats[f"gate/layer{layer}/mean"] = float(module.gate_mean)
             stats[f"gate/layer{layer}/std"] = float(module.gate_std)
@@ -799,6 +800,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config)
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
         self.checkpoint_dir = self.out_dir / "checkpoints"
+        # per-layer gate statistics of the hybrid layers, per step and per evaluation (chapter 15)
+        self.gate_monitor = GateMonitor(self.model)
 
         self.step = 0  # optimizer steps taken (skipped non-finite steps included)
         self.tokens_seen = 0
@@ -830,6 +833,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "train_seconds": self.train_seconds,
             "rng": capture_rng_state(),
+            "gate_monitor": self.gate_monitor.state_dict(),
         }
 
     def _meta(self) -> dict[str, Any]:
@@ -873,6 +877,8 @@ class Trainer:
         self.batches.position = state["data_position"]
         self.skipped_steps = state["skipped_steps"]
         self.train_seconds = state["train_seconds"]
+        if "gate_monitor" in state:  # checkpoints written before chapter 15 have no history
+            self.gate_monitor.load_state_dict(state["gate_monitor"])
         restore_rng_state(state["rng"])
         if self.is_main:
             self.metrics.truncate_after(self.step)
@@ -972,7 +978,8 @@ class Trainer:
     def _evaluate_and_report(
         self, last_train: dict[str, Any], writer, *, final: bool
     ) -> EvalResult:
-        result = self.evaluate(None if final else -1)
+        with self.gate_monitor.evaluating(self.step):
+            result = self.evaluate(None if final else -1)
         text = self.sample()
         record = {
             "kind": "eval",
@@ -985,6 +992,11 @@ class Trainer:
             "val_tokens": result.tokens,
             "final": final,
         }
+        if self.gate_monitor.evaluations:
+            gates = self.gate_monitor.evaluations[-1]
+            for layer, mean, std in zip(gates.layers, gates.mean.tolist(), gates.std.tolist()):
+                record[f"val_gate/layer{layer}/mean"] = mean
+                record[f"val_gate/layer{layer}/std"] = std
         self.last_sample = text
         if not self.is_main:
             return result
@@ -997,6 +1009,7 @@ class Trainer:
             writer.add_text("sample", text, self.step)
             writer.flush()
         plot_loss_curve(self.metrics.read(), self.out_dir / "loss_curve.png")
+        plot_gate_heatmaps(self.gate_monitor, self.out_dir / "gate_heatmaps.png")
         if self.verbose:
             tqdm.write(
                 f"step {self.step:>5} | train loss {record['loss']:.3f} | val loss "
@@ -1040,6 +1053,7 @@ class Trainer:
                 while self.step < target:
                     step_start, tokens_before = time.perf_counter(), self.tokens_seen
                     numbers = self.train_step()
+                    self.gate_monitor.end_step(self.step)
                     self.train_seconds += time.perf_counter() - step_start
                     window_tokens += self.tokens_seen - tokens_before  # all ranks together
                     last = {"loss": numbers["loss"], "lr": numbers["lr"]}
@@ -1112,6 +1126,13 @@ class Trainer:
             if numbers[key]:
                 record[key] = numbers[key]
         record.update(numbers["statistics"])
+        monitor = self.gate_monitor
+        if monitor.steps and monitor.steps[-1] == self.step:  # this step over all micro-batches
+            for layer, mean, std in zip(
+                monitor.layers, monitor.step_mean[-1], monitor.step_std[-1]
+            ):
+                record[f"gate/layer{layer}/mean"] = mean
+                record[f"gate/layer{layer}/std"] = std
         return record
 
 

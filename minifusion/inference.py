@@ -1,0 +1,141 @@
+"""Chapter 15 — measuring generation: decode speed and what the cache holds.
+
+Generating text runs the model once over the prompt (*prefill*) and then once per new token
+(*decode*), each step reading the cache the earlier steps wrote (chapter 11). Two numbers decide
+what serving a model costs:
+
+* **decode tokens/s** — new tokens per second once the prompt is in the cache;
+* **cache bytes** — what the cache holds after ``context`` tokens. A plain transformer keeps
+  every key and value of every layer, so its cache grows linearly with the context. MiniFusion's
+  hybrid cache keeps every key only for the global heads, the last ``sliding_window`` keys for the
+  local heads, and a fixed-size state for each Mamba branch.
+
+:func:`measure_decode` measures both on any causal LM that takes a cache — ours (with a
+:class:`~minifusion.cache.HybridCache`) or a transformers model (with its own ``DynamicCache``),
+so the same loop times the reference. :func:`full_attention_config` gives the comparison model:
+the same shape with every layer a full-attention (Llama) layer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .cache import HybridCache
+from .config import MiniFusionConfig
+
+__all__ = ["DecodeMeasurement", "cache_bytes", "full_attention_config", "measure_decode"]
+
+
+@dataclass
+class DecodeMeasurement:
+    """One decode timing: ``new_tokens`` tokens per sequence after a ``context``-token prompt."""
+
+    context: int  # prompt tokens in the cache before the timed steps
+    new_tokens: int  # tokens decoded per sequence (timed)
+    batch_size: int
+    seconds: float  # best of the repeats, decode steps only (no prefill)
+    cache_bytes: int  # bytes the cache holds after the prompt and the new tokens
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch_size * self.new_tokens / self.seconds
+
+
+def full_attention_config(config: MiniFusionConfig) -> MiniFusionConfig:
+    """``config`` with every layer a full-attention layer (all heads global, no window).
+
+    Same hidden size, heads, KV heads and FFNs: the transformer whose KV cache a hybrid cache is
+    compared with. (Its parameter count differs where Mamba branches and gates were.)
+    """
+    values = config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures"):
+        values.pop(key, None)
+    values.update(
+        mixer_types=["attention"] * config.num_hidden_layers,
+        num_global_heads=config.num_attention_heads,
+        sliding_window=None,
+        pruned_fusion_layers=[],
+    )
+    return MiniFusionConfig(**values)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by a :class:`HybridCache` or a transformers ``Cache`` (its key/value tensors)."""
+    if isinstance(cache, HybridCache):
+        return sum(cache.memory_bytes().values())
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _new_cache(model: nn.Module, batch_size: int):
+    if (
+        hasattr(model, "model")
+        and hasattr(model.model, "layers")
+        and hasattr(model.model.layers[0], "mixer_type")
+    ):
+        return HybridCache(model.model, batch_size=batch_size)
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+@torch.inference_mode()
+def measure_decode(
+    model: nn.Module,
+    *,
+    context: int,
+    new_tokens: int = 32,
+    batch_size: int = 1,
+    repeats: int = 3,
+    seed: int = 0,
+) -> DecodeMeasurement:
+    """Greedy-decode ``new_tokens`` tokens after a random ``context``-token prompt; time the decode.
+
+    The prompt is filled into a fresh cache (not timed), then ``new_tokens`` single-token forward
+    passes run, each feeding back its argmax. The best of ``repeats`` runs is kept (the least
+    disturbed by other work on the machine). Works for MiniFusion models and for transformers'
+    causal LMs, so both go through the same loop.
+    """
+    if context < 1 or new_tokens < 1:
+        raise ValueError(f"context and new_tokens must be ≥ 1 (got {context}, {new_tokens}).")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and context + new_tokens > limit:
+        raise ValueError(
+            f"context + new_tokens = {context + new_tokens} exceeds the model's "
+            f"max_position_embeddings = {limit}: shorten the context or raise that setting."
+        )
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(
+        0, model.config.vocab_size, (batch_size, context), generator=generator
+    ).to(device)
+    best, held = float("inf"), 0
+    try:
+        for _ in range(max(repeats, 1)):
+            cache = _new_cache(model, batch_size)
+            out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1:].argmax(-1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(new_tokens):
+                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - start)
+            held = cache_bytes(cache)
+    finally:
+        model.train(was_training)
+    return DecodeMeasurement(context, new_tokens, batch_size, best, held)

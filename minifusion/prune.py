@@ -1,0 +1,247 @@
+"""Chapter 15 — pruning hybrid layers down to the branch they actually use.
+
+A hybrid layer pays for two branches. If its gate (chapter 10) sits near 1 the layer listens
+almost only to Mamba; near 0, almost only to attention. Removing the quiet branch then saves its
+weights, its compute and — for attention — its share of the KV cache, at little cost in quality.
+
+Three steps, each checkable:
+
+1. **Propose** (:func:`propose_plan`): from the gate statistics of a validation pass
+   (:class:`~minifusion.monitor.GateSnapshot`), per hybrid layer: ``"mamba"`` if its mean gate
+   is at least ``mamba_above``, ``"attention"`` if at most ``attention_below``, else ``"both"``.
+2. **Check** (:func:`check_plan`): every proposed removal is *measured*: the gate of that layer is
+   fixed at 1 (keep Mamba) or 0 (keep attention) — exactly what the pruned layer computes — and
+   the validation loss compared with the unpruned model's. A removal costing more than
+   ``max_loss_increase`` (nats/token) is refused. The accepted removals are then measured
+   together; while their joint cost exceeds the budget, the costliest is put back.
+3. **Prune** (:func:`prune_model`, :func:`export_pruned`): a new model whose pruned layers are
+   ``"attention"`` or ``"mamba"`` layers holding only the kept branch, its branch norm and
+   ``fusion_proj`` (``config.pruned_fusion_layers`` lists them); it computes the same function as
+   the gate-fixed model, loads with ``from_pretrained`` and generates like any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import MiniFusionConfig
+from .monitor import GateSnapshot, hybrid_fusions
+
+__all__ = [
+    "LayerDecision",
+    "PrunePlan",
+    "check_plan",
+    "export_pruned",
+    "forced_gates",
+    "propose_plan",
+    "prune_model",
+    "pruned_config",
+]
+
+KEEP_CHOICES = ("both", "attention", "mamba")
+# the gate value that keeps one branch: g weighs Mamba, 1 − g attention
+_GATE_FOR = {"attention": 0.0, "mamba": 1.0}
+
+
+def propose_plan(
+    snapshot: GateSnapshot, *, mamba_above: float = 0.9, attention_below: float = 0.1
+) -> dict[int, str]:
+    """``{layer: "both" | "attention" | "mamba"}`` for every hybrid layer of ``snapshot``.
+
+    A layer whose mean gate is ≥ ``mamba_above`` keeps only Mamba, ≤ ``attention_below`` only
+    attention; anything between keeps both.
+    """
+    if not 0.0 <= attention_below < mamba_above <= 1.0:
+        raise ValueError(
+            f"Thresholds attention_below={attention_below} and mamba_above={mamba_above} must "
+            "satisfy 0 ≤ attention_below < mamba_above ≤ 1 (e.g. 0.1 and 0.9)."
+        )
+    plan = {}
+    for layer, mean in zip(snapshot.layers, snapshot.mean.tolist()):
+        if mean >= mamba_above:
+            plan[layer] = "mamba"
+        elif mean <= attention_below:
+            plan[layer] = "attention"
+        else:
+            plan[layer] = "both"
+    return plan
+
+
+@contextmanager
+def forced_gates(model: nn.Module, keep: dict[int, str]) -> Iterator[None]:
+    """Fix the gates of the layers in ``keep`` (``{layer: "attention" | "mamba"}``) to 0 or 1
+    inside the block: the model then computes what the pruned model would."""
+    fusions = hybrid_fusions(model)
+    unknown = sorted(set(keep) - set(fusions))
+    if unknown:
+        raise ValueError(f"Layers {unknown} are not hybrid layers; hybrid: {sorted(fusions)}.")
+    try:
+        for layer, branch in keep.items():
+            if branch != "both":
+                fusions[layer].forced_gate = _GATE_FOR[_checked_branch(branch)]
+        yield
+    finally:
+        for layer in keep:
+            fusions[layer].forced_gate = None
+
+
+def _checked_branch(branch: str) -> str:
+    if branch not in KEEP_CHOICES:
+        raise ValueError(f"Unknown choice {branch!r}: use one of {list(KEEP_CHOICES)}.")
+    return branch
+
+
+@dataclass
+class LayerDecision:
+    """What happens to one hybrid layer, and what measuring it showed."""
+
+    layer: int
+    gate_mean: float  # mean gate over the validation tokens (1 = Mamba)
+    proposed: str  # from the thresholds
+    loss_increase: float | None = None  # validation loss with the removal − without (nats/token)
+    decision: str = "both"  # after the measurement
+    reason: str = ""
+
+
+@dataclass
+class PrunePlan:
+    """The checked plan: one :class:`LayerDecision` per hybrid layer, and the losses measured."""
+
+    decisions: list[LayerDecision]
+    baseline_loss: float  # validation loss of the unpruned model (nats/token)
+    pruned_loss: float  # with every accepted removal at once
+    max_loss_increase: float
+
+    @property
+    def keep(self) -> dict[int, str]:
+        """``{layer: "attention" | "mamba"}`` for the layers that lose a branch."""
+        return {d.layer: d.decision for d in self.decisions if d.decision != "both"}
+
+    def table(self) -> str:
+        """A text table of the decisions (for printing)."""
+        lines = [
+            "layer  gate mean  proposed   Δ val loss  decision   why",
+            "-----  ---------  ---------  ----------  ---------  ---",
+        ]
+        for d in self.decisions:
+            delta = "—" if d.loss_increase is None else f"{d.loss_increase:+.4f}"
+            lines.append(
+                f"{d.layer:>5}  {d.gate_mean:>9.3f}  {d.proposed:<9}  {delta:>10}  "
+                f"{d.decision:<9}  {d.reason}"
+            )
+        lines.append(
+            f"validation loss {self.baseline_loss:.4f} → {self.pruned_loss:.4f} "
+            f"({self.pruned_loss - self.baseline_loss:+.4f}; budget {self.max_loss_increase:+.4f})"
+        )
+        return "\n".join(lines)
+
+
+def check_plan(
+    model: nn.Module,
+    proposal: dict[int, str],
+    validation,
+    snapshot: GateSnapshot,
+    *,
+    max_loss_increase: float = 0.02,
+    batch_size: int = 8,
+    max_blocks: int | None = None,
+    device: torch.device | str | None = None,
+) -> PrunePlan:
+    """Measure each proposed removal's effect on the validation loss; keep those within budget.
+
+    ``validation``: a :class:`~minifusion.training.ValidationSet`; ``max_blocks`` limits the
+    measurement to its first blocks (the same blocks for every measurement, so the differences
+    are exact comparisons). Runs ``2 + (number of proposed removals)`` evaluations, or more when
+    the joint check has to put removals back.
+    """
+    from .training import evaluate
+
+    device = torch.device(device or next(model.parameters()).device)
+
+    def loss_with(keep: dict[int, str]) -> float:
+        with forced_gates(model, keep):
+            return evaluate(model, validation, batch_size=batch_size, max_blocks=max_blocks,
+                            device=device).loss  # fmt: skip
+
+    means = dict(zip(snapshot.layers, snapshot.mean.tolist()))
+    baseline = loss_with({})
+    decisions = []
+    for layer in sorted(proposal):
+        choice = _checked_branch(proposal[layer])
+        decision = LayerDecision(layer, means[layer], choice)
+        if choice == "both":
+            decision.reason = "gate between the thresholds"
+        else:
+            decision.loss_increase = loss_with({layer: choice}) - baseline
+            if decision.loss_increase <= max_loss_increase:
+                decision.decision, decision.reason = choice, "within budget"
+            else:
+                decision.reason = "costs more than the budget"
+        decisions.append(decision)
+
+    plan = PrunePlan(decisions, baseline, baseline, max_loss_increase)
+    while plan.keep:
+        plan.pruned_loss = loss_with(plan.keep)
+        if plan.pruned_loss - baseline <= max_loss_increase:
+            break
+        # together they cost too much: put back the removal that cost most on its own
+        costliest = max((d for d in decisions if d.decision != "both"),
+                        key=lambda d: d.loss_increase)  # fmt: skip
+        costliest.decision, costliest.reason = "both", "put back: joint cost over budget"
+        plan.pruned_loss = baseline
+    return plan
+
+
+def pruned_config(config: MiniFusionConfig, keep: dict[int, str]) -> MiniFusionConfig:
+    """``config`` with the layers in ``keep`` turned into single-branch (pruned) layers."""
+    mixer_types = list(config.mixer_types)
+    pruned = set(config.pruned_fusion_layers)
+    for layer, branch in keep.items():
+        if _checked_branch(branch) == "both":
+            continue
+        if mixer_types[layer] != "hybrid":
+            raise ValueError(
+                f"Layer {layer} is a {mixer_types[layer]!r} layer; only hybrid layers can be pruned."
+            )
+        mixer_types[layer] = branch
+        pruned.add(layer)
+    values = config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures"):
+        values.pop(key, None)
+    values.update(mixer_types=mixer_types, pruned_fusion_layers=sorted(pruned))
+    return MiniFusionConfig(**values)
+
+
+def prune_model(model: nn.Module, keep: dict[int, str] | PrunePlan) -> nn.Module:
+    """A new model with the branches in ``keep`` removed and every other weight copied.
+
+    The result computes what ``model`` computes with those gates fixed (see
+    :func:`forced_gates`); ``model`` itself is left untouched.
+    """
+    from .model import MiniFusionForCausalLM
+
+    if isinstance(keep, PrunePlan):
+        keep = keep.keep
+    config = pruned_config(model.config, keep)
+    pruned = MiniFusionForCausalLM(config).to(next(model.parameters()).device)
+    wanted = pruned.state_dict()
+    state = {name: tensor for name, tensor in model.state_dict().items() if name in wanted}
+    missing = sorted(set(wanted) - set(state))
+    if missing:  # every weight of the pruned model must come from the original
+        raise ValueError(f"The pruned model has weights the original lacks: {missing[:5]}")
+    pruned.load_state_dict(state)
+    return pruned.eval() if not model.training else pruned
+
+
+def export_pruned(model: nn.Module, keep: dict[int, str] | PrunePlan, tokenizer,
+                  directory: str | Path) -> Path:  # fmt: skip
+    """Prune ``model`` and write it as a Hugging Face folder (loads with ``from_pretrained``)."""
+    from .checkpoint import export_pretrained
+
+    return export_pretrained(prune_model(model, keep), tokenizer, directory).path
