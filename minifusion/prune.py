@@ -245,3 +245,70 @@ def export_pruned(model: nn.Module, keep: dict[int, str] | PrunePlan, tokenizer,
     from .checkpoint import export_pretrained
 
     return export_pretrained(prune_model(model, keep), tokenizer, directory).path
+
+
+# ---------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> int:
+    """``python -m minifusion.prune --run runs/tiny``: plan, check and export a pruned model.
+
+    Reads the run's exported model (``<run>/model``), its validation tokens (``<run>/val.bin``)
+    and block size (``<run>/config.yaml``); measures the gates, proposes and checks a plan,
+    writes ``<run>/pruned`` and prints validation loss, parameters, decode speed and cache size
+    before and after.
+    """
+    import argparse
+
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from .inference import measure_decode
+    from .monitor import collect_gate_statistics
+    from .tokenizer import load_tokenizer
+    from .training import ValidationSet, evaluate
+
+    parser = argparse.ArgumentParser(prog="python -m minifusion.prune", description=main.__doc__)
+    parser.add_argument("--run", required=True, type=Path, help="a finished run folder")
+    parser.add_argument("--out", type=Path, help="where to export (default <run>/pruned)")
+    parser.add_argument("--mamba-above", type=float, default=0.9)
+    parser.add_argument("--attention-below", type=float, default=0.1)
+    parser.add_argument("--max-loss-increase", type=float, default=0.02,
+                        help="validation loss a removal may cost, nats/token")  # fmt: skip
+    parser.add_argument("--blocks", type=int, default=64, help="validation blocks to measure on")
+    parser.add_argument("--context", type=int, default=512, help="prompt tokens for decode timing")
+    args = parser.parse_args(argv)
+
+    model_dir, val_file = args.run / "model", args.run / "val.bin"
+    for needed, hint in ((model_dir, "finish the run (it exports at max_steps)"),
+                         (val_file, "point --run at a run folder of minifusion.train")):  # fmt: skip
+        if not needed.exists():
+            parser.error(f"{needed} does not exist: {hint}.")
+    block_size = yaml.safe_load((args.run / "config.yaml").read_text())["data"]["block_size"]
+    tokenizer = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    validation = ValidationSet(val_file, block_size, tokenizer)
+    blocks = min(args.blocks, len(validation))
+    snapshot = collect_gate_statistics(model, validation, max_blocks=blocks)
+    proposal = propose_plan(
+        snapshot, mamba_above=args.mamba_above, attention_below=args.attention_below
+    )
+    plan = check_plan(model, proposal, validation, snapshot,
+                      max_loss_increase=args.max_loss_increase, max_blocks=blocks)  # fmt: skip
+    print(f"gate statistics and plan on {blocks} validation blocks of {block_size} tokens:")
+    print(plan.table())
+    out = export_pruned(model, plan, tokenizer, args.out or args.run / "pruned")
+    pruned = AutoModelForCausalLM.from_pretrained(out).eval()
+    context = min(args.context, model.config.max_position_embeddings - 32)
+    print(f"\n{'':<10}{'val loss':>10}{'val bpc':>9}{'parameters':>12}"
+          f"{'decode tok/s':>14}{'cache bytes':>13}  (context {context})")  # fmt: skip
+    for name, candidate in (("unpruned", model), ("pruned", pruned)):
+        result = evaluate(candidate, validation, batch_size=8, max_blocks=None)
+        speed = measure_decode(candidate, context=context, new_tokens=32)
+        parameters = sum(p.numel() for p in candidate.parameters())
+        print(f"{name:<10}{result.loss:>10.4f}{result.bpc:>9.4f}{parameters:>12,}"
+              f"{speed.tokens_per_s:>14.1f}{speed.cache_bytes:>13,}")  # fmt: skip
+    print(f"\npruned model written to {out} (loads with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

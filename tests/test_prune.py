@@ -184,3 +184,26 @@ def test_clear_errors_for_impossible_pruning():
                          pruned_fusion_layers=[0])  # fmt: skip
     with pytest.raises(ValueError, match="list only existing layers"):
         MiniFusionConfig(num_hidden_layers=2, pruned_fusion_layers=[3])
+
+
+def test_command_line_prunes_a_finished_run(prepared, tmp_path, capsys):  # noqa: F811
+    from minifusion.prune import main as prune_main
+    from minifusion.train import main as train_main
+    from tests.test_training import _preset
+
+    preset, run = _preset(tmp_path, prepared), tmp_path / "run"
+    assert train_main(["--config", str(preset), "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        prune_main(["--run", str(tmp_path / "nowhere")])
+    assert "does not exist" in capsys.readouterr().err
+    # thresholds that propose keeping Mamba in every layer, a budget that accepts it
+    assert prune_main(["--run", str(run), "--mamba-above", "0.01", "--attention-below", "0",
+                       "--max-loss-increase", "100", "--blocks", "4", "--context", "20"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert (
+        "within budget" in printed and "unpruned" in printed and "pruned model written" in printed
+    )
+    pruned = AutoModelForCausalLM.from_pretrained(run / "pruned")
+    assert pruned.config.mixer_types == ["mamba", "mamba"]
+    assert pruned.config.pruned_fusion_layers == [0, 1]
