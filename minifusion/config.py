@@ -592,6 +592,13 @@ class MiniFusionConfig(PreTrainedConfig):
         return float(sum(self.flops_breakdown(seq_len).values()))
 
     # ----------------------------------------------------------------------------- YAML ---
+    def replaced(self, **changes: Any) -> "MiniFusionConfig":
+        """A copy with ``changes`` applied, checked like a new config (this one is unchanged)."""
+        values = self.to_dict()
+        for key in ("model_type", "transformers_version", "architectures"):
+            values.pop(key, None)
+        return type(self)(**{**values, **changes})
+
     def to_yaml(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write the config as a preset: a ``model:`` section (+ optional other sections)."""
         document = {"model": {f: getattr(self, f) for f in sorted(_OWN_FIELDS)}}

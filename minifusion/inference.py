@@ -51,16 +51,12 @@ def full_attention_config(config: MiniFusionConfig) -> MiniFusionConfig:
     Same hidden size, heads, KV heads and FFNs: the transformer whose KV cache a hybrid cache is
     compared with. (Its parameter count differs where Mamba branches and gates were.)
     """
-    values = config.to_dict()
-    for key in ("model_type", "transformers_version", "architectures"):
-        values.pop(key, None)
-    values.update(
+    return config.replaced(
         mixer_types=["attention"] * config.num_hidden_layers,
         num_global_heads=config.num_attention_heads,
         sliding_window=None,
         pruned_fusion_layers=[],
     )
-    return MiniFusionConfig(**values)
 
 
 def cache_bytes(cache) -> int:

@@ -211,11 +211,7 @@ def pruned_config(config: MiniFusionConfig, keep: dict[int, str]) -> MiniFusionC
             )
         mixer_types[layer] = branch
         pruned.add(layer)
-    values = config.to_dict()
-    for key in ("model_type", "transformers_version", "architectures"):
-        values.pop(key, None)
-    values.update(mixer_types=mixer_types, pruned_fusion_layers=sorted(pruned))
-    return MiniFusionConfig(**values)
+    return config.replaced(mixer_types=mixer_types, pruned_fusion_layers=sorted(pruned))
 
 
 def prune_model(model: nn.Module, keep: dict[int, str] | PrunePlan) -> nn.Module:

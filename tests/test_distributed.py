@@ -176,6 +176,13 @@ def test_resume_at_another_world_size_carries_the_state_over(
     expected = _loss_from_checkpoint(run, run / "checkpoints/step_000003", 3 * 4, 4)
     assert losses[3][1] == pytest.approx(expected, rel=1e-5)
     assert all(math.isfinite(loss) for _, loss in losses[4:])
+    # the gate history (summed over ranks) went into the checkpoint and came back on resume
+    history = torch.load(run / "checkpoints/step_000006/gate_monitor.pt", weights_only=True)
+    assert history["layers"] == [0, 1] and history["steps"] == list(range(1, 7))
+    assert [s["step"] for s in history["evaluations"]] == [3, 6]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last_train = [r for r in records if r["kind"] == "train"][-1]
+    assert last_train["gate/layer1/mean"] == history["step_mean"][-1][1]
 
 
 def test_sigterm_on_one_rank_stops_all_with_a_usable_checkpoint(preset, tmp_path):
