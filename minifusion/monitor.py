@@ -36,6 +36,7 @@ from .fusion import GatedFusion
 
 __all__ = [
     "GateMonitor",
+    "not_recorded",
     "GateSnapshot",
     "collect_gate_statistics",
     "hybrid_fusions",
@@ -43,6 +44,21 @@ __all__ = [
     "plot_layer_channel",
     "plot_layer_step",
 ]
+
+
+_paused = 0  # > 0 inside `not_recorded()`: forward passes that no monitor should count
+
+
+@contextmanager
+def not_recorded() -> Iterator[None]:
+    """Forward passes inside are not counted by any :class:`GateMonitor` (e.g. the padding passes
+    a distributed evaluation runs so that every rank joins every collective)."""
+    global _paused
+    _paused += 1
+    try:
+        yield
+    finally:
+        _paused -= 1
 
 
 def hybrid_fusions(model: nn.Module) -> dict[int, GatedFusion]:
@@ -175,8 +191,8 @@ class GateMonitor:
 
     def _hook(self, row: int):
         def record(fusion: GatedFusion, inputs: tuple, output: torch.Tensor) -> None:
-            if fusion.forced_gate is not None:
-                return  # a measurement with the gate fixed, not the model's own gate
+            if fusion.forced_gate is not None or _paused:
+                return  # a measurement with the gate fixed, or a pass that scores nothing
             tokens = output.shape[:-1].numel()
             if self._evaluating:
                 self._eval.add(row, fusion, tokens)
@@ -301,11 +317,16 @@ def collect_gate_statistics(
 _GATE_LABEL = "gate g (1 = Mamba, 0 = attention)"
 
 
+def _panel_height(rows: int) -> float:
+    """Inches for a heatmap of ``rows`` layers: tall enough for the colorbar's label."""
+    return max(2.6, 0.5 + 0.45 * rows)
+
+
 def plot_layer_channel(snapshot: GateSnapshot, ax=None, *, colorbar: bool = True):
     """Heatmap of the per-channel mean gate: one row per hybrid layer, one column per channel."""
     import matplotlib.pyplot as plt
 
-    ax = ax or plt.subplots(figsize=(8, 0.5 + 0.45 * len(snapshot.layers)))[1]
+    ax = ax or plt.subplots(figsize=(8, _panel_height(len(snapshot.layers))))[1]
     image = ax.imshow(snapshot.channel_mean.numpy(), aspect="auto", cmap="coolwarm",
                       vmin=0.0, vmax=1.0, interpolation="nearest")  # fmt: skip
     ax.set_yticks(range(len(snapshot.layers)), [f"layer {i}" for i in snapshot.layers])
@@ -320,7 +341,7 @@ def plot_layer_step(monitor: GateMonitor, ax=None, *, colorbar: bool = True):
     """Heatmap of each hybrid layer's mean gate (rows) at every training step (columns)."""
     import matplotlib.pyplot as plt
 
-    ax = ax or plt.subplots(figsize=(8, 0.5 + 0.45 * len(monitor)))[1]
+    ax = ax or plt.subplots(figsize=(8, _panel_height(len(monitor))))[1]
     matrix = monitor.step_matrix().numpy()
     first, last = (monitor.steps[0], monitor.steps[-1]) if monitor.steps else (0, 0)
     image = ax.imshow(matrix, aspect="auto", cmap="coolwarm", vmin=0.0, vmax=1.0,
@@ -342,7 +363,7 @@ def plot_gate_heatmaps(monitor: GateMonitor, path: str | Path | None = None):
     import matplotlib.pyplot as plt
 
     rows = 2 if monitor.evaluations else 1
-    height = rows * (0.9 + 0.45 * len(monitor))
+    height = rows * (0.4 + _panel_height(len(monitor)))
     fig, axes = plt.subplots(rows, 1, figsize=(8, height), squeeze=False)
     plot_layer_step(monitor, axes[0][0])
     if monitor.evaluations:

@@ -163,6 +163,11 @@ def check_plan(
     from .training import evaluate
 
     device = torch.device(device or next(model.parameters()).device)
+    hybrid = set(hybrid_fusions(model))
+    unknown = sorted(set(proposal) - hybrid)
+    if unknown:
+        raise ValueError(f"The plan names layers {unknown}, which are not hybrid layers "
+                         f"(hybrid: {sorted(hybrid)}); plan only hybrid layers.")  # fmt: skip
 
     def loss_with(keep: dict[int, str]) -> float:
         with forced_gates(model, keep):
@@ -232,6 +237,10 @@ def prune_model(model: nn.Module, keep: dict[int, str] | PrunePlan) -> nn.Module
     if missing:  # every weight of the pruned model must come from the original
         raise ValueError(f"The pruned model has weights the original lacks: {missing[:5]}")
     pruned.load_state_dict(state)
+    with torch.no_grad():  # keep every tensor's dtype (a bf16 model stays bf16, A_log stays fp32)
+        for name, tensor in [*pruned.named_parameters(), *pruned.named_buffers()]:
+            if name in state and tensor.dtype != state[name].dtype:
+                tensor.data = tensor.data.to(state[name].dtype)
     return pruned.eval() if not model.training else pruned
 
 

@@ -56,7 +56,7 @@ from .checkpoint import (
 from .data import TokenBlocks, TokenFile
 from .fusion import GatedFusion
 from .moe import MoE
-from .monitor import GateMonitor, plot_gate_heatmaps
+from .monitor import GateMonitor, not_recorded, plot_gate_heatmaps
 from .tokenizer import tokenizer_hash
 
 __all__ = [
@@ -558,7 +558,8 @@ def validation_sums(
         pairs = [validation.blocks[i] for i in chunk or [0]]
         inputs = torch.stack([x for x, _ in pairs]).to(device)
         targets = torch.stack([y for _, y in pairs]).to(device)
-        with _autocast(device, dtype):
+        # a padding pass (no blocks left for this rank) scores nothing, so no gate statistics
+        with _autocast(device, dtype), nullcontext() if chunk else not_recorded():
             logits = model(input_ids=inputs).logits
         if chunk:
             nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")

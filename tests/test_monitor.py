@@ -180,3 +180,15 @@ def test_collect_gate_statistics_and_heatmaps(prepared):  # noqa: F811
         collect_gate_statistics(
             MiniFusionForCausalLM(small_config("llama", vocab_size=300)), validation
         )
+
+
+def test_padding_passes_of_a_distributed_evaluation_are_not_counted(prepared):  # noqa: F811
+    from minifusion.training import validation_sums
+
+    data, tokenizer = prepared
+    model = _model(vocab_size=300)
+    validation = ValidationSet(data.val_file, 16, tokenizer)
+    monitor = GateMonitor(model)
+    with monitor.evaluating(0):  # two blocks scored, then two padding passes for the collectives
+        _, tokens, _ = validation_sums(model, validation, [0, 2], batch_size=2, forward_passes=3)
+    assert tokens == 2 * 16 and monitor.evaluations[-1].tokens == tokens

@@ -207,3 +207,17 @@ def test_command_line_prunes_a_finished_run(prepared, tmp_path, capsys):  # noqa
     pruned = AutoModelForCausalLM.from_pretrained(run / "pruned")
     assert pruned.config.mixer_types == ["mamba", "mamba"]
     assert pruned.config.pruned_fusion_layers == [0, 1]
+
+
+def test_check_plan_names_non_hybrid_layers_and_pruning_keeps_dtypes():
+    model = MiniFusionForCausalLM(small_config("everything"))
+    with pytest.raises(ValueError, match=r"layers \[1\], which are not hybrid layers"):
+        check_plan(model, {1: "mamba"}, None, _snapshot([0.5, 0.5, 0.5, 0.5]))
+    bf16 = model.to(torch.bfloat16)  # Mamba's A_log, D and dt_proj stay fp32 (design.md)
+    pruned = prune_model(bf16, {0: "attention", 3: "mamba"})
+    source = dict(bf16.named_parameters())
+    for name, parameter in pruned.named_parameters():
+        assert parameter.dtype == source[name].dtype, name
+    assert pruned.model.layers[3].mamba.in_proj.weight.dtype == torch.bfloat16
+    assert pruned.model.layers[3].mamba.A_log.dtype == torch.float32
+    assert pruned.lm_head.weight is pruned.get_input_embeddings().weight  # still tied
