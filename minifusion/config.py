@@ -593,7 +593,12 @@ class MiniFusionConfig(PreTrainedConfig):
 
     # ----------------------------------------------------------------------------- YAML ---
     def replaced(self, **changes: Any) -> "MiniFusionConfig":
-        """A copy with ``changes`` applied, checked like a new config (this one is unchanged)."""
+        """A copy with ``changes`` applied, checked like a new config (this one is unchanged).
+
+        Derived sizes (``head_dim``, ``intermediate_size``, ``num_global_heads``, …) are copied as
+        they are, not derived again: to change ``hidden_size`` or the head count, build a new
+        config from the original arguments instead.
+        """
         values = self.to_dict()
         for key in ("model_type", "transformers_version", "architectures"):
             values.pop(key, None)
