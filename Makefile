@@ -63,10 +63,10 @@ notebooks: setup
 	  --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
 	  notebooks/*.ipynb chapters/*/solutions.ipynb
 
-bench: setup  ## benchmarks that print side-by-side tables (today: attention, MoE dispatch, scans)
-	$(BIN)/python -m bench.attention
-	$(BIN)/python -m bench.moe
-	$(BIN)/python -m bench.scan --save bench/results/scan_cpu.md
+# Scans, attention, MoE dispatch, training MFU, decode and cache memory (+ bench/why_hybrid.py
+# where present), on CUDA if there is a GPU; the other device's columns in RESULTS.md are kept.
+bench: setup  ## every benchmark → bench/RESULTS.md and the README's results section
+	$(BIN)/python -m bench
 
 lab: setup  ## open the chapters in JupyterLab
 	$(BIN)/jupyter lab notebooks/

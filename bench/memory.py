@@ -18,7 +18,13 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _configured = False
 
 
-def _configure_malloc() -> None:
+def configure_malloc() -> None:
+    """Make glibc return freed blocks of ≥ 64 KiB to the system (once per process, Linux only).
+
+    Call it before the first large allocation of a process that measures memory after other
+    work: glibc otherwise raises its mmap threshold as big blocks are freed, keeps later blocks
+    on its heap and reuses them, and a pass run after them shows no resident-memory growth.
+    """
     global _configured
     if _configured or not sys.platform.startswith("linux"):
         return
@@ -62,7 +68,7 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    _configure_malloc()
+    configure_malloc()
     if not _reset_high_water_mark():
         fn()
         return None

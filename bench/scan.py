@@ -248,11 +248,19 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _save(path: str, table: str, args: argparse.Namespace) -> None:
+    save_table(path, table, batch_size=args.batch_size, d_inner=args.d_inner,
+               d_state=args.d_state, device=args.device)  # fmt: skip
+
+
+def save_table(
+    path: str | Path, table: str, *, batch_size: int, d_inner: int, d_state: int, device: str
+) -> None:
+    """Write ``table`` to the Markdown file ``path`` under a line naming the sizes and machine."""
     from .timing import machine_description
 
     lines = [
-        f"Selective scan, forward + backward: batch {args.batch_size}, d_inner {args.d_inner}, "
-        f"d_state {args.d_state}, on {machine_description(torch.device(args.device))}. "
+        f"Selective scan, forward + backward: batch {batch_size}, d_inner {d_inner}, "
+        f"d_state {d_state}, on {machine_description(torch.device(device))}. "
         "Written by `python -m bench.scan`.",
         "",
         table,

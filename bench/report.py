@@ -1,0 +1,868 @@
+"""``make bench``: run every benchmark, write ``bench/RESULTS.md``, regenerate the README's results.
+
+    python -m bench                        # every benchmark on the default device (CUDA if any)
+    python -m bench --only training decode # some of them; the others keep their stored numbers
+    python -m bench --readme-only          # regenerate the README section from RESULTS.md
+
+Every table in RESULTS.md has a CPU and a GPU column group. The numbers behind the tables are kept
+at the end of RESULTS.md as JSON inside an HTML comment (invisible when the file is rendered);
+a run reads them back, replaces only its own device's entries and writes the file again, so a
+run on a GPU keeps the CPU numbers and a CPU run never erases GPU numbers. The README's section
+between ``<!-- bench:results:start -->`` and ``<!-- bench:results:end -->`` is generated from
+those same numbers.
+
+``bench/why_hybrid.py``, where present, contributes a section through its ``run(quick)`` and
+``markdown(results)`` functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib
+import importlib.util
+import inspect
+import json
+import re
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import attention, decode, moe, scan, training
+from .timing import machine_description
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_PATH = ROOT / "bench" / "RESULTS.md"
+README_PATH = ROOT / "README.md"
+SCAN_TABLE_PATH = ROOT / "bench" / "results" / "scan_cpu.md"  # the README's Benchmarks names it
+DEVICES = ("cpu", "gpu")
+GROUP = {"cpu": "CPU", "gpu": "GPU"}
+MISSING = "—"
+DATA_START = "<!-- bench:data"
+DATA_PATTERN = re.compile(r"<!-- bench:data[^\n]*\n(.*?)\n-->", re.DOTALL)
+README_START = "<!-- bench:results:start -->"
+README_END = "<!-- bench:results:end -->"
+
+Data = dict[str, Any]  # one benchmark's JSON-able results on one device
+PerDevice = dict[str, Data]  # {"cpu": data, "gpu": data}, either may be missing
+
+
+# ==============================================================================================
+# Running: each benchmark's run function turns keyword arguments into JSON-able data
+# ==============================================================================================
+def run_scan(
+    device: torch.device, table_path: str | Path | None = SCAN_TABLE_PATH, **kwargs: Any
+) -> Data:
+    """``bench.scan.run`` at its defaults (or ``kwargs``); on CPU it also writes ``table_path``
+    (what ``python -m bench.scan --save`` writes)."""
+    results = scan.run(device=device, **kwargs)
+    if device.type == "cpu" and table_path is not None:
+        shape = {k: kwargs.get(k, v) for k, v in _defaults(scan.measure).items()
+                 if k in ("batch_size", "d_inner", "d_state")}  # fmt: skip
+        scan.save_table(table_path, scan.format_table(results), device="cpu", **shape)
+    return {"measurements": [dataclasses.asdict(m) for m in results]}
+
+
+def run_attention(device: torch.device, **kwargs: Any) -> Data:
+    results = attention.run(device=device, **kwargs)
+    return {"measurements": [dataclasses.asdict(m) for m in results]}
+
+
+def run_moe(device: torch.device, **kwargs: Any) -> Data:
+    return {"seconds": moe.run(device=device, **kwargs)}
+
+
+def run_training(device: torch.device, **kwargs: Any) -> Data:
+    peak, results = training.run(device=device, **kwargs)
+    return {
+        "peak": dataclasses.asdict(peak),
+        "runs": [dataclasses.asdict(m) for m in results],
+    }
+
+
+def run_decode(device: torch.device, **kwargs: Any) -> Data:
+    return decode.run(device=device, **kwargs).to_dict()
+
+
+def run_why_hybrid(device: torch.device, quick: bool = False) -> Data | None:
+    """The other experiments' section, or ``None`` where ``bench/why_hybrid.py`` is absent."""
+    module = why_hybrid_module()
+    if module is None:
+        return None
+    return {"markdown": module.markdown(module.run(quick=quick)).strip()}
+
+
+def why_hybrid_present() -> bool:
+    """Whether ``bench/why_hybrid.py`` exists (found without importing it)."""
+    return importlib.util.find_spec(f"{__package__}.why_hybrid") is not None
+
+
+def why_hybrid_module():
+    """``bench.why_hybrid`` if it exists and has ``run`` and ``markdown``; else ``None``."""
+    if not why_hybrid_present():
+        return None
+    module = importlib.import_module(f"{__package__}.why_hybrid")
+    if not (callable(getattr(module, "run", None)) and callable(getattr(module, "markdown", None))):
+        return None
+    return module
+
+
+def _defaults(function: Callable) -> dict[str, Any]:
+    return {
+        name: p.default
+        for name, p in inspect.signature(function).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+RUNNERS: dict[str, Callable[..., Data | None]] = {
+    "scan": run_scan,
+    "attention": run_attention,
+    "moe": run_moe,
+    "training": run_training,
+    "decode": run_decode,
+    "why_hybrid": run_why_hybrid,
+}
+
+
+def default_sizes(device: torch.device) -> dict[str, dict[str, Any]]:
+    """Keyword arguments per benchmark: the modules' CPU defaults; more repeats on a GPU."""
+    if device.type != "cuda":
+        return {name: {} for name in RUNNERS}
+    return {
+        "scan": {"repeats": 10},
+        "attention": {"repeats": 10},
+        "moe": {"repeats": 10},
+        "training": {"matmul_sizes": (4096, 8192), "steps": 10, "warmup_steps": 3},
+        "decode": {"repeats": 5},
+        "why_hybrid": {},
+    }
+
+
+def device_key(device: torch.device) -> str:
+    """``"gpu"`` for CUDA, ``"cpu"`` for the CPU (the two column groups)."""
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device}: the results have CPU and CUDA GPU columns only.")
+    return "gpu" if device.type == "cuda" else "cpu"
+
+
+def run_benchmarks(
+    names: Iterable[str],
+    device: torch.device,
+    sizes: dict[str, dict[str, Any]] | None = None,
+    runners: dict[str, Callable[..., Data | None]] | None = None,
+) -> tuple[dict[str, Data], list[str]]:
+    """Run ``names`` in order; returns ``({name: data}, [names that failed])``.
+
+    A benchmark that fails is reported and skipped (its stored numbers stay); one that returns
+    ``None`` (``why_hybrid`` when absent) is left out.
+    """
+    sizes = default_sizes(device) if sizes is None else sizes
+    runners = RUNNERS if runners is None else runners
+    results: dict[str, Data] = {}
+    failed: list[str] = []
+    for name in names:
+        started = time.perf_counter()
+        print(f"[bench] {name} …", flush=True)
+        try:
+            data = runners[name](device, **sizes.get(name, {}))
+        except Exception:  # one broken benchmark must not cost the others' numbers
+            traceback.print_exc()
+            failed.append(name)
+            continue
+        if data is None:
+            print(f"[bench] {name}: not available, skipped")
+            continue
+        data["elapsed_s"] = time.perf_counter() - started
+        data["date"] = _now()
+        results[name] = data
+        for section in SECTIONS_BY_BENCHMARK[name]:
+            print(section.detail(data) if section.detail else data.get("markdown", ""))
+        print(f"[bench] {name}: {data['elapsed_s']:.0f} s", flush=True)
+    return results, failed
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# ==============================================================================================
+# Storing: the JSON kept at the end of RESULTS.md, merged per device
+# ==============================================================================================
+def read_data(path: str | Path) -> dict[str, Any]:
+    """The stored results (``{"cpu": {...}, "gpu": {...}}``); empty if there are none yet."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    match = DATA_PATTERN.search(path.read_text(encoding="utf-8"))
+    if match is None:
+        return {}
+    try:
+        return json.loads(match.group(1))
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"The stored numbers at the end of {path} are not valid JSON ({error}); the file is "
+            "generated, so restore it from version control or delete it and run again."
+        ) from None
+
+
+def merge(
+    stored: dict[str, Any],
+    device: str,
+    results: dict[str, Data],
+    *,
+    machine: str,
+    seconds: float,
+    date: str,
+) -> dict[str, Any]:
+    """``stored`` with this run's ``results`` on ``device``; every other entry is kept."""
+    merged = json.loads(json.dumps(stored))  # a deep copy
+    entry = merged.setdefault(device, {})
+    entry.update(machine=machine, date=date, seconds=seconds, ran=sorted(results))
+    entry.setdefault("benchmarks", {}).update(results)
+    return merged
+
+
+def data_block(data: dict[str, Any]) -> str:
+    """The JSON comment that ends RESULTS.md (``-->`` never occurs inside it)."""
+    text = json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False)
+    # ">" inside a JSON string may be written \u003e: a "-->" there would close the comment.
+    text = text.replace("-->", "--\\u003e")
+    return (
+        f"{DATA_START} (the numbers behind the tables above; read back by the next run)\n"
+        f"{text}\n-->"
+    )
+
+
+# ==============================================================================================
+# Rendering: tables with a CPU and a GPU column group
+# ==============================================================================================
+def grouped_table(
+    key_header: str,
+    columns: list[str],
+    cells: dict[str, dict[Any, list[str]]],
+    keys: list[Any] | None = None,
+    label: Callable[[Any], str] = str,
+) -> str:
+    """A Markdown table: one row per key, then ``columns`` once for the CPU and once for the GPU.
+
+    ``cells[device][key]`` is a row's cells for that device; a device or key without them shows
+    ``—``. ``keys`` fixes the row order (default: every key seen, in order of appearance).
+    """
+    if keys is None:
+        keys = list(dict.fromkeys(k for device in DEVICES for k in cells.get(device, {})))
+    header = [key_header] + [f"{GROUP[d]}: {c}" for d in DEVICES for c in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in keys:
+        row = [label(key)]
+        for device in DEVICES:
+            row += cells.get(device, {}).get(key) or [MISSING] * len(columns)
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _sorted_union(per_device: PerDevice, keys_of: Callable[[Data], Iterable[Any]]) -> list[Any]:
+    return sorted({k for data in per_device.values() for k in keys_of(data)})
+
+
+def _ratio(value: float | None, reference: float | None, suffix: str = "") -> str:
+    if value is None or not reference:
+        return "n/a"
+    return f"{value / reference:.2f}{suffix}"
+
+
+def _join_readings(per_device: PerDevice, reading: Callable[[Data], str]) -> str:
+    parts = [f"{GROUP[d]}: {reading(per_device[d])}" for d in DEVICES if d in per_device]
+    return " ".join(parts) if parts else "Not run yet."
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section of RESULTS.md, drawn from one benchmark's data on each device."""
+
+    title: str
+    benchmark: str
+    intro: str  # what was measured (sizes live in the detail tables)
+    table: Callable[[PerDevice], str]  # the CPU | GPU table
+    reading: Callable[[Data], str] | None  # one line per device, numbers from the data only
+    detail: Callable[[Data], str] | None  # the full table of one device, as its module prints
+
+
+# ---------------------------------------------------------------------------------- scan ---
+def _scan_measurements(data: Data) -> list[scan.Measurement]:
+    return [scan.Measurement(**m) for m in data["measurements"]]
+
+
+def _scan_index(data: Data) -> dict[tuple[str, int], dict]:
+    return {(m["scan"], m["seq_len"]): m for m in data["measurements"]}
+
+
+SCAN_OTHERS = ("chunked", "transformers", "cuda")
+
+
+def scan_table(per_device: PerDevice) -> str:
+    columns = [f"sequential / {s} time" for s in SCAN_OTHERS] + ["chunked / sequential memory"]
+    cells = {}
+    for device, data in per_device.items():
+        index, rows = _scan_index(data), {}
+        for (name, n), base in index.items():
+            if name != "sequential":
+                continue
+            row = [_speedup(base, index.get((s, n))) for s in SCAN_OTHERS]
+            chunked = index.get(("chunked", n))
+            row.append(
+                _ratio(chunked and chunked["peak_bytes"], base["peak_bytes"]) if chunked else "n/a"
+            )
+            rows[n] = row
+        cells[device] = rows
+    keys = _sorted_union(per_device, lambda d: (m["seq_len"] for m in d["measurements"]))
+    return grouped_table("L", columns, cells, keys)
+
+
+def _speedup(base: dict, other: dict | None) -> str:
+    return MISSING if other is None else f"{base['seconds'] / other['seconds']:.1f}×"
+
+
+def scan_reading(data: Data) -> str:
+    index = _scan_index(data)
+    n = max(m["seq_len"] for m in data["measurements"] if m["scan"] == "chunked")
+    base, chunked = index[("sequential", n)], index[("chunked", n)]
+    text = (
+        f"at L = {n} the chunked scan is {base['seconds'] / chunked['seconds']:.1f}× as fast as "
+        "the sequential loop"
+    )
+    if base["peak_bytes"] and chunked["peak_bytes"] is not None:
+        text += f" and needs {chunked['peak_bytes'] / base['peak_bytes']:.2f}× its memory"
+    if ("cuda", n) in index:
+        text += (
+            f"; the CUDA kernel is {base['seconds'] / index[('cuda', n)]['seconds']:.1f}× as fast"
+        )
+    return text + "."
+
+
+def scan_detail(data: Data) -> str:
+    return scan.format_table(_scan_measurements(data))
+
+
+# ----------------------------------------------------------------------------- attention ---
+def _attention_index(data: Data) -> dict[tuple[str, int], dict]:
+    return {(m["pattern"], m["seq_len"]): m for m in data["measurements"]}
+
+
+def attention_table(per_device: PerDevice) -> str:
+    columns = ["local / full time", "mixed / full time", "local / full memory",
+               "mixed / full memory"]  # fmt: skip
+    cells = {}
+    for device, data in per_device.items():
+        index, rows = _attention_index(data), {}
+        for (pattern, n), full in index.items():
+            if pattern != "full":
+                continue
+            local, mixed = index[("local", n)], index[("mixed", n)]
+            rows[n] = [
+                _ratio(local["seconds"], full["seconds"]),
+                _ratio(mixed["seconds"], full["seconds"]),
+                _ratio(local["peak_bytes"], full["peak_bytes"]),
+                _ratio(mixed["peak_bytes"], full["peak_bytes"]),
+            ]
+        cells[device] = rows
+    keys = _sorted_union(per_device, lambda d: (m["seq_len"] for m in d["measurements"]))
+    return grouped_table("T", columns, cells, keys)
+
+
+def attention_reading(data: Data) -> str:
+    index = _attention_index(data)
+    n = max(m["seq_len"] for m in data["measurements"])
+    full, local = index[("full", n)], index[("local", n)]
+    text = (
+        f"at T = {n} all-local heads take {local['seconds'] / full['seconds']:.2f}× the time of "
+        "full causal attention"
+    )
+    if full["peak_bytes"] and local["peak_bytes"] is not None:
+        text += f" and {local['peak_bytes'] / full['peak_bytes']:.2f}× its peak memory"
+    return text + "."
+
+
+def attention_detail(data: Data) -> str:
+    return attention.format_table([attention.Measurement(**m) for m in data["measurements"]])
+
+
+# ----------------------------------------------------------------------------------- MoE ---
+MOE_ROWS = {"loop": "per-token loop", "grouped": "grouped dispatch", "dense": "dense SwiGLU"}
+
+
+def moe_table(per_device: PerDevice) -> str:
+    cells = {
+        device: {
+            name: [f"{value * 1e3:.1f}", _ratio(value, data["seconds"]["dense"])]
+            for name, value in data["seconds"].items()
+        }
+        for device, data in per_device.items()
+    }
+    return grouped_table(
+        "dispatch", ["ms", "ratio to dense"], cells, list(MOE_ROWS), label=MOE_ROWS.get
+    )
+
+
+def moe_reading(data: Data) -> str:
+    s = data["seconds"]
+    return (
+        f"grouped dispatch takes {s['grouped'] / s['dense']:.2f}× the time of a dense SwiGLU "
+        f"with the same active parameters; the per-token loop {s['loop'] / s['dense']:.1f}×."
+    )
+
+
+def moe_detail(data: Data) -> str:
+    # the stored JSON has its keys sorted: put the rows back in the benchmark's order
+    return moe.format_table({name: data["seconds"][name] for name in MOE_ROWS})
+
+
+# ------------------------------------------------------------------------------ training ---
+def _training_objects(data: Data) -> tuple[training.MatmulPeak, list[training.TrainingMeasurement]]:
+    return (
+        training.MatmulPeak(**data["peak"]),
+        [training.TrainingMeasurement(**m) for m in data["runs"]],
+    )
+
+
+def training_table(per_device: PerDevice) -> str:
+    columns = ["dtype", "batch × length", "tokens/s", "GFLOP/s", "MFU"]
+    cells: dict[str, dict[str, list[str]]] = {}
+    for device, data in per_device.items():
+        peak, runs = _training_objects(data)
+        rows = {
+            "dense matmul peak": [peak.dtype, f"n = {peak.size}", MISSING,
+                                  f"{peak.flops_per_s / 1e9:.1f}", "100 %"],
+        }  # fmt: skip
+        for m in runs:
+            rows[m.preset] = [
+                m.precision,
+                f"{m.batch_size} × {m.seq_len}",
+                f"{m.tokens_per_s:,.0f}",
+                f"{m.model_flops_per_s / 1e9:.1f}",
+                f"{100 * training.mfu(m.flops_per_token, m.tokens_per_s, peak.flops_per_s):.1f} %",
+            ]
+        cells[device] = rows
+    return grouped_table("run", columns, cells)
+
+
+def training_reading(data: Data) -> str:
+    peak, runs = _training_objects(data)
+    parts = [
+        f"{m.preset} trains at {m.tokens_per_s:,.0f} tokens/s, "
+        f"{100 * training.mfu(m.flops_per_token, m.tokens_per_s, peak.flops_per_s):.1f} % MFU"
+        for m in runs
+    ]
+    return (
+        "; ".join(parts)
+        + f" (peak: {peak.flops_per_s / 1e9:.1f} GFLOP/s in {peak.dtype}, n = {peak.size})."
+    )
+
+
+def training_detail(data: Data) -> str:
+    return training.format_table(*_training_objects(data))
+
+
+# -------------------------------------------------------------------------------- decode ---
+def _decode_results(data: Data) -> decode.DecodeResults:
+    return decode.DecodeResults.from_dict(data)
+
+
+def decode_table(per_device: PerDevice) -> str:
+    cells: dict[str, dict[tuple[int, str], list[str]]] = {}
+    for device, data in per_device.items():
+        results = _decode_results(data)
+        llama = {s.context: s.tokens_per_s for s in results.speeds if s.model == "llama"}
+        cells[device] = {
+            (s.context, s.model): [
+                f"{s.tokens_per_s:,.1f}",
+                _ratio(s.tokens_per_s, llama[s.context]),
+            ]
+            for s in results.speeds
+        }
+    contexts = _sorted_union(per_device, lambda d: (s["context"] for s in d["speeds"]))
+    keys = [(c, m) for c in contexts for m in decode.MODELS]
+    return grouped_table(
+        "context, model", ["tokens/s", "ratio to Llama"], cells, keys,
+        label=lambda key: f"{key[0]}, {decode.LABELS[key[1]]}",
+    )  # fmt: skip
+
+
+def decode_reading(data: Data) -> str:
+    results = _decode_results(data)
+    by_key = {(s.context, s.model): s.tokens_per_s for s in results.speeds}
+    parts = [
+        f"after {c} tokens the hybrid decodes at "
+        f"{by_key[(c, 'hybrid')] / by_key[(c, 'llama')]:.2f}× Llama's speed "
+        f"(full-attention twin {by_key[(c, 'full_attention')] / by_key[(c, 'llama')]:.2f}×)"
+        for c in sorted({s.context for s in results.speeds})
+    ]
+    return "; ".join(parts) + "."
+
+
+def decode_detail(data: Data) -> str:
+    results = _decode_results(data)
+    return decode.parameter_note(results) + "\n\n" + decode.format_speed_table(results)
+
+
+def cache_table(per_device: PerDevice) -> str:
+    columns = ["hybrid MiB", "full attention MiB", "Llama MiB", "hybrid / Llama",
+               "formula = measured"]  # fmt: skip
+    cells: dict[str, dict[int, list[str]]] = {}
+    for device, data in per_device.items():
+        results = _decode_results(data)
+        by_key = {(c.model, c.tokens): c for c in results.caches}
+        rows = {}
+        for tokens in sorted({c.tokens for c in results.caches}):
+            row = [by_key[(m, tokens)] for m in decode.MODELS]
+            rows[tokens] = [f"{c.bytes / 2**20:.3f}" for c in row] + [
+                _ratio(row[0].bytes, row[2].bytes),
+                "yes" if all(c.bytes == c.formula_bytes for c in row) else "no",
+            ]
+        cells[device] = rows
+    keys = _sorted_union(per_device, lambda d: (c["tokens"] for c in d["caches"]))
+    return grouped_table("tokens", columns, cells, keys)
+
+
+def cache_reading(data: Data) -> str:
+    results = _decode_results(data)
+    if not results.caches:
+        return "not measured."
+    n = max(c.tokens for c in results.caches)
+    by_key = {(c.model, c.tokens): c.bytes for c in results.caches}
+    hybrid, llama = by_key[("hybrid", n)], by_key[("llama", n)]
+    return (
+        f"after {n} tokens the hybrid cache holds {hybrid / 2**20:.2f} MiB, "
+        f"{hybrid / llama:.2f}× Llama's {llama / 2**20:.2f} MiB."
+    )
+
+
+def cache_detail(data: Data) -> str:
+    results = _decode_results(data)
+    return decode.format_cache_table(results) if results.caches else "not measured"
+
+
+# ---------------------------------------------------------------------------- why hybrid ---
+def why_hybrid_table(per_device: PerDevice) -> str:
+    """Each device's text from ``bench.why_hybrid.markdown``, its headings one level down and
+    the first one labelled with the device."""
+    blocks = [_demoted(per_device[d]["markdown"], GROUP[d]) for d in DEVICES if d in per_device]
+    if blocks:
+        return "\n\n".join(blocks)
+    if not why_hybrid_present():
+        return "Not run: `bench/why_hybrid.py` is not in this checkout."
+    return "Not run yet."
+
+
+def _demoted(markdown: str, label: str) -> str:
+    lines = [f"#{line}" if line.startswith("#") else line for line in markdown.splitlines()]
+    if lines and lines[0].startswith("### "):
+        lines[0] = f"### {label}: {lines[0][4:]}"
+    else:
+        lines.insert(0, f"### {label}\n")
+    return "\n".join(lines)
+
+
+SECTIONS = (
+    Section(
+        "Selective scan", "scan",
+        "Forward + backward of the selective scan (`python -m bench.scan`): speed-ups over the "
+        "sequential loop, and the chunked scan's peak memory relative to the loop's. "
+        "transformers' pure-PyTorch reference runs only at short lengths (its backward pass is "
+        "O(L²)); the CUDA kernel only on a GPU with mamba-ssm.",
+        scan_table, scan_reading, scan_detail,
+    ),
+    Section(
+        "Attention: full, local and mixed heads", "attention",
+        "Forward + backward of one attention layer (`python -m bench.attention`) with all heads "
+        "global (full causal), all local (sliding window) or half and half, relative to full.",
+        attention_table, attention_reading, attention_detail,
+    ),
+    Section(
+        "Mixture-of-Experts dispatch", "moe",
+        "Forward + backward of one MoE layer (`python -m bench.moe`): a per-token loop, the "
+        "package's grouped dispatch, and a dense SwiGLU with the same active parameters.",
+        moe_table, moe_reading, moe_detail,
+    ),
+    Section(
+        "Training throughput and MFU", "training",
+        "Full optimizer steps on random tokens (`python -m bench.training`). MFU = 3 × the "
+        "config's forward FLOPs per token × tokens/s ÷ the dense-matmul peak measured in the same "
+        "run (forward + backward ≈ 3 forward passes); GFLOP/s counts the same 3 × forward.",
+        training_table, training_reading, training_detail,
+    ),
+    Section(
+        "Decode speed", "decode",
+        "Greedy decoding, batch 1, after a random prompt (`python -m bench.decode`), through "
+        "`minifusion.inference.measure_decode`: the tiny hybrid, its full-attention twin "
+        "(`full_attention_config`) and transformers' `LlamaForCausalLM` of the same sizes; "
+        "ratios to Llama.",
+        decode_table, decode_reading, decode_detail,
+    ),
+    Section(
+        "Cache memory vs context length", "decode",
+        "Bytes each model's cache holds after that many tokens (batch 1, fp32), read off the cache "
+        "tensors: MiniFusion's `HybridCache` and transformers' `DynamicCache`. The last column "
+        "says whether every measurement equals the size a formula from the config predicts.",
+        cache_table, cache_reading, cache_detail,
+    ),
+    Section(
+        "Why hybrid?", "why_hybrid",
+        "Experiments from `bench/why_hybrid.py`.",
+        why_hybrid_table, None, None,
+    ),
+)  # fmt: skip
+SECTIONS_BY_BENCHMARK: dict[str, list[Section]] = {}
+for _section in SECTIONS:
+    SECTIONS_BY_BENCHMARK.setdefault(_section.benchmark, []).append(_section)
+
+
+def render_section(section: Section, stored: dict[str, Any]) -> str:
+    """Title, what was measured, the CPU | GPU table, the reading and each device's full table."""
+    per_device = {
+        d: stored[d]["benchmarks"][section.benchmark]
+        for d in DEVICES
+        if section.benchmark in stored.get(d, {}).get("benchmarks", {})
+    }
+    parts = [f"## {section.title}", section.intro, _measured_line(per_device)]
+    parts.append(section.table(per_device))
+    if section.reading is not None:
+        parts.append(_join_readings(per_device, section.reading))
+    for device in DEVICES:
+        if section.detail is not None and device in per_device:
+            parts.append(
+                f"<details><summary>{GROUP[device]}: the full table</summary>\n\n"
+                f"{section.detail(per_device[device])}\n\n</details>"
+            )
+    return "\n\n".join(parts)
+
+
+def _measured_line(per_device: PerDevice) -> str:
+    parts = [
+        f"{GROUP[d]} {per_device[d]['date']} ({per_device[d]['elapsed_s']:.0f} s)"
+        if d in per_device
+        else f"{GROUP[d]} not yet"
+        for d in DEVICES
+    ]
+    return "_Measured: " + "; ".join(parts) + "._"
+
+
+def render_results(stored: dict[str, Any]) -> str:
+    """The whole RESULTS.md: header, one section per benchmark, the stored numbers."""
+    lines = [
+        "# MiniFusion benchmark results",
+        "",
+        "Written by `make bench` (`python -m bench`) — do not edit by hand: every number below "
+        "comes from a run, and the README's results section is generated from this file. Each "
+        "table has a CPU and a GPU column group; a run fills its own device's columns and keeps "
+        "the other's. Times are wall-clock on a machine that may have been shared with other "
+        "work, so ratios are steadier than absolute numbers.",
+        "",
+        "| device | machine | last run | benchmarks in it | run time |",
+        "|---|---|---|---|---|",
+    ]
+    for device in DEVICES:
+        entry = stored.get(device)
+        if entry is None:
+            lines.append(f"| {GROUP[device]} | not run yet | {MISSING} | {MISSING} | {MISSING} |")
+        else:
+            lines.append(
+                f"| {GROUP[device]} | {entry['machine']} | {entry['date']} "
+                f"| {', '.join(entry['ran'])} | {format_duration(entry['seconds'])} |"
+            )
+    body = [render_section(section, stored) for section in SECTIONS]
+    return "\n".join(lines) + "\n\n" + "\n\n".join(body) + "\n\n" + data_block(stored) + "\n"
+
+
+def format_duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
+
+
+# ==============================================================================================
+# The README's section: headline ratios, generated from RESULTS.md
+# ==============================================================================================
+def headline_rows(stored: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
+    """``[(what, {device: cell})]``: the headline numbers, one row per measurement."""
+    headlines = list(HEADLINES)
+    for preset in _training_presets(stored):
+        headlines.insert(
+            len(headlines) - 2,  # before decode and cache
+            (f"Training `{preset}`: tokens/s (MFU vs the measured matmul peak)", "training",
+             lambda d, p=preset: _headline_training(d, p)),
+        )  # fmt: skip
+    rows = []
+    for what, benchmark, cell in headlines:
+        values = {}
+        for device in DEVICES:
+            data = stored.get(device, {}).get("benchmarks", {}).get(benchmark)
+            value = cell(data) if data is not None else None
+            values[device] = MISSING if value is None else value
+        rows.append((what, values))
+    return rows
+
+
+def _headline_scan(data: Data) -> str:
+    index = _scan_index(data)
+    n = max(m["seq_len"] for m in data["measurements"] if m["scan"] == "chunked")
+    return (
+        f"{index[('sequential', n)]['seconds'] / index[('chunked', n)]['seconds']:.1f}× (L = {n})"
+    )
+
+
+def _headline_attention(data: Data, key: str) -> str:
+    index = _attention_index(data)
+    n = max(m["seq_len"] for m in data["measurements"])
+    return f"{_ratio(index[('local', n)][key], index[('full', n)][key], '×')} (T = {n})"
+
+
+def _training_presets(stored: dict[str, Any]) -> list[str]:
+    presets = []
+    for device in DEVICES:
+        data = stored.get(device, {}).get("benchmarks", {}).get("training")
+        presets += [m["preset"] for m in data["runs"]] if data else []
+    return list(dict.fromkeys(presets))
+
+
+def _headline_training(data: Data, preset: str) -> str | None:
+    peak, runs = _training_objects(data)
+    for m in runs:
+        if m.preset == preset:
+            share = training.mfu(m.flops_per_token, m.tokens_per_s, peak.flops_per_s)
+            return f"{m.tokens_per_s:,.0f} ({100 * share:.1f} %)"
+    return None
+
+
+def _headline_decode(data: Data) -> str:
+    results = _decode_results(data)
+    n = max(s.context for s in results.speeds)
+    by_model = {s.model: s.tokens_per_s for s in results.speeds if s.context == n}
+    return f"{by_model['hybrid'] / by_model['llama']:.2f}× (context {n})"
+
+
+def _headline_cache(data: Data) -> str | None:
+    results = _decode_results(data)
+    if not results.caches:
+        return None
+    n = max(c.tokens for c in results.caches)
+    by_model = {c.model: c.bytes for c in results.caches if c.tokens == n}
+    return f"{by_model['hybrid'] / by_model['llama']:.2f}× ({n} tokens)"
+
+
+# (what, benchmark, cell from that benchmark's data); training rows are added per preset.
+HEADLINES: tuple[tuple[str, str, Callable[[Data], str | None]], ...] = (
+    ("Selective scan: chunked vs sequential loop, speed-up at the longest L", "scan",
+     _headline_scan),
+    ("Attention: all-local vs full heads, time at the longest T", "attention",
+     lambda d: _headline_attention(d, "seconds")),
+    ("Attention: all-local vs full heads, peak memory at the longest T", "attention",
+     lambda d: _headline_attention(d, "peak_bytes")),
+    ("MoE: grouped dispatch vs dense SwiGLU (same active parameters), time", "moe",
+     lambda d: f"{d['seconds']['grouped'] / d['seconds']['dense']:.2f}×"),
+    ("Decode: hybrid vs transformers Llama, tokens/s at the longest context", "decode",
+     _headline_decode),
+    ("Cache: hybrid vs transformers Llama, bytes at the longest context", "decode",
+     _headline_cache),
+)  # fmt: skip
+
+
+def readme_section(stored: dict[str, Any], results_link: str = "bench/RESULTS.md") -> str:
+    """The generated text that goes between the README's markers."""
+    machines = [
+        f"{GROUP[d]}: {stored[d]['machine']}, {stored[d]['date']}" for d in DEVICES if d in stored
+    ]
+    lines = [
+        "Headline numbers of the last `make bench` (ratios are steadier than absolute times; "
+        f"every table, size and reading is in [`{results_link}`]({results_link})). "
+        + ("Machines — " + "; ".join(machines) + "." if machines else "Not run yet."),
+        "",
+        "| measurement | CPU | GPU |",
+        "|---|---|---|",
+    ]
+    for what, values in headline_rows(stored):
+        lines.append(f"| {what} | {values['cpu']} | {values['gpu']} |")
+    return "\n".join(lines)
+
+
+def update_readme(readme: str | Path, results: str | Path) -> bool:
+    """Regenerate the text between the README's markers from RESULTS.md; ``True`` if it changed.
+
+    Only the marked region is rewritten; running it again with the same RESULTS.md changes
+    nothing.
+    """
+    readme = Path(readme)
+    text = readme.read_text(encoding="utf-8")
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(
+            f"{readme} has no results markers: add a line {README_START} and, below it, a line "
+            f"{README_END} where the benchmark summary should go."
+        )
+    new = (
+        text[: start + len(README_START)]
+        + "\n"
+        + readme_section(read_data(results))
+        + "\n"
+        + text[end:]
+    )
+    if new != text:
+        readme.write_text(new, encoding="utf-8")
+    return new != text
+
+
+# ==============================================================================================
+# The command
+# ==============================================================================================
+def write_results(path: str | Path, stored: dict[str, Any]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(render_results(stored), encoding="utf-8")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_and_write(device_name: str, only: list[str] | None, results_path: str | Path) -> list[str]:
+    """Run the benchmarks, merge them into ``results_path``; returns the names that failed."""
+    device = resolve_device(device_name)
+    key = device_key(device)  # refuses a device without a column group before any work
+    previous = read_data(results_path)  # and a broken results file, too
+    started = time.perf_counter()
+    results, failed = run_benchmarks(only or list(RUNNERS), device)
+    seconds = time.perf_counter() - started
+    stored = merge(
+        previous, key, results, machine=machine_description(device), seconds=seconds, date=_now()
+    )
+    write_results(results_path, stored)
+    print(f"[bench] wrote {results_path} in {format_duration(seconds)}")
+    if failed:
+        print(f"[bench] failed: {', '.join(failed)} (their earlier numbers were kept)")
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    parser.add_argument("--only", nargs="+", choices=list(RUNNERS), help="run only these")
+    parser.add_argument("--results", default=str(RESULTS_PATH))
+    parser.add_argument("--readme", default=str(README_PATH))
+    parser.add_argument("--no-readme", action="store_true", help="leave the README alone")
+    parser.add_argument("--readme-only", action="store_true", help="only regenerate the README")
+    args = parser.parse_args(argv)
+    failed = [] if args.readme_only else run_and_write(args.device, args.only, args.results)
+    if not args.no_readme:
+        changed = update_readme(args.readme, args.results)
+        print(f"[bench] README results section {'updated' if changed else 'unchanged'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

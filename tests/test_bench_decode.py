@@ -1,0 +1,54 @@
+"""bench/decode.py at tiny sizes: matched models, all three decoding, caches equal to the formula."""
+
+from bench.decode import (
+    MODELS,
+    PARAMETER_TOLERANCE,
+    DecodeResults,
+    build_models,
+    format_cache_table,
+    format_speed_table,
+    main,
+    parameter_count,
+    parameter_mismatch,
+    run,
+)
+from minifusion.config import MiniFusionConfig
+from minifusion.inference import full_attention_config
+
+
+def test_llama_twin_matches_the_full_attention_model():
+    models = build_models("tiny", max_positions=64)
+    counts = {name: parameter_count(model) for name, model in models.items()}
+    assert parameter_mismatch(counts) <= PARAMETER_TOLERANCE
+    tiny = MiniFusionConfig.from_preset("tiny")
+    assert counts["full_attention"] == full_attention_config(tiny).estimate_parameters()
+    assert counts["hybrid"] == tiny.estimate_parameters()
+    llama = models["llama"].config
+    assert (llama.hidden_size, llama.num_hidden_layers, llama.num_attention_heads,
+            llama.num_key_value_heads, llama.intermediate_size, llama.vocab_size) == (
+        tiny.hidden_size, tiny.num_hidden_layers, tiny.num_attention_heads,
+        tiny.num_key_value_heads, tiny.intermediate_size, tiny.vocab_size)  # fmt: skip
+    assert llama.tie_word_embeddings
+
+
+def test_tiny_run_measures_every_model_and_caches_match_the_formula():
+    # 80 tokens > the tiny preset's 64-token window: the local heads' cache is capped
+    results = run("tiny", contexts=(8,), cache_lengths=(8, 80), new_tokens=2, repeats=1)
+    assert [s.model for s in results.speeds] == list(MODELS)
+    assert all(s.tokens_per_s > 0 and s.new_tokens == 2 for s in results.speeds)
+    assert {(c.model, c.tokens) for c in results.caches} == {
+        (m, n) for m in MODELS for n in (8, 80)
+    }
+    assert all(c.bytes == c.formula_bytes for c in results.caches)
+    assert DecodeResults.from_dict(results.to_dict()) == results
+    speed_rows = format_speed_table(results).splitlines()
+    assert speed_rows[-1].startswith("| 8 | transformers Llama |") and speed_rows[-1].endswith(
+        "| 1.00 |"
+    )
+    assert format_cache_table(results).splitlines()[-1].startswith("| 80 |")
+
+
+def test_command_line(capsys):
+    main(["--contexts", "4", "--new-tokens", "1", "--cache-lengths", "8", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "ratio to Llama" in out and "hybrid / Llama" in out and "Parameters: Llama" in out

@@ -1,0 +1,230 @@
+"""bench/report.py: RESULTS.md with every section, the CPU/GPU merge, the README's marked region.
+
+Fake measurements (the benchmarks' own result types with made-up numbers) test the writing;
+one run at tiny sizes tests that the real benchmarks feed it. No test looks at a speed.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from bench import attention, decode, report, scan, training
+
+README = """# Project
+
+Intro text that must stay exactly as it is.
+
+## Results
+
+<!-- bench:results:start -->
+old generated text
+<!-- bench:results:end -->
+
+## After
+
+More text that must stay.
+"""
+
+
+def fake_runners(scale: float = 1.0, why_hybrid: str | None = "| task | score |\n|---|---|"):
+    """Runners returning the benchmarks' data shapes with made-up numbers (``scale`` × times)."""
+
+    def fake_scan(device, **kwargs):
+        rows = [
+            scan.Measurement(s, n, scale * t * n / 256, 1000 * n)
+            for n in (256, 512)
+            for s, t in (("sequential", 0.4), ("chunked", 0.1))
+        ]
+        return {"measurements": [dataclasses.asdict(m) for m in rows]}
+
+    def fake_attention(device, **kwargs):
+        rows = [
+            attention.Measurement(p, n, scale * t, b)
+            for n in (512, 1024)
+            for p, t, b in (("full", 0.2, 4000), ("local", 0.1, 2000), ("mixed", 0.15, None))
+        ]
+        return {"measurements": [dataclasses.asdict(m) for m in rows]}
+
+    def fake_moe(device, **kwargs):
+        return {"seconds": {"loop": scale * 2.0, "grouped": scale * 0.06, "dense": scale * 0.04}}
+
+    def fake_training(device, **kwargs):
+        peak = training.MatmulPeak(2048, "float32", 0.2, 8.6e10)
+        runs = [
+            training.TrainingMeasurement("tiny", 1_900_000, 16, 256, "float32", 5, scale, 1.5e7)
+        ]
+        return {"peak": dataclasses.asdict(peak), "runs": [dataclasses.asdict(m) for m in runs]}
+
+    def fake_decode(device, **kwargs):
+        speeds = [
+            decode.DecodeSpeed(m, c, 32, 1, scale * t, 32 / (scale * t))
+            for c in (256, 2048)
+            for m, t in (("hybrid", 0.5), ("full_attention", 0.4), ("llama", 0.3))
+        ]
+        caches = [
+            decode.CacheSize(m, n, b * n, b * n)
+            for n in (256, 8192)
+            for m, b in (("hybrid", 300), ("full_attention", 512), ("llama", 512))
+        ]
+        params = {"hybrid": 1_869_440, "full_attention": 1_311_872, "llama": 1_311_872}
+        return decode.DecodeResults("tiny", params, speeds, caches).to_dict()
+
+    def fake_why_hybrid(device, **kwargs):
+        return None if why_hybrid is None else {"markdown": why_hybrid}
+
+    return {
+        "scan": fake_scan, "attention": fake_attention, "moe": fake_moe,
+        "training": fake_training, "decode": fake_decode, "why_hybrid": fake_why_hybrid,
+    }  # fmt: skip
+
+
+def run_fake(tmp_path, device: str, scale: float = 1.0, **kwargs):
+    """One fake run on ``device`` merged into tmp_path/RESULTS.md; returns the stored data."""
+    results, failed = report.run_benchmarks(
+        list(report.RUNNERS), torch.device("cpu"), sizes={}, runners=fake_runners(scale, **kwargs)
+    )
+    assert not failed
+    path = tmp_path / "RESULTS.md"
+    stored = report.merge(
+        report.read_data(path), device, results, machine=f"{device} machine", seconds=1.0,
+        date="2000-01-01 00:00 UTC",
+    )  # fmt: skip
+    report.write_results(path, stored)
+    return stored
+
+
+def test_results_have_every_section_and_read_back(tmp_path):
+    stored = run_fake(tmp_path, "cpu")
+    text = (tmp_path / "RESULTS.md").read_text()
+    for section in report.SECTIONS:
+        assert f"\n## {section.title}\n" in text
+    assert "| CPU | cpu machine | 2000-01-01 00:00 UTC |" in text
+    assert "| GPU | not run yet |" in text
+    assert "| task | score |" in text  # the why-hybrid section's own markdown
+    assert report.read_data(tmp_path / "RESULTS.md") == stored
+    # numbers in the tables and readings come from the data: 0.4 / 0.1 = 4.0× at L = 512
+    assert "at L = 512 the chunked scan is 4.0× as fast as the sequential loop" in text
+    assert "| 512 | 4.0× | — | — | 1.00 | — | — | — | — |" in text
+    # a second render of the same data is byte-identical (deterministic layout)
+    report.write_results(tmp_path / "again.md", stored)
+    assert (tmp_path / "again.md").read_text() == text
+
+
+def test_gpu_run_keeps_cpu_numbers_and_cpu_run_keeps_gpu_numbers(tmp_path):
+    run_fake(tmp_path, "cpu", scale=1.0)
+    cpu_line = _moe_row(tmp_path)
+    run_fake(tmp_path, "gpu", scale=0.01)
+    both = _moe_row(tmp_path)
+    assert both.startswith(cpu_line.split("| — |")[0])  # the CPU cells are unchanged
+    assert "| 0.6 | 1.50 |" in both  # the GPU cells: 0.06 × 0.01 s = 0.6 ms
+    stored = run_fake(tmp_path, "cpu", scale=2.0)  # a new CPU run …
+    assert stored["gpu"]["benchmarks"]["moe"]["seconds"]["grouped"] == pytest.approx(0.0006)
+    assert _moe_row(tmp_path).endswith("| 0.6 | 1.50 |")  # … keeps the GPU cells
+    assert "| 120.0 | 1.50 |" in _moe_row(tmp_path)  # and has its own
+
+
+def _moe_row(tmp_path) -> str:
+    text = (tmp_path / "RESULTS.md").read_text()
+    return next(line for line in text.splitlines() if line.startswith("| grouped dispatch |"))
+
+
+def test_failed_benchmark_keeps_its_earlier_numbers(tmp_path, capsys):
+    run_fake(tmp_path, "cpu")
+    runners = fake_runners(scale=3.0)
+    runners["moe"] = lambda device, **kwargs: 1 / 0
+    results, failed = report.run_benchmarks(["moe", "scan"], torch.device("cpu"), {}, runners)
+    assert failed == ["moe"] and set(results) == {"scan"}
+    stored = report.merge(report.read_data(tmp_path / "RESULTS.md"), "cpu", results,
+                          machine="m", seconds=1.0, date="d")  # fmt: skip
+    assert stored["cpu"]["benchmarks"]["moe"]["seconds"]["grouped"] == pytest.approx(0.06)
+    assert "ZeroDivisionError" in capsys.readouterr().err
+
+
+def test_comment_closer_in_a_section_cannot_break_the_data(tmp_path):
+    stored = run_fake(tmp_path, "cpu", why_hybrid="a --> b")
+    assert report.read_data(tmp_path / "RESULTS.md") == stored
+
+
+def test_readme_region_only_and_idempotent(tmp_path):
+    run_fake(tmp_path, "cpu")
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    assert report.update_readme(readme, tmp_path / "RESULTS.md") is True
+    text = readme.read_text()
+    before, _, rest = README.partition(report.README_START)
+    _, _, after = rest.partition(report.README_END)
+    assert text.startswith(before + report.README_START + "\n") and text.endswith(
+        report.README_END + after
+    )
+    assert "old generated text" not in text and "bench/RESULTS.md" in text
+    assert (
+        "| MoE: grouped dispatch vs dense SwiGLU (same active parameters), time | 1.50× | — |"
+        in text
+    )
+    assert report.update_readme(readme, tmp_path / "RESULTS.md") is False
+    assert readme.read_text() == text
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="bench:results:start"):
+        report.update_readme(readme, tmp_path / "RESULTS.md")
+
+
+def test_broken_results_file_and_unknown_device_stop_before_any_run(tmp_path):
+    broken = tmp_path / "RESULTS.md"
+    broken.write_text("<!-- bench:data\n{not json\n-->\n")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        report.main(["--device", "cpu", "--results", str(broken), "--no-readme"])
+    with pytest.raises(ValueError, match="CPU and CUDA GPU columns only"):
+        report.main(["--device", "meta", "--results", str(tmp_path / "new.md"), "--no-readme"])
+
+
+def test_missing_why_hybrid_is_tolerated(tmp_path):
+    stored = run_fake(tmp_path, "cpu", why_hybrid=None)
+    assert "why_hybrid" not in stored["cpu"]["benchmarks"]
+    assert "\n## Why hybrid?\n" in (tmp_path / "RESULTS.md").read_text()
+
+
+def tiny_sizes(tmp_path):
+    return {
+        "scan": {"seq_lens": (8,), "batch_size": 1, "d_inner": 4, "d_state": 2, "repeats": 1,
+                 "reference_max_len": 8, "isolate_memory": False,
+                 "table_path": tmp_path / "scan.md"},
+        "attention": {"seq_lens": (32,), "hidden_size": 32, "num_heads": 4, "num_kv_heads": 2,
+                      "window": 8, "repeats": 1},
+        "moe": {"tokens": 16, "hidden_size": 16, "num_experts": 4, "expert_size": 8,
+                "repeats": 1},
+        "training": {"shapes": {"tiny": (1, 16)}, "matmul_sizes": (32,), "steps": 1,
+                     "warmup_steps": 0},
+        "decode": {"contexts": (4,), "cache_lengths": (8,), "new_tokens": 1, "repeats": 1},
+        "why_hybrid": {"quick": True},
+    }  # fmt: skip
+
+
+def test_real_benchmarks_at_tiny_sizes_through_the_command(tmp_path, monkeypatch):
+    sizes = tiny_sizes(tmp_path)
+    monkeypatch.setattr(report, "default_sizes", lambda device: sizes)
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    results = tmp_path / "RESULTS.md"
+    code = report.main(["--device", "cpu", "--results", str(results), "--readme", str(readme)])
+    assert code == 0
+    stored = report.read_data(results)
+    expected = {"scan", "attention", "moe", "training", "decode"}
+    if report.why_hybrid_module() is not None:  # its quick run: seconds
+        expected.add("why_hybrid")
+        assert "### CPU: " in results.read_text()
+    assert set(stored["cpu"]["benchmarks"]) == expected
+    assert "| 8 |" in (tmp_path / "scan.md").read_text()
+    assert "Training `tiny`" in readme.read_text()
+    report.main(["--readme-only", "--results", str(results), "--readme", str(readme)])
+
+
+@pytest.mark.gpu
+def test_cuda_run_fills_the_gpu_columns(tmp_path, monkeypatch):
+    run_fake(tmp_path, "cpu")
+    monkeypatch.setattr(report, "default_sizes", lambda device: tiny_sizes(tmp_path))
+    monkeypatch.setitem(report.RUNNERS, "why_hybrid", lambda device, **kwargs: None)
+    results = tmp_path / "RESULTS.md"
+    assert report.main(["--device", "cuda", "--results", str(results), "--no-readme"]) == 0
+    stored = report.read_data(results)
+    assert stored["cpu"]["machine"] == "cpu machine" and "training" in stored["gpu"]["benchmarks"]
