@@ -4,7 +4,8 @@ On CUDA the allocator keeps exact statistics. On CPU PyTorch keeps none, so we r
 process's resident-memory high-water mark from Linux (``VmHWM`` in ``/proc/self/status``) after
 resetting it (``/proc/self/clear_refs``), and tell glibc's ``malloc`` to hand large blocks
 straight back to the operating system, so that freed memory is not silently reused and the
-high-water mark reflects what the measured code needed.
+high-water mark reflects what the measured code needed; before each measurement, whatever it
+still holds unused is released too (``malloc_trim``).
 """
 
 import ctypes
@@ -19,12 +20,7 @@ _configured = False
 
 
 def configure_malloc() -> None:
-    """Make glibc return freed blocks of ≥ 64 KiB to the system (once per process, Linux only).
-
-    Call it before the first large allocation of a process that measures memory after other
-    work: glibc otherwise raises its mmap threshold as big blocks are freed, keeps later blocks
-    on its heap and reuses them, and a pass run after them shows no resident-memory growth.
-    """
+    """Make glibc return freed blocks of ≥ 64 KiB to the system (once per process, Linux only)."""
     global _configured
     if _configured or not sys.platform.startswith("linux"):
         return
@@ -43,6 +39,19 @@ def _status_bytes(key: str) -> int:
             if line.startswith(key):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"{key} not found in /proc/self/status")
+
+
+def _release_free_memory() -> None:
+    """Hand memory that ``malloc`` holds but nobody uses back to Linux (``malloc_trim``).
+
+    Otherwise it counts in the resident size at the reset, and when ``fn`` frees something and
+    glibc trims then, the resident size falls by it while ``fn`` allocates: the growth is hidden
+    (a pass of a few MiB right after bigger work read 0).
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _reset_high_water_mark() -> bool:
@@ -69,6 +78,7 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
     configure_malloc()
+    _release_free_memory()
     if not _reset_high_water_mark():
         fn()
         return None

@@ -25,6 +25,9 @@ import importlib.util
 import inspect
 import json
 import re
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -157,11 +160,14 @@ def run_benchmarks(
     device: torch.device,
     sizes: dict[str, dict[str, Any]] | None = None,
     runners: dict[str, Callable[..., Data | None]] | None = None,
+    *,
+    isolate: bool = False,
 ) -> tuple[dict[str, Data], list[str]]:
     """Run ``names`` in order; returns ``({name: data}, [names that failed])``.
 
-    A benchmark that fails is reported and skipped (its stored numbers stay); one that returns
-    ``None`` (``why_hybrid`` when absent) is left out.
+    ``isolate``: each benchmark in a fresh Python process (:func:`run_isolated`), as if run on
+    its own — what ``make bench`` does. A benchmark that fails is reported and skipped (its
+    stored numbers stay); one that returns ``None`` (``why_hybrid`` when absent) is left out.
     """
     sizes = default_sizes(device) if sizes is None else sizes
     runners = RUNNERS if runners is None else runners
@@ -171,7 +177,10 @@ def run_benchmarks(
         started = time.perf_counter()
         print(f"[bench] {name} …", flush=True)
         try:
-            data = runners[name](device, **sizes.get(name, {}))
+            if isolate:
+                data = run_isolated(name, device, sizes.get(name, {}))
+            else:
+                data = runners[name](device, **sizes.get(name, {}))
         except Exception:  # one broken benchmark must not cost the others' numbers
             traceback.print_exc()
             failed.append(name)
@@ -186,6 +195,35 @@ def run_benchmarks(
             print(section.detail(data) if section.detail else data.get("markdown", ""))
         print(f"[bench] {name}: {data['elapsed_s']:.0f} s", flush=True)
     return results, failed
+
+
+def run_isolated(name: str, device: torch.device, kwargs: dict[str, Any]) -> Data | None:
+    """``RUNNERS[name](device, **kwargs)`` in a fresh Python process; its data comes back as JSON.
+
+    A process that has run other benchmarks is a poor place to measure CPU memory: glibc keeps
+    the memory they freed on its heap and hands it out again, so a later pass's resident-memory
+    peak hides its real growth (and on any device, warm caches and allocator state carry over).
+    ``kwargs`` travel as JSON: tuples arrive as lists, paths as strings.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "data.json"
+        command = [
+            sys.executable, "-m", f"{__package__}.report", "--child", name, "--device",
+            str(device), "--child-kwargs", json.dumps(kwargs, default=str), "--child-out",
+            str(out),
+        ]  # fmt: skip
+        # cwd: the repository root, where `bench` is importable; the output goes to the terminal
+        completed = subprocess.run(command, cwd=ROOT, check=False)
+        if completed.returncode != 0:
+            raise RuntimeError(f"benchmark {name!r} failed (exit code {completed.returncode})")
+        return json.loads(out.read_text(encoding="utf-8"))
+
+
+def _child(name: str, device: str, kwargs: str, out: str) -> int:
+    """The fresh process of :func:`run_isolated`: run one benchmark, write its data to ``out``."""
+    data = RUNNERS[name](torch.device(device), **json.loads(kwargs))
+    Path(out).write_text(json.dumps(data), encoding="utf-8")
+    return 0
 
 
 def _now() -> str:
@@ -830,13 +868,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run_and_write(device_name: str, only: list[str] | None, results_path: str | Path) -> list[str]:
+def run_and_write(
+    device_name: str, only: list[str] | None, results_path: str | Path, *, isolate: bool = True
+) -> list[str]:
     """Run the benchmarks, merge them into ``results_path``; returns the names that failed."""
     device = resolve_device(device_name)
     key = device_key(device)  # refuses a device without a column group before any work
     previous = read_data(results_path)  # and a broken results file, too
     started = time.perf_counter()
-    results, failed = run_benchmarks(only or list(RUNNERS), device)
+    results, failed = run_benchmarks(only or list(RUNNERS), device, isolate=isolate)
     seconds = time.perf_counter() - started
     stored = merge(
         previous, key, results, machine=machine_description(device), seconds=seconds, date=_now()
@@ -856,8 +896,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", default=str(README_PATH))
     parser.add_argument("--no-readme", action="store_true", help="leave the README alone")
     parser.add_argument("--readme-only", action="store_true", help="only regenerate the README")
+    parser.add_argument(
+        "--in-process", action="store_true", help="no fresh process per benchmark (debugging)"
+    )
+    for hidden in ("--child", "--child-kwargs", "--child-out"):  # run_isolated's fresh process
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    failed = [] if args.readme_only else run_and_write(args.device, args.only, args.results)
+    if args.child:
+        return _child(args.child, args.device, args.child_kwargs, args.child_out)
+    failed = []
+    if not args.readme_only:
+        failed = run_and_write(args.device, args.only, args.results, isolate=not args.in_process)
     if not args.no_readme:
         changed = update_readme(args.readme, args.results)
         print(f"[bench] README results section {'updated' if changed else 'unchanged'}")

@@ -206,8 +206,8 @@ def test_real_benchmarks_at_tiny_sizes_through_the_command(tmp_path, monkeypatch
     readme = tmp_path / "README.md"
     readme.write_text(README)
     results = tmp_path / "RESULTS.md"
-    code = report.main(["--device", "cpu", "--results", str(results), "--readme", str(readme)])
-    assert code == 0
+    files = ["--results", str(results), "--readme", str(readme)]
+    assert report.main(["--device", "cpu", "--in-process", *files]) == 0
     stored = report.read_data(results)
     expected = {"scan", "attention", "moe", "training", "decode"}
     if report.why_hybrid_module() is not None:  # its quick run: seconds
@@ -216,7 +216,13 @@ def test_real_benchmarks_at_tiny_sizes_through_the_command(tmp_path, monkeypatch
     assert set(stored["cpu"]["benchmarks"]) == expected
     assert "| 8 |" in (tmp_path / "scan.md").read_text()
     assert "Training `tiny`" in readme.read_text()
-    report.main(["--readme-only", "--results", str(results), "--readme", str(readme)])
+    # make bench's way: each benchmark in a fresh process (sizes travel as JSON)
+    assert report.main(["--device", "cpu", "--only", "moe", "training", *files]) == 0
+    again = report.read_data(results)
+    assert set(again["cpu"]["ran"]) == {"moe", "training"}
+    assert again["cpu"]["benchmarks"]["scan"] == stored["cpu"]["benchmarks"]["scan"]
+    assert again["cpu"]["benchmarks"]["training"]["runs"][0]["seq_len"] == 16
+    assert report.main(["--readme-only", *files]) == 0
 
 
 @pytest.mark.gpu
