@@ -131,10 +131,7 @@ def build_models(
 def preset_config(preset: str | MiniFusionConfig, max_positions: int) -> MiniFusionConfig:
     """The preset's config with ``max_position_embeddings`` raised to ``max_positions``."""
     if isinstance(preset, MiniFusionConfig):
-        values = {k: v for k, v in preset.to_dict().items() if k != "transformers_version"}
-        values.pop("model_type", None)
-        values.pop("architectures", None)
-        return MiniFusionConfig(**{**values, "max_position_embeddings": max_positions})
+        return preset.replaced(max_position_embeddings=max_positions)
     return MiniFusionConfig.from_preset(preset, max_position_embeddings=max_positions)
 
 

@@ -73,11 +73,9 @@ def cache_bytes(cache) -> int:
 
 
 def _new_cache(model: nn.Module, batch_size: int):
-    if (
-        hasattr(model, "model")
-        and hasattr(model.model, "layers")
-        and hasattr(model.model.layers[0], "mixer_type")
-    ):
+    from .model import MiniFusionForCausalLM
+
+    if isinstance(model, MiniFusionForCausalLM):
         return HybridCache(model.model, batch_size=batch_size)
     from transformers import DynamicCache
 

@@ -77,10 +77,7 @@ def propose_plan(
 def forced_gates(model: nn.Module, keep: dict[int, str]) -> Iterator[None]:
     """Fix the gates of the layers in ``keep`` (``{layer: "attention" | "mamba"}``) to 0 or 1
     inside the block: the model then computes what the pruned model would."""
-    fusions = hybrid_fusions(model)
-    unknown = sorted(set(keep) - set(fusions))
-    if unknown:
-        raise ValueError(f"Layers {unknown} are not hybrid layers; hybrid: {sorted(fusions)}.")
+    fusions = _hybrid_fusions_named(model, keep)
     try:
         for layer, branch in keep.items():
             if branch != "both":
@@ -89,6 +86,16 @@ def forced_gates(model: nn.Module, keep: dict[int, str]) -> Iterator[None]:
     finally:
         for layer in keep:
             fusions[layer].forced_gate = None
+
+
+def _hybrid_fusions_named(model: nn.Module, layers) -> dict:
+    """The model's hybrid fusions, after checking that every layer in ``layers`` is one."""
+    fusions = hybrid_fusions(model)
+    unknown = sorted(set(layers) - set(fusions))
+    if unknown:
+        raise ValueError(f"The plan names layers {unknown}, which are not hybrid layers "
+                         f"(hybrid: {sorted(fusions)}); plan only hybrid layers.")  # fmt: skip
+    return fusions
 
 
 def _checked_branch(branch: str) -> str:
@@ -163,11 +170,7 @@ def check_plan(
     from .training import evaluate
 
     device = torch.device(device or next(model.parameters()).device)
-    hybrid = set(hybrid_fusions(model))
-    unknown = sorted(set(proposal) - hybrid)
-    if unknown:
-        raise ValueError(f"The plan names layers {unknown}, which are not hybrid layers "
-                         f"(hybrid: {sorted(hybrid)}); plan only hybrid layers.")  # fmt: skip
+    _hybrid_fusions_named(model, proposal)  # a clear error before any evaluation runs
 
     def loss_with(keep: dict[int, str]) -> float:
         with forced_gates(model, keep):
