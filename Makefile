@@ -11,6 +11,9 @@ OUT    ?= runs/$(PRESET)
 
 export PATH := $(BIN):$(PATH)
 export TOKENIZERS_PARALLELISM := false
+# Compiled extensions (DeepSpeed's CPU communication op) are built inside this checkout's
+# environment, so no other checkout's half-finished build can block ours.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup train test lint unit notebooks bench lab clean
 
@@ -50,7 +53,10 @@ lint: setup
 	$(BIN)/ruff check .
 
 # Hub access is switched off for tests: everything they read is local or comes from PyPI.
+# DeepSpeed's CPU extension is built once up front (about two minutes the first time), not
+# inside the first distributed test's time limit.
 unit: setup
+	$(BIN)/python -c "from minifusion.distributed import build_extensions; build_extensions()"
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg \
 	  $(BIN)/python -m pytest -n 2 --dist loadscope tests
 

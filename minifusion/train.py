@@ -33,6 +33,7 @@ import yaml
 from .checkpoint import CheckpointError
 from .config import MiniFusionConfig
 from .data import PreparedStream, prepare_data, prepare_streaming_data
+from .distributed import StaleBuildLockError
 from .tokenizer import load_tokenizer
 from .training import StreamingBatches, TrainConfig, Trainer, TrainingDivergedError
 from .utils import seed_everything
@@ -149,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (CheckpointError, TrainingDivergedError, ValueError, FileNotFoundError) as error:
+    except (CheckpointError, StaleBuildLockError, TrainingDivergedError, ValueError,
+            FileNotFoundError) as error:  # fmt: skip
         print(f"error: {error}", file=sys.stderr)
         return 1
 

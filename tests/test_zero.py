@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,41 @@ def test_memory_table_command(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("tiny: 1,869,440 parameters")
     assert len(lines) == 9 and sum("(ckpt)" in line for line in lines) == 4
+
+
+def _lock(root: Path, extension: str, age_seconds: float) -> Path:
+    lock = root / extension / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    stamp = lock.stat().st_mtime - age_seconds
+    os.utime(lock, (stamp, stamp))
+    return lock
+
+
+def test_a_build_lock_left_by_a_killed_process_is_named_instead_of_waited_on(tmp_path):
+    from minifusion.distributed import (
+        STALE_BUILD_LOCK_SECONDS,
+        StaleBuildLockError,
+        check_build_locks,
+    )
+
+    check_build_locks(tmp_path / "never_built")  # no extensions folder yet: nothing to wait on
+    _lock(tmp_path, "being_built_now", age_seconds=60)
+    check_build_locks(tmp_path)  # a build in progress is left to finish
+    stale = _lock(tmp_path, "deepspeed_shm_comm", age_seconds=STALE_BUILD_LOCK_SECONDS + 60)
+    with pytest.raises(StaleBuildLockError, match=f"rm {stale}"):
+        check_build_locks(tmp_path)
+
+
+def test_the_training_command_reports_a_stale_build_lock(tmp_path, monkeypatch, capsys):
+    from minifusion.distributed import STALE_BUILD_LOCK_SECONDS
+    from minifusion.train import main
+
+    stale = _lock(tmp_path, "deepspeed_shm_comm", age_seconds=STALE_BUILD_LOCK_SECONDS * 2)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    code = main(["--config", str(config), "--out", str(tmp_path / "run"),
+                 "--deepspeed", str(CONFIGS / "zero2.json")])  # fmt: skip
+    assert code == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and str(stale) in error and "30 minutes" in error
