@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 # environment, so no other checkout's half-finished build can block ours.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: setup train test lint unit notebooks bench lab clean
+.PHONY: setup train test lint extensions unit notebooks bench lab clean
 
 setup: $(STAMP)  ## create .venv and install the project (reused when up to date)
 
@@ -52,17 +52,19 @@ test: setup lint unit notebooks  ## everything CI runs
 lint: setup
 	$(BIN)/ruff check .
 
-# Hub access is switched off for tests: everything they read is local or comes from PyPI.
-# DeepSpeed's CPU extension is built once up front (about two minutes the first time), not
-# inside the first distributed test's time limit.
-unit: setup
+# DeepSpeed's CPU extension is built once up front (about a minute the first time), not
+# inside the time limit of the first test or notebook that launches torchrun.
+extensions: setup
 	$(BIN)/python -c "from minifusion.distributed import build_extensions; build_extensions()"
+
+# Hub access is switched off for tests: everything they read is local or comes from PyPI.
+unit: extensions
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg \
 	  $(BIN)/python -m pytest -n 2 --dist loadscope tests
 
 # The corpus is fetched (and matplotlib's font cache built) before the notebooks run, so no
 # notebook prints a one-off download message that its committed outputs do not contain.
-notebooks: setup
+notebooks: extensions
 	$(BIN)/python -c "import matplotlib.pyplot; from minifusion.data import fetch_shakespeare; fetch_shakespeare(verbose=True)"
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
 	  $(BIN)/python -m pytest -n 2 --dist loadscope -p no:cacheprovider \
