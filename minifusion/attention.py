@@ -103,7 +103,7 @@ class LayerKVCache:
         if self.global_keys is not None:
             keys = torch.cat((self.global_keys, keys), dim=2)
             values = torch.cat((self.global_values, values), dim=2)
-        self.global_keys, self.global_values = keys, values
+        self.global_keys, self.global_values = _owned(keys), _owned(values)
         return keys, values
 
     def update_local(
@@ -123,7 +123,7 @@ class LayerKVCache:
             self.local_keys = keys[:, :, -self.window :].clone()
             self.local_values = values[:, :, -self.window :].clone()
         else:
-            self.local_keys, self.local_values = keys, values
+            self.local_keys, self.local_values = _owned(keys), _owned(values)
         return keys, values, first_position
 
     def advance(self, num_tokens: int) -> None:
@@ -141,6 +141,17 @@ class LayerKVCache:
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
+
+
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself if it is all of its storage, else a copy of just its elements.
+
+    The prompt's keys are a slice of the projection of every head (local ones included);
+    keeping that slice would keep the whole projection alive, more than the cache reports.
+    """
+    if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 class Attention(nn.Module):

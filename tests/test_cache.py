@@ -60,6 +60,27 @@ def test_cache_memory_is_bounded_where_it_should_be():
     assert second["kv"] > first["kv"]  # the global heads keep every key
 
 
+def _bytes_held(tensors) -> int:
+    """Bytes of every distinct storage behind ``tensors`` (what the cache really keeps alive)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("prompt_length", [3, 20])  # shorter and longer than the window (6)
+def test_cache_reports_every_byte_it_holds_right_after_the_prompt(prompt_length):
+    model = lively_model("everything")
+    cache = HybridCache(model.model, batch_size=1)
+    with torch.no_grad():
+        model(torch.randint(1, 61, (1, prompt_length)), past_key_values=cache)
+    for layer in cache.layers:
+        kv = layer.kv
+        if kv is None:
+            continue
+        held = [t for t in (kv.global_keys, kv.global_values, kv.local_keys, kv.local_values)
+                if t is not None]  # fmt: skip
+        assert held and _bytes_held(held) == kv.memory_bytes()
+
+
 @pytest.mark.parametrize(
     "sampling",
     [dict(do_sample=False),
