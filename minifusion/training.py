@@ -609,6 +609,9 @@ def model_statistics(model: nn.Module) -> dict[str, float]:
       0 = all attention) over the batch, per hybrid layer.
     * ``moe/layer{i}/max_load``: the busiest expert's share of the routed tokens counted
       since the last optimizer step (1/E is perfect balance; 1 means collapse onto one expert).
+
+    The gate entries describe the last forward pass only (one micro-batch); the Trainer's
+    metrics replace them with its gate monitor's values for the whole step.
     """
     stats: dict[str, float] = {}
     for name, module in model.named_modules():
