@@ -61,15 +61,7 @@ class Settings:
     lm_budget: LMBudget
 
     def to_dict(self) -> dict:
-        return {
-            "hidden_size": self.hidden_size,
-            "num_layers": self.num_layers,
-            "recall": dataclasses.asdict(self.recall),
-            "copying": dataclasses.asdict(self.copying),
-            "task_budget": dataclasses.asdict(self.task_budget),
-            "lm_vocab_size": self.lm_vocab_size,
-            "lm_budget": dataclasses.asdict(self.lm_budget),
-        }
+        return dataclasses.asdict(self)  # the task and budget dataclasses become dicts too
 
 
 FULL = Settings(

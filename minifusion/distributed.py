@@ -83,8 +83,9 @@ class StaleBuildLockError(RuntimeError):
 
 
 def extension_build_root() -> Path:
-    """Where PyTorch builds (and caches) compiled extensions: ``$TORCH_EXTENSIONS_DIR`` or
-    ``~/.cache/torch_extensions/<python and device tag>``."""
+    """Where PyTorch builds (and caches) compiled extensions: ``$TORCH_EXTENSIONS_DIR``, whose
+    folders are ``<extension>/``, or else ``~/.cache/torch_extensions``, whose folders are
+    ``<python and device tag>/<extension>/``."""
     from torch.utils.cpp_extension import get_default_build_root
 
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
@@ -103,6 +104,7 @@ def check_build_locks(root: str | Path | None = None, now: float | None = None) 
     now = time.time() if now is None else now
     if not root.is_dir():
         return
+    # one level below root with $TORCH_EXTENSIONS_DIR, two below the default root
     for lock in sorted(root.glob("*/lock")) + sorted(root.glob("*/*/lock")):
         with contextlib.suppress(FileNotFoundError):  # released while we looked: not stale
             age = now - lock.stat().st_mtime
