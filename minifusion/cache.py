@@ -33,6 +33,11 @@ class LayerCache:
 class HybridCache:
     """One :class:`LayerCache` per decoder layer and the number of tokens already processed."""
 
+    # What ``generate()`` asks of a cache handed to it (transformers' ``Cache`` interface, the
+    # parts it reads): ours grows with the sequence, so ``torch.compile``'s static-shape path
+    # cannot capture it.
+    is_compileable = False
+
     def __init__(self, model, batch_size: int):
         """``model``: a ``MiniFusionModel`` (its layers say which states each needs)."""
         self.layers = [
@@ -46,6 +51,13 @@ class HybridCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """Per layer: does it keep only a fixed-size recurrent state (a Mamba-only layer)?
+        ``generate()`` reads this to decide whether a prompt it is handed again must be cut
+        to the tokens this cache has not seen."""
+        return [c.kv is None for c in self.layers]
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held, split into attention KV and Mamba state."""

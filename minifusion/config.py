@@ -91,7 +91,7 @@ class MiniFusionConfig(PreTrainedConfig):
     """
 
     model_type = "minifusion"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     # --- vocabulary and width -------------------------------------------------------------
     vocab_size: int = 4096

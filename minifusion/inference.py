@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .cache import HybridCache
+from .compat import cache_keyword
 from .config import MiniFusionConfig
 
 __all__ = ["DecodeMeasurement", "cache_bytes", "full_attention_config", "measure_decode"]
@@ -118,13 +119,13 @@ def measure_decode(
     try:
         for _ in range(max(repeats, 1)):
             cache = _new_cache(model, batch_size)
-            out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=prompt, **cache_keyword(cache), use_cache=True, logits_to_keep=1)
             token = out.logits[:, -1:].argmax(-1)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
             for _ in range(new_tokens):
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                out = model(input_ids=token, **cache_keyword(cache), use_cache=True)
                 token = out.logits[:, -1:].argmax(-1)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

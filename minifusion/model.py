@@ -30,7 +30,6 @@ term is returned on its own in :class:`MiniFusionCausalLMOutput`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +41,7 @@ from transformers.utils import ModelOutput
 
 from .attention import Attention
 from .cache import HybridCache
+from .compat import cache_argument, model_output
 from .config import MiniFusionConfig
 from .embedding import TokenEmbedding
 from .fusion import GatedFusion
@@ -61,19 +61,19 @@ __all__ = [
 ]
 
 
-@dataclass
+@model_output  # a dataclass whose `cache` field takes the installed transformers' name
 class MiniFusionModelOutput(ModelOutput):
     """``last_hidden_state (B, T, H)``; the summed auxiliary losses of the layers."""
 
     last_hidden_state: torch.Tensor | None = None
-    past_key_values: object | None = None
+    cache: HybridCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     moe_aux_loss: torch.Tensor | None = None
     gate_balance_loss: torch.Tensor | None = None
     gate_entropy_loss: torch.Tensor | None = None
 
 
-@dataclass
+@model_output
 class MiniFusionCausalLMOutput(ModelOutput):
     """``loss = lm_loss + moe_aux_loss + gate_balance_loss + gate_entropy_loss``.
 
@@ -83,7 +83,7 @@ class MiniFusionCausalLMOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: object | None = None
+    cache: HybridCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     lm_loss: torch.Tensor | None = None
     moe_aux_loss: torch.Tensor | None = None
@@ -236,16 +236,19 @@ class MiniFusionModel(MiniFusionPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: object | None = None,
+        cache: HybridCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        past_key_values: HybridCache | None = None,
         **kwargs,
     ) -> MiniFusionModelOutput:
+        """``cache``: a :class:`HybridCache` to read and extend (``past_key_values=`` works too)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        cache = cache_argument(cache, past_key_values)
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, length = hidden_states.shape[:2]
-        past = getattr(past_key_values, "seen_tokens", 0) if past_key_values is not None else 0
+        past = cache.seen_tokens if cache is not None else 0
         if position_ids is None:
             position_ids = _positions(attention_mask, past, length, hidden_states.device)
         position_embeddings = None
@@ -255,7 +258,7 @@ class MiniFusionModel(MiniFusionPreTrainedModel):
         totals: dict[str, torch.Tensor] = {}
         all_hidden = [hidden_states] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
-            layer_cache = past_key_values.layers[i] if past_key_values is not None else None
+            layer_cache = cache.layers[i] if cache is not None else None
             hidden_states, losses = layer(
                 hidden_states, position_embeddings, attention_mask, layer_cache
             )
@@ -263,13 +266,13 @@ class MiniFusionModel(MiniFusionPreTrainedModel):
                 totals[name] = totals.get(name, 0.0) + value
             if output_hidden_states:
                 all_hidden.append(hidden_states)
-        if past_key_values is not None:
-            past_key_values.seen_tokens += length
+        if cache is not None:
+            cache.seen_tokens += length
         hidden_states = self.norm(hidden_states)
         zero = hidden_states.new_zeros((), dtype=torch.float32)
         return MiniFusionModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
+            cache=cache,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             moe_aux_loss=totals.get("moe_aux", zero),
             gate_balance_loss=totals.get("gate_balance", zero),
@@ -317,39 +320,43 @@ class MiniFusionForCausalLM(MiniFusionPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        past_key_values: HybridCache | None = None,
+        cache: HybridCache | None = None,
         attention_mask: torch.Tensor | None = None,
         use_cache: bool = True,
+        past_key_values: HybridCache | None = None,
         **kwargs,
     ) -> dict:
-        """First step: the whole prompt (and a new cache); later steps: only the new tokens."""
-        if use_cache and past_key_values is None:
-            past_key_values = HybridCache(self.model, batch_size=input_ids.shape[0])
-        if past_key_values is not None and past_key_values.seen_tokens:
-            input_ids = input_ids[:, past_key_values.seen_tokens :]
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "past_key_values": past_key_values,
-        }
+        """First step: the whole prompt (and a new cache); later steps: only the new tokens.
+
+        ``generate()`` passes the cache back under the name of the installed release
+        (:mod:`minifusion.compat`); a cache handed in by the caller continues where it stopped.
+        """
+        cache = cache_argument(cache, past_key_values)
+        if use_cache and cache is None:
+            cache = HybridCache(self.model, batch_size=input_ids.shape[0])
+        if cache is not None and cache.seen_tokens:
+            input_ids = input_ids[:, cache.seen_tokens :]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache}
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: object | None = None,
+        cache: HybridCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         output_hidden_states: bool = False,
         logits_to_keep: int = 0,
+        past_key_values: HybridCache | None = None,
         **kwargs,
     ) -> MiniFusionCausalLMOutput:
+        """``cache``: a :class:`HybridCache` (``past_key_values=`` works too)."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
         )
@@ -373,7 +380,7 @@ class MiniFusionForCausalLM(MiniFusionPreTrainedModel, GenerationMixin):
         return MiniFusionCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             lm_loss=lm_loss,
             moe_aux_loss=outputs.moe_aux_loss,

@@ -97,3 +97,57 @@ def test_generate_is_the_same_with_and_without_the_cache(sampling):
     assert torch.equal(results[0], results[1])
     new_tokens = results[0][:, ids.shape[1] :]
     assert new_tokens.shape == (2, 10) and len(new_tokens.unique()) > 3
+
+
+def _record_input_lengths(model) -> list[int]:
+    """Every forward pass's input length, recorded by a hook on the base model."""
+    lengths: list[int] = []
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        lengths.append(ids.shape[1])
+
+    model.model.register_forward_pre_hook(hook, with_kwargs=True)
+    return lengths
+
+
+def test_generate_feeds_one_new_token_per_step_after_the_prompt():
+    # The cache must travel from step to step under the name the installed transformers uses;
+    # if it does not, generate() rebuilds it and feeds the whole sequence every step.
+    model = lively_model()
+    ids, mask = left_padded_batch()
+    lengths = _record_input_lengths(model)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                         pad_token_id=0)  # fmt: skip
+    assert out.shape[1] == ids.shape[1] + 6
+    assert lengths == [ids.shape[1]] + [1] * 5  # the prompt, then one token per new token
+
+
+def test_generate_continues_from_the_cache_it_returned():
+    model = lively_model()
+    ids, mask = left_padded_batch()
+    one_shot = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                              pad_token_id=0)  # fmt: skip
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                           pad_token_id=0, return_dict_in_generate=True)  # fmt: skip
+    assert isinstance(first.cache, HybridCache)
+    assert first.cache.seen_tokens == first.sequences.shape[1] - 1  # the last token is not fed yet
+    lengths = _record_input_lengths(model)
+    grown_mask = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], 1)
+    second = model.generate(first.sequences, attention_mask=grown_mask, cache=first.cache,
+                            max_new_tokens=6, do_sample=False, pad_token_id=0)  # fmt: skip
+    assert torch.equal(second, one_shot)
+    assert lengths == [1] * 6  # only the tokens the cache has not seen
+
+
+def test_output_cache_is_readable_under_both_names():
+    model = lively_model()
+    cache = HybridCache(model.model, batch_size=1)
+    with torch.no_grad():
+        out = model(torch.randint(1, 61, (1, 5)), past_key_values=cache)
+        again = model(torch.randint(1, 61, (1, 1)), cache=out.cache)
+    assert out.cache is cache and out.past_key_values is cache and again.cache is cache
+    assert cache.seen_tokens == 6
+    with pytest.raises(ValueError, match="Pass the cache once"):
+        model(torch.randint(1, 61, (1, 1)), cache=cache,
+              past_key_values=HybridCache(model.model, batch_size=1))  # fmt: skip

@@ -103,7 +103,8 @@ def test_pruned_model_computes_the_gate_fixed_model_and_decodes_with_a_smaller_c
         for t in range(12, 20):
             step = pruned(ids[:, t : t + 1], past_key_values=cache)
             steps.append(step.logits)
-        torch.testing.assert_close(torch.cat(steps, 1), expected, atol=1e-5, rtol=1e-5)
+        # step-by-step sums run in another order than the full pass: the cache tests' tolerance
+        torch.testing.assert_close(torch.cat(steps, 1), expected, atol=1e-4, rtol=1e-4)
     if "mamba" in keep.values():  # a layer that keeps Mamba holds no keys and values
         layer = next(i for i, b in keep.items() if b == "mamba")
         assert cache.layers[layer].kv is None and cache.layers[layer].mamba is not None
