@@ -595,8 +595,11 @@ class MambaMixer(nn.Module):
                 [self.step(token, state) for token in hidden_states.unbind(1)], dim=1
             )
         length = hidden_states.shape[1]
-        hidden_states = _zero_padding(hidden_states, attention_mask)
-        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (B, d_inner, T) each
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, T, d_inner) each
+        # Padding is zeroed at the conv's input, after in_proj: zeroing the hidden states before
+        # it would still let in_proj's bias (mamba_proj_bias) through into the conv and its state.
+        x = _zero_padding(x, attention_mask).transpose(1, 2)  # (B, d_inner, T)
+        z = z.transpose(1, 2)
         if state is not None:  # prefill: remember the last d_conv conv inputs
             state.conv.copy_(F.pad(x, (max(self.d_conv - length, 0), 0))[..., -self.d_conv :])
         x = F.silu(self.conv1d(x)[..., :length])

@@ -197,19 +197,29 @@ def test_mixer_matches_transformers(scan_impl, d_state, d_conv, expand):
     assert (grad_ours - grad_theirs).abs().max() <= 1e-5
 
 
-def test_mixer_matches_transformers_with_left_padding():
-    config = make_config()
+@pytest.mark.parametrize("proj_bias", [False, True])
+def test_mixer_matches_transformers_with_left_padding(proj_bias):
+    # With an in_proj bias, a zeroed padding token still projects to the bias: the padding
+    # must be zeroed at the conv's input, or the bias leaks into the first real tokens.
+    config = make_config(mamba_proj_bias=proj_bias)
     mixer = perturbed_mixer(config)
+    if proj_bias:
+        with torch.no_grad():
+            mixer.in_proj.bias.normal_(0, 1.0)
     reference = hf_twin(mixer, config)
     x = torch.randn(2, 12, 32)
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[0, :5] = 0
     with torch.no_grad():
-        ours = mixer(x, attention_mask=mask)
-        torch.testing.assert_close(ours, reference(x, attention_mask=mask), atol=1e-5, rtol=0)
-        # the padded row's real tokens see exactly what they would see unpadded
-        alone = mixer(x[:1, 5:])
+        padded_state, alone_state = mixer.new_state(2), mixer.new_state(1)
+        ours = mixer(x, padded_state, attention_mask=mask)
+        if not proj_bias:  # transformers' Mamba masks before in_proj, so it leaks the bias too
+            torch.testing.assert_close(ours, reference(x, attention_mask=mask), atol=1e-5, rtol=0)
+        # the padded row's real tokens (and the state they leave) are those of the unpadded row
+        alone = mixer(x[:1, 5:], alone_state)
     torch.testing.assert_close(ours[:1, 5:], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded_state.conv[:1], alone_state.conv, atol=1e-6, rtol=0)
+    torch.testing.assert_close(padded_state.ssm[:1], alone_state.ssm, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("prefill", [0, 1, 2, 3, 4, 9])
