@@ -20,6 +20,7 @@ The embedded default corpus is Shakespeare's complete works (42 texts, ≈5 MB),
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -30,7 +31,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -296,8 +297,8 @@ def _utf8_error(
     return UnicodeDecodeError(
         "utf-8", raw, exc.start, exc.end,
         f"{path}, line {line_no}: bytes {raw[exc.start : exc.end]!r} are not valid UTF-8. "
-        "Re-encode the file as UTF-8, or pass encoding_errors='replace' to substitute U+FFFD "
-        "for them",
+        "Re-encode the file as UTF-8, or substitute U+FFFD for such bytes: "
+        "encoding_errors='replace' (on the command line: --set data.encoding_errors=replace)",
     )  # fmt: skip
 
 
@@ -913,36 +914,49 @@ def _reuse_prepared(
     return infos
 
 
+def preparation_for(data: dict[str, Any], vocab_size: int) -> Callable[..., Any]:
+    """``prepare(out_dir, progress=..., force=...)`` for a preset's ``data`` section (every name
+    of :data:`~minifusion.settings.DATA_DEFAULTS`): token files, or a stream."""
+    common = dict(source=data["source"], vocab_size=vocab_size, text_field=data["text_field"],
+                  encoding_errors=data["encoding_errors"])  # fmt: skip
+    if data["streaming"]:
+        return functools.partial(prepare_streaming_data, **common,
+                                 val_documents=int(data["val_documents"]),
+                                 tokenizer_documents=int(data["tokenizer_documents"]))  # fmt: skip
+    return functools.partial(prepare_data, **common, val_fraction=float(data["val_fraction"]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m minifusion.data --config configs/tiny.yaml --out runs/tiny``."""
     import argparse
 
-    import yaml
-
     from .config import MiniFusionConfig
+    from .settings import load_settings
 
     parser = argparse.ArgumentParser(
         prog="python -m minifusion.data",
-        description="Prepare a corpus: fetch it, train the tokenizer, write the token files.",
+        description="Prepare a corpus: fetch it, train the tokenizer, write the token files "
+        "(what `python -m minifusion.train` does first, on its own).",
     )
     parser.add_argument("--config", default="configs/tiny.yaml", help="preset YAML (model + data)")
     parser.add_argument("--out", default="runs/tiny", help="output folder")
     parser.add_argument(
         "--source", help="override data.source: 'shakespeare', a path/glob, hf:<name>"
     )
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.NAME=VALUE",
+                        help="override one setting, e.g. data.encoding_errors=replace")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="redo every step")
     args = parser.parse_args(argv)
 
-    config = MiniFusionConfig.from_yaml(args.config)
-    data = (yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}).get("data", {})
-    prepared = prepare_data(
-        args.out,
-        source=args.source or data.get("source", "shakespeare"),
-        vocab_size=config.vocab_size,
-        val_fraction=float(data.get("val_fraction", 0.1)),
-        text_field=data.get("text_field", "text"),
-        force=args.force,
-    )
+    overrides = [*args.overrides, *([f"data.source={args.source}"] if args.source else [])]
+    try:
+        settings = load_settings(args.config, overrides)
+        vocab_size = int(settings["model"].get("vocab_size", MiniFusionConfig().vocab_size))
+        prepared = preparation_for(settings["data"], vocab_size)(args.out, force=args.force)
+    except (ValueError, FileNotFoundError) as error:  # UnicodeDecodeError is a ValueError
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(prepared.summary())
     return 0
 

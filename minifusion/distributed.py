@@ -229,6 +229,9 @@ class DeepSpeedTrainer(Trainer):
             losses += torch.tensor([float(v.detach()) for v in values], dtype=torch.float64)
             self.engine.step()  # an optimizer step only at the accumulation boundary
         finite = self.engine.was_step_applied()
+        # The same aux-loss-free balancing as on one device (each rank's expert load is summed
+        # over all ranks inside MoE.update_expert_bias, so every rank moves its bias alike).
+        self._update_moe_balance(apply_bias=finite)
         if not finite:
             self.scheduler.step()  # DeepSpeed holds the schedule on a skipped step; ours moves on
         dist.all_reduce(losses)
@@ -341,6 +344,7 @@ class DeepSpeedTrainer(Trainer):
                 universal_checkpoint(checkpoint)
             dist.barrier()
             self._load_universal(checkpoint)
+        self.apply_optimizer_settings(meta.get("train_config", {}))
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         self.batches.position = meta["data_position"]
         self.skipped_steps, self.train_seconds = meta["skipped_steps"], meta["train_seconds"]

@@ -9,8 +9,9 @@
 A preset has three sections: ``model:`` (any ``MiniFusionConfig`` field), ``data:`` (corpus,
 validation share, block size; ``streaming: true`` to read a corpus too big for the disk lazily,
 split between ranks) and ``train:`` (any ``TrainConfig`` field). ``--set
-section.name=value`` overrides one entry (the value is read as YAML: ``3e-4``, ``true``,
-``[a, b]``). The resolved settings are written to ``<out>/config.yaml``.
+section.name=value`` overrides one entry, converted by the type of the field it sets
+(:mod:`minifusion.settings`: ``3e-4``, ``true``, ``[a, b]``; text stays as typed, so
+``train.sample_prompt=ROMEO:`` is the prompt ``ROMEO:``). The resolved settings are written to ``<out>/config.yaml``.
 
 Running the same command again continues from the newest checkpoint in ``<out>``; ``--fresh``
 deletes the run's checkpoints and logs first (the prepared data is kept and reused).
@@ -20,11 +21,10 @@ from __future__ import annotations
 
 import argparse
 import builtins
-import functools
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,81 +32,15 @@ import yaml
 
 from .checkpoint import CheckpointError
 from .config import MiniFusionConfig
-from .data import PreparedStream, prepare_data, prepare_streaming_data
+from .data import PreparedStream, preparation_for
 from .distributed import StaleBuildLockError
+from .settings import apply_overrides, load_settings  # noqa: F401  (apply_overrides: re-export)
 from .tokenizer import load_tokenizer
 from .training import StreamingBatches, TrainConfig, Trainer, TrainingDivergedError
 from .utils import seed_everything
 
-SECTIONS = ("model", "data", "train")
-DATA_DEFAULTS = {"source": "shakespeare", "val_fraction": 0.1, "block_size": 256,
-                 "text_field": "text",
-                 # streaming: read the corpus lazily instead of tokenising it ahead (for corpora
-                 # too big for the disk); the first val_documents are held out for validation
-                 # and the tokenizer is trained on the next tokenizer_documents.
-                 "streaming": False, "val_documents": 100, "tokenizer_documents": 10_000}  # fmt: skip
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "loss_curve.png", "samples.txt",
                "model")  # fmt: skip
-
-
-def apply_overrides(settings: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``section.name=value`` strings to a preset's sections (a new dict is returned)."""
-    settings = {section: dict(settings.get(section) or {}) for section in SECTIONS}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        section, dot, name = key.strip().partition(".")
-        if not sep or not dot or not name:
-            raise ValueError(
-                f"--set {item!r}: write section.name=value, e.g. train.max_steps=400 "
-                f"(sections: {', '.join(SECTIONS)})."
-            )
-        if section not in SECTIONS:
-            raise ValueError(
-                f"--set {item!r}: unknown section {section!r}; use one of {', '.join(SECTIONS)}."
-            )
-        settings[section][name] = _parse_value(raw)
-    return settings
-
-
-def _parse_value(raw: str) -> Any:
-    """YAML, except that ``3e-4`` (a string to YAML 1.1) becomes a number, as a user means."""
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def load_settings(config_path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    path = Path(config_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Config file {path} does not exist (presets are in configs/).")
-    document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    unknown = sorted(set(document) - set(SECTIONS))
-    if unknown:
-        raise ValueError(f"{path}: unknown top-level section(s) {unknown}; use {list(SECTIONS)}.")
-    settings = apply_overrides(document, overrides)
-    unknown_data = sorted(set(settings["data"]) - set(DATA_DEFAULTS))
-    if unknown_data:
-        raise ValueError(
-            f"Unknown data setting(s) {unknown_data}. Valid names: {sorted(DATA_DEFAULTS)}."
-        )
-    settings["data"] = {**DATA_DEFAULTS, **settings["data"]}
-    # One block size for data and training: the data section's unless train sets its own.
-    settings["train"].setdefault("block_size", settings["data"]["block_size"])
-    return settings
-
-
-def _data_preparation(data: dict[str, Any], vocab_size: int) -> Callable[..., Any]:
-    """``prepare(out_dir, progress=...)`` for the data section: token files, or a stream."""
-    common = dict(source=data["source"], vocab_size=vocab_size, text_field=data["text_field"])
-    if data["streaming"]:
-        return functools.partial(prepare_streaming_data, **common,
-                                 val_documents=int(data["val_documents"]),
-                                 tokenizer_documents=int(data["tokenizer_documents"]))  # fmt: skip
-    return functools.partial(prepare_data, **common, val_fraction=float(data["val_fraction"]))
 
 
 def start_fresh(out_dir: Path) -> None:
@@ -178,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     model_config = MiniFusionConfig.from_yaml(out_dir / "config.yaml")  # validates every field
 
     print(f"[1/4] data → {out_dir}")
-    prepare = _data_preparation(settings["data"], model_config.vocab_size)
+    prepare = preparation_for(settings["data"], model_config.vocab_size)
     if main_process:  # one process prepares; the others then find it done and reuse it
         prepared = prepare(out_dir, progress=not args.no_progress)
     _barrier(args)
@@ -221,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if trainer.resumed_from is not None:
         print(f"      resuming from {trainer.resumed_from} (step {trainer.step:,})")
+        for name, (old, new) in trainer.changed_on_resume.items():
+            print(f"      train.{name}: {old} in the checkpoint → {new} from now on")
     else:
         print("      starting from scratch")
     if trainer.step >= train_config.max_steps:

@@ -252,6 +252,11 @@ def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio:
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# The settings a resumed run takes from its own config rather than from the checkpoint.
+OPTIMIZER_SETTINGS = ("lr", "min_lr_ratio", "warmup_steps", "max_steps", "weight_decay",
+                      "beta1", "beta2", "eps")  # fmt: skip
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, config: TrainConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -813,6 +818,7 @@ class Trainer:
         self.bad_steps_in_row = 0
         self.train_seconds = 0.0  # wall-clock time spent training, summed over resumes
         self.resumed_from: Path | None = None
+        self.changed_on_resume: dict[str, tuple[Any, Any]] = {}
         self.last_sample: str | None = None
         self.is_main = True  # the process that writes logs (rank 0 when distributed)
         self._resume_or_start_fresh(resume)
@@ -869,14 +875,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        # The schedule follows this run's settings (max_steps may have been raised to train on).
-        schedule = _ScheduleMultiplier(
-            self.config.warmup_steps, self.config.max_steps, self.config.min_lr_ratio
-        )
-        self.scheduler.lr_lambdas = [schedule] * len(self.optimizer.param_groups)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * schedule(self.scheduler.last_epoch)
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        self.apply_optimizer_settings(meta.get("train_config", {}))
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.batches.position = state["data_position"]
         self.skipped_steps = state["skipped_steps"]
@@ -887,6 +886,37 @@ class Trainer:
         if self.is_main:
             self.metrics.truncate_after(self.step)
         self.resumed_from = Path(checkpoint)
+
+    def apply_optimizer_settings(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """After a resume, make this run's optimizer and schedule settings the ones in force.
+
+        A checkpoint carries the optimizer's hyperparameters inside its state (and the schedule
+        inside the scheduler's), so loading it would silently bring back the old ones — a lower
+        ``train.lr`` after a divergence would do nothing. Here the moments and step counts stay,
+        the settings come from ``self.config``. ``saved``: the checkpoint's ``train_config``;
+        returns the settings that changed, ``{name: (old, new)}``, also kept as
+        ``changed_on_resume`` (the training script prints them).
+        """
+        config = self.config
+        schedule = _ScheduleMultiplier(config.warmup_steps, config.max_steps, config.min_lr_ratio)
+        groups = self.optimizer.param_groups
+        self.scheduler.lr_lambdas = [schedule] * len(groups)
+        self.scheduler.base_lrs = [config.lr] * len(groups)
+        for group in groups:
+            group["initial_lr"] = config.lr
+            group["lr"] = config.lr * schedule(self.scheduler.last_epoch)
+            group["betas"] = (config.beta1, config.beta2)
+            group["eps"] = config.eps
+            if group.get("group_name") == "decay":
+                group["weight_decay"] = config.weight_decay
+        self.scheduler._last_lr = [group["lr"] for group in groups]
+        changed = {
+            name: (saved[name], getattr(config, name))
+            for name in OPTIMIZER_SETTINGS
+            if name in saved and saved[name] != getattr(config, name)
+        }
+        self.changed_on_resume = changed
+        return changed
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> dict[str, float]:

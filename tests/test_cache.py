@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from minifusion.cache import HybridCache
+from minifusion.compat import CACHE_NAME, cache_keyword
 from minifusion.model import MiniFusionForCausalLM
 
 from .test_model import small_config
@@ -130,11 +131,12 @@ def test_generate_continues_from_the_cache_it_returned():
                               pad_token_id=0)  # fmt: skip
     first = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
                            pad_token_id=0, return_dict_in_generate=True)  # fmt: skip
-    assert isinstance(first.cache, HybridCache)
-    assert first.cache.seen_tokens == first.sequences.shape[1] - 1  # the last token is not fed yet
+    returned = getattr(first, CACHE_NAME)  # generate()'s own output class names it by release
+    assert isinstance(returned, HybridCache)
+    assert returned.seen_tokens == first.sequences.shape[1] - 1  # the last token is not fed yet
     lengths = _record_input_lengths(model)
     grown_mask = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], 1)
-    second = model.generate(first.sequences, attention_mask=grown_mask, cache=first.cache,
+    second = model.generate(first.sequences, attention_mask=grown_mask, **cache_keyword(returned),
                             max_new_tokens=6, do_sample=False, pad_token_id=0)  # fmt: skip
     assert torch.equal(second, one_shot)
     assert lengths == [1] * 6  # only the tokens the cache has not seen

@@ -29,6 +29,8 @@ model:
   ffn_types: [dense, moe]
   moe_num_experts: 4
   moe_top_k: 2
+  moe_aux_loss_free_bias: true
+  moe_bias_update_rate: 0.01
   mamba_d_state: 8
   fusion_gate_rank: 8
   sliding_window: 8
@@ -121,6 +123,11 @@ def test_zero_run_resumes_exactly_and_exports(preset, tmp_path, stage, straight_
     ids = tokenizer("The river", return_tensors="pt").input_ids
     generated = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert generated.shape == (1, ids.shape[1] + 5)
+    # aux-loss-free balancing ran after each of the 6 steps: every bias moved by ±rate a step
+    # (0 for an expert at exactly the mean load), from the load summed over both ranks
+    nudges = model.model.layers[1].moe.router.expert_bias / 0.01
+    assert nudges.abs().max() > 0 and nudges.abs().max() <= 6
+    torch.testing.assert_close(nudges, nudges.round(), atol=1e-4, rtol=0)
 
 
 def _dump_state(run: Path, processes: int, stage: int, out: Path) -> dict:

@@ -212,6 +212,28 @@ def test_exact_resume_gives_bitwise_identical_losses_and_weights(prepared, tmp_p
     assert expert_bias and any(final_straight["model"][k].abs().sum() > 0 for k in expert_bias)
 
 
+def test_resume_takes_the_new_optimizer_settings(prepared, tmp_path):
+    _trainer(prepared, tmp_path, lr=1e-2).fit(stop_at=4, export=False)
+    new = dict(lr=1e-4, weight_decay=0.05, beta1=0.8, beta2=0.9, eps=1e-6, max_steps=10)
+    resumed = _trainer(prepared, tmp_path, **new)
+    assert resumed.resumed_from.name == "step_000004"
+    assert resumed.changed_on_resume == {
+        "lr": (1e-2, 1e-4), "max_steps": (8, 10), "weight_decay": (0.1, 0.05),
+        "beta1": (0.9, 0.8), "beta2": (0.95, 0.9), "eps": (1e-8, 1e-6)}  # fmt: skip
+    schedule = lambda step: training.warmup_cosine(step, warmup_steps=2, max_steps=10,
+                                                   min_lr_ratio=0.1)  # fmt: skip
+    for step in (4, 5, 6):  # the lr of step 4 (the first resumed one) and the next two
+        for group in resumed.optimizer.param_groups:
+            assert group["lr"] == pytest.approx(1e-4 * schedule(step), rel=1e-12)
+            assert group["betas"] == (0.8, 0.9) and group["eps"] == 1e-6
+            assert group["weight_decay"] == (0.05 if group["group_name"] == "decay" else 0.0)
+        resumed.train_step()
+    assert resumed.optimizer.state  # the moments came back from the checkpoint
+    unchanged = _trainer(prepared, tmp_path / "unchanged", lr=1e-2)
+    unchanged.fit(stop_at=2, export=False)
+    assert _trainer(prepared, tmp_path / "unchanged", lr=1e-2).changed_on_resume == {}
+
+
 def test_resume_refuses_another_model_config(prepared, tmp_path):
     _trainer(prepared, tmp_path, pattern="llama").fit(stop_at=4, export=False)
     data, tokenizer = prepared
@@ -372,15 +394,61 @@ def _preset(tmp_path, prepared) -> Path:
     return path
 
 
-def test_apply_overrides_parses_yaml_values_and_explains_mistakes():
+def test_apply_overrides_converts_by_the_field_type_and_explains_mistakes():
     settings = apply_overrides(
-        {"train": {"lr": 1.0}}, ["train.lr=3e-4", "model.mixer_types=[a, b]"]
-    )
-    assert settings["train"]["lr"] == 3e-4 and settings["model"]["mixer_types"] == ["a", "b"]
+        {"train": {"lr": 1.0}},
+        ["train.lr=3e-4", "model.mixer_types=[hybrid, attention]", "train.sample_prompt=ROMEO:",
+         "train.max_steps=1_000", "train.tensorboard=no", "data.source=*.txt",
+         "data.encoding_errors=replace", "model.sliding_window=none", "model.mamba_dt_rank=auto",
+         "model.pruned_fusion_layers=1,2", "train.sample_prompt=yes"],
+    )  # fmt: skip
+    assert settings["train"] == {"lr": 3e-4, "sample_prompt": "yes", "max_steps": 1000,
+                                 "tensorboard": False}  # fmt: skip
+    assert settings["data"] == {"source": "*.txt", "encoding_errors": "replace"}
+    assert settings["model"] == {"mixer_types": ["hybrid", "attention"], "sliding_window": None,
+                                 "mamba_dt_rank": "auto", "pruned_fusion_layers": [1, 2]}  # fmt: skip
+    # text fields keep the text as typed: a prompt with a colon, spaces, a YAML-looking word
+    for prompt in ("ROMEO:", " KING HENRY: ", "{a: b}", "true", "3"):
+        assert (
+            apply_overrides({}, [f"train.sample_prompt={prompt}"])["train"]["sample_prompt"]
+            == prompt
+        )
+    assert apply_overrides({}, ["model.mamba_dt_rank=8"])["model"]["mamba_dt_rank"] == 8
+    with pytest.raises(ValueError, match="train.max_steps takes a value of type int; '2.5'"):
+        apply_overrides({}, ["train.max_steps=2.5"])
+    with pytest.raises(ValueError, match="train.tensorboard takes a value of type bool"):
+        apply_overrides({}, ["train.tensorboard=maybe"])
     with pytest.raises(ValueError, match="write section.name=value"):
         apply_overrides({}, ["lr=3"])
     with pytest.raises(ValueError, match="unknown section 'optim'"):
         apply_overrides({}, ["optim.lr=3"])
+
+
+def test_data_encoding_errors_is_a_setting_of_both_commands(tmp_path, capsys):
+    from minifusion.data import main as data_main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40
+    (corpus / "a.txt").write_bytes(text.encode() + b"caf\xe9\n")  # Latin-1, not UTF-8
+    (corpus / "b.txt").write_text(text * 2, encoding="utf-8")
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(f"model:\n  vocab_size: 300\ndata:\n  source: '{corpus}/*.txt'\n"
+                      "  val_fraction: 0.5\n", encoding="utf-8")  # fmt: skip
+    assert data_main(["--config", str(preset), "--out", str(tmp_path / "strict")]) == 1
+    error = capsys.readouterr().err
+    assert "not valid UTF-8" in error and "--set data.encoding_errors=replace" in error
+    assert data_main(["--config", str(preset), "--out", str(tmp_path / "replaced"),
+                      "--set", "data.encoding_errors=replace"]) == 0  # fmt: skip
+    assert "train" in capsys.readouterr().out
+    assert (tmp_path / "replaced" / "train.bin").is_file()
+    assert main(["--config", str(preset), "--out", str(tmp_path / "run"), "--no-progress",
+                 "--set", "data.encoding_errors=replace", "--set", "train.max_steps=1",
+                 "--set", "train.warmup_steps=0", "--set", "train.eval_batches=1",
+                 "--set", "train.batch_size=2", "--set", "data.block_size=16",
+                 "--set", "train.sample_tokens=2", "--set", "train.tensorboard=false",
+                 "--set", "train.sample_prompt=ROMEO:"]) == 0  # fmt: skip
+    assert "bits/character" in capsys.readouterr().out
 
 
 def test_script_trains_resumes_and_exports(prepared, tmp_path, capsys):
@@ -393,9 +461,11 @@ def test_script_trains_resumes_and_exports(prepared, tmp_path, capsys):
         and "model (HF)" in printed
         and "starting from scratch" in printed
     )
-    assert main(["--config", str(preset), "--out", str(out), "--no-progress"]) == 0
+    assert main(["--config", str(preset), "--out", str(out), "--no-progress",
+                 "--set", "train.lr=1e-3"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "resuming from" in printed and "step_000003" in printed
+    assert "train.lr: 0.003 in the checkpoint → 0.001 from now on" in printed
     assert latest_checkpoint(out / "checkpoints").name == "step_000006"
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [s for s in steps if s] == sorted(s for s in steps if s)  # no repeated steps
