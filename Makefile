@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 # environment, so no other checkout's half-finished build can block ours.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: setup lock train test test-latest lint extensions unit notebooks notebooks-avx2 bench lab clean
+.PHONY: setup lock train test test-latest lint extensions unit notebooks notebooks-avx2 execute bench lab clean
 
 setup: $(STAMP)  ## create .venv and install the locked versions (reused when up to date)
 
@@ -80,6 +80,15 @@ notebooks: extensions
 	$(BIN)/python -c "import matplotlib.pyplot; from minifusion.data import fetch_shakespeare; fetch_shakespeare(verbose=True)"
 	$(NBVAL) notebooks/*.ipynb chapters/*/solutions.ipynb
 
+# Re-run notebooks in place, refreshing their committed outputs (NB=... for a subset); the
+# outputs are then what `make notebooks` compares against. Run it after changing the package.
+NB ?= notebooks/*.ipynb chapters/*/solutions.ipynb
+execute: extensions  ## re-execute the notebooks (NB=...) and save their outputs
+	$(BIN)/python -c "import matplotlib.pyplot; from minifusion.data import fetch_shakespeare; fetch_shakespeare(verbose=True)"
+	printf '%s\n' $(NB) | OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+	  xargs -P 2 -I{} $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	  --ExecutePreprocessor.timeout=1200 --log-level=WARN {}
+
 # The committed outputs must hold on any x86 CPU, not only this one: PyTorch picks its SIMD
 # kernels at run time (AVX-512 here, AVX2 on most laptops and cloud VMs), and their float sums
 # differ in the last bits. A second pass under the AVX2 kernels catches a digit printed finer
@@ -98,7 +107,7 @@ test-latest:  ## unit tests against the newest releases of every dependency
 	$(LATEST)/bin/python requirements/latest.py > $(LATEST)/requirements.txt
 	$(LATEST)/bin/python -m pip install $(PIP) --upgrade --upgrade-strategy eager -r $(LATEST)/requirements.txt
 	@$(LATEST)/bin/python -m pip install $(PIP) --no-deps -e .
-	@$(LATEST)/bin/python -m minifusion.utils --versions
+	@$(LATEST)/bin/python -m minifusion
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg TORCH_EXTENSIONS_DIR=$(abspath $(LATEST))/torch_extensions \
 	  $(LATEST)/bin/python -m pytest -n 2 --dist loadscope -p no:cacheprovider -m "not distributed" tests
 

@@ -104,7 +104,29 @@ def from_llama(model) -> MiniFusionForCausalLM:
 
 
 def from_mixtral(model) -> MiniFusionForCausalLM:
-    """transformers ``MixtralForCausalLM`` → an attention-only MiniFusion model with MoE FFNs."""
+    """transformers ``MixtralForCausalLM`` → an attention-only MiniFusion model with MoE FFNs.
+
+    **The MoE auxiliary loss differs in form, not in scale.** Both use the Switch load-balancing
+    loss ``E · Σᵢ fᵢ · Pᵢ`` (``fᵢ``: top-k assignments to expert ``i`` per token, ``Pᵢ``: its mean
+    router probability), but from different statistics. Ours is computed in each layer from that
+    layer's router alone — for layer ``l`` it equals transformers' ``load_balancing_loss_func``
+    given layer ``l``'s router logits alone — and ``moe_aux_loss`` *sums* the layers'
+    ``moe_aux_loss_coef · loss``. Mixtral computes *one* loss from statistics pooled over its
+    ``L`` layers, ``E · Σᵢ f̄ᵢ · P̄ᵢ`` with ``f̄ᵢ``, ``P̄ᵢ`` the means over the layers, and adds
+    ``router_aux_loss_coef`` times it. The converter sets ``moe_aux_loss_coef =
+    router_aux_loss_coef / L``, so ours is ``c = router_aux_loss_coef`` times the *mean* of the
+    per-layer losses, and::
+
+        ours − theirs = c · E · Σᵢ cov_l(fₗᵢ, Pₗᵢ)     (population covariance over the L layers)
+
+    They are equal when every layer routes alike (the same ``fᵢ`` and ``Pᵢ`` in every layer) and
+    otherwise differ by that term (the unscaled coefficient would give ``L`` times ours). This
+    holds for batches without padding: transformers leaves masked positions out of its
+    statistics, ours counts every position. transformers computes the term only when called with
+    ``output_router_logits=True`` (off by default in ``MixtralConfig``); ours always adds it to
+    ``loss`` (``lm_loss`` is the cross-entropy alone). Mixtral has no router z-loss
+    (``moe_router_z_loss_coef=0``).
+    """
     source = model.config
     config = _attention_config(
         source,
@@ -113,7 +135,10 @@ def from_mixtral(model) -> MiniFusionForCausalLM:
         moe_top_k=source.num_experts_per_tok,
         moe_intermediate_size=source.intermediate_size,
         moe_norm_topk_prob=True,
-        moe_aux_loss_coef=source.router_aux_loss_coef,
+        # per-layer losses summed vs one pooled loss: see the docstring
+        moe_aux_loss_coef=source.router_aux_loss_coef / source.num_hidden_layers,
+        moe_balance_loss="global",
+        moe_router_z_loss_coef=0.0,
     )
     if getattr(source, "sliding_window", None):
         raise ValueError(

@@ -372,6 +372,21 @@ class DeepSpeedTrainer(Trainer):
         finally:
             config.load_universal_checkpoint = False
             logger.setLevel(level)
+        self._restore_buffers(checkpoint)
+
+    def _restore_buffers(self, checkpoint: Path) -> None:
+        """Copy the module's buffers (the MoE routers' ``expert_bias``) from the original shards.
+
+        The universal layout holds parameters and optimizer state only, so a resume at another
+        world size would otherwise restart every buffer from its initial value. Buffers are the
+        same on every rank; each shard's model-states file lists them (``buffer_names``).
+        """
+        shard = next((checkpoint / ENGINE_TAG).glob("*model_states.pt"))
+        saved = torch.load(shard, map_location="cpu", weights_only=True)
+        buffers = dict(self.model.named_buffers())
+        with torch.no_grad():
+            for name in saved.get("buffer_names", []):
+                buffers[name].copy_(saved["module"][name])
 
     def training_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Every parameter's full fp32 master weight and Adam moments, gathered from all shards.

@@ -14,6 +14,7 @@ import os
 import platform
 import random
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,6 +210,50 @@ def environment_report() -> EnvironmentReport:
         mamba_kernels_detail=detail,
         cpu_threads=torch.get_num_threads(),
         device=str(pick_device()),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The locked versions (requirements/lock.txt, written by `make lock`)
+# ----------------------------------------------------------------------------------------------
+LOCK_FILE = Path(__file__).resolve().parent.parent / "requirements" / "lock.txt"
+#: The libraries whose versions matter most to the course's results.
+KEY_PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "safetensors", "deepspeed",
+                "numpy", "huggingface-hub", "matplotlib", "jupyterlab")  # fmt: skip
+
+
+def locked_versions(lock_file: str | os.PathLike = LOCK_FILE) -> dict[str, str]:
+    """``{package: version}`` from a pip-compile lock file (``name==version`` lines)."""
+    versions = {}
+    for line in Path(lock_file).read_text(encoding="utf-8").splitlines():
+        name, sep, version = line.split("#")[0].strip().partition("==")
+        if sep:
+            versions[name.strip().lower()] = version.strip()
+    return versions
+
+
+def _public(version: str | None) -> str | None:
+    """``2.13.0+cpu`` → ``2.13.0``: a build label (CPU or CUDA wheel) is not another release."""
+    return version.split("+")[0] if version else version
+
+
+def lock_report(packages: Sequence[str] = KEY_PACKAGES, lock_file=LOCK_FILE) -> str:
+    """A table of the locked and installed versions of ``packages``, one line each.
+
+    Notebook outputs, CI and ``make train`` are made with the locked versions; a line marked
+    ``differs`` means numbers printed here may differ in their last digits from the text.
+    """
+    if not Path(lock_file).is_file():
+        return f"no lock file at {lock_file} (minifusion is installed outside its repository)"
+    locked = locked_versions(lock_file)
+    rows = [("package", "locked", "installed", "")]
+    for name in packages:
+        want, have = locked.get(name), _package_version(name)
+        mark = "✓" if want and _public(have) == want else "differs"
+        rows.append((name, want or "-", have or "not installed", mark))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(
+        f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in rows
     )
 
 
