@@ -26,8 +26,11 @@ __all__ = [
     "environment_report",
     "format_count",
     "fsync_dir",
+    "lock_report",
+    "locked_versions",
     "pick_device",
     "seed_everything",
+    "within",
 ]
 
 
@@ -255,6 +258,20 @@ def lock_report(packages: Sequence[str] = KEY_PACKAGES, lock_file=LOCK_FILE) -> 
     return "\n".join(
         f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in rows
     )
+
+
+def within(value: float | torch.Tensor, bound: float) -> str:
+    """Check ``value ≤ bound`` and return ``"≤ 1e-06"`` (the bound) for printing.
+
+    A rounding error — the largest difference between two float computations of the same
+    thing — is as small as it should be on every CPU, but its digits depend on which SIMD
+    kernels PyTorch picked (AVX-512, AVX2, plain C++): the order of the sums changes. So the
+    chapters print the bound they assert rather than digits that would differ on your machine.
+    """
+    value = float(value)
+    if not value <= bound:
+        raise AssertionError(f"{value:.3g} exceeds the bound {bound:.0e}")
+    return f"≤ {bound:.0e}"
 
 
 def format_count(n: float) -> str:

@@ -9,12 +9,18 @@ Toward Training Trillion Parameter Models*) removes the redundancy in three stag
 * stage 2 also shards the **gradients**,
 * stage 3 also shards the **parameters** (gathered layer by layer when needed).
 
-MiniFusion trains with fp32 parameters — they double as the master weights, which keeps
-Mamba's ``A_log``, ``D`` and ``dt_proj`` in fp32 as chapter 09 requires — and computes in bf16
-under autocast. Per parameter that is 4 bytes of weights, 4 of gradient and 8 of AdamW moments,
-16 bytes in all (the same total as "bf16 weights + fp32 master copy" schemes; only how it splits
-differs). :func:`memory_per_gpu` divides them as each stage does and adds the activations,
-which :func:`activation_bytes_per_token` *measures* on a real layer rather than estimating.
+MiniFusion trains with fp32 parameters — which keeps Mamba's ``A_log``, ``D`` and ``dt_proj`` in
+fp32 as chapter 09 requires — and computes in bf16 under autocast. Plain data parallelism
+(stage 0) then holds 16 bytes per parameter: 4 of weights, 4 of gradient, 8 of AdamW moments.
+DeepSpeed's ZeRO optimizer holds more. It does not update our fp32 weights in place: it keeps
+its own fp32 **master** partition (``single_partition_of_fp32_groups``, a clone of this GPU's
+share of the weights even when they already are fp32 — what a checkpoint's ``*_optim_states.pt``
+shard holds, next to the moments), and at every step it copies the gradient partition into a new
+fp32 tensor for AdamW. On one GPU that is 24 bytes per parameter. :func:`bytes_per_parameter`
+gives each stage's bytes, read off DeepSpeed 0.19.8's code and checked against its estimators and
+live engines (``tests/test_zero.py``); :func:`memory_per_gpu` multiplies them out and adds the
+activations, which :func:`activation_bytes_per_token` *measures* on a real layer rather than
+estimating.
 
 :func:`deepspeed_config` turns one of ``configs/deepspeed/zero*.json`` plus the run's
 ``TrainConfig`` into the dictionary DeepSpeed receives. Batch size, gradient accumulation and
@@ -35,15 +41,13 @@ import torch
 from .config import MiniFusionConfig
 
 __all__ = [
-    "BYTES_PER_PARAMETER",
     "MemoryEstimate",
     "activation_bytes_per_token",
+    "bytes_per_parameter",
     "deepspeed_config",
     "memory_per_gpu",
 ]
 
-#: fp32 weights, fp32 gradients, AdamW's two fp32 moments.
-BYTES_PER_PARAMETER = {"parameters": 4, "gradients": 4, "optimizer": 8}
 # Keys that TrainConfig owns; a DeepSpeed JSON may leave them out or say "auto".
 _OWNED_KEYS = {
     "train_micro_batch_size_per_gpu": "train.batch_size",
@@ -121,6 +125,81 @@ def deepspeed_config(
 # ----------------------------------------------------------------------------------------------
 # Memory per GPU
 # ----------------------------------------------------------------------------------------------
+def bytes_per_parameter(stage: int, gpus: int, *, weight_bytes: int = 4) -> dict[str, float]:
+    """Bytes one GPU holds per model parameter under ZeRO ``stage`` on ``gpus`` GPUs.
+
+    ``weight_bytes`` is the size of the weights the model computes with: 4 for MiniFusion's fp32
+    parameters, 2 for 16-bit ones (DeepSpeed's ``bf16``/``fp16`` modes with its default
+    ``grad_accum_dtype``, the weights' own — what its estimators assume). Returns the bytes of
+    ``parameters``, ``gradients``, ``master`` (fp32 master weights) and ``optimizer`` (AdamW's two
+    fp32 moments). With ``w = weight_bytes`` and ``G = gpus``::
+
+        part          stage 0   stage 1            stage 2    stage 3
+        parameters       4      w                  w          w/G
+        gradients        4      max(w, (w+4)/G)    (w+4)/G    (w+4)/G
+        master           0      4/G                4/G        4/G
+        optimizer        8      8/G                8/G        8/G
+        total, w = 4    16      4+max(4,8/G)+12/G  4 + 20/G   24/G     (24 on one GPU)
+        total, w = 2     —      2+max(2,6/G)+12/G  2 + 18/G   20/G     (20 on one GPU)
+
+    Stage 0 is plain data parallelism on our fp32 weights: AdamW updates them in place. Stages
+    1–3 are DeepSpeed's ZeRO optimizers (``runtime/zero/stage_1_and_2.py``,
+    ``runtime/zero/stage3.py``); the comments below name the tensors. The gradients count at the
+    larger of two points in time: the end of the backward pass, and the step, when this GPU's
+    share of the gradients and their fp32 copy for AdamW exist together. For 16-bit weights
+    stage 2 is DeepSpeed's ``estimate_zero2_model_states_mem_needs`` (``2Ψ + 18Ψ/G``); its
+    stage-3 estimate counts ``18Ψ/G`` (plus the largest layer), ``2Ψ/G`` fewer than its code
+    holds.
+
+    Not counted, and the reason to leave headroom: the gradient buckets of the backward pass
+    (``reduce_bucket_size`` numbers each, one per gradient dtype — bf16 and fp32 under our
+    autocast — and two of each in stages 1–2 with ``overlap_comm``: 3.7 GiB with ``zero1.json``,
+    which keeps DeepSpeed's default of 5·10⁸, 0.75 GiB with ``zero2.json``, 0.28 GiB with
+    ``zero3.json``), stage 3's gathered parameters (the layers being computed and prefetched, and
+    those below ``stage3_param_persistence_threshold``, kept whole), copies that live for a
+    moment (16-bit gradients flattened before their conversion to fp32, AdamW's temporaries) and
+    the allocator's fragmentation. The fp32 gradient copy is made one optimizer group at a time,
+    so the table slightly overstates it (MiniFusion's undecayed group is 3 % of the 1.5B model).
+    """
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage}.")
+    if gpus < 1:
+        raise ValueError(f"gpus must be ≥ 1, got {gpus}.")
+    if weight_bytes not in (2, 4):
+        raise ValueError(f"weight_bytes must be 4 (fp32) or 2 (bf16/fp16), got {weight_bytes}.")
+    w, share = weight_bytes, 1 / gpus
+    if stage == 0:
+        if w != 4:
+            raise ValueError("stage 0 (plain data parallelism) is modelled for fp32 weights only.")
+        return {"parameters": 4.0, "gradients": 4.0, "master": 0.0, "optimizer": 8.0}
+    # The weights the forward pass uses. Stages 1-2: ``bit16_groups_flat``, whole on every GPU
+    # (the parameters are views into it); stage 3: ``lp_param_buffer``, this GPU's partition.
+    parameters = w * share if stage == 3 else w
+    # The gradients backward leaves, in the weights' dtype. Stage 1 keeps every ``param.grad``
+    # until they are reduced at the end of the backward pass, then only its share
+    # (``averaged_gradients``; ``_clear_param_grad_only`` frees the rest). Stage 2
+    # (``partition_gradients``) reduces bucket by bucket during the backward pass and keeps only
+    # its share (``grads_in_partition``); stage 3 keeps it in ``grad_partitions_flat_buffer``.
+    after_backward = w if stage == 1 else w * share
+    # At ``step()`` the share is flattened into a new fp32 tensor before the share is freed:
+    # ``single_partition_of_fp32_groups[i].grad`` (stages 1-2), ``fp32_partitioned_groups_flat
+    # [i].grad`` (stage 3, ``_prepare_fp32_grad_for_sub_group``). With fp32 weights the flatten
+    # is that copy; with 16-bit ones a 16-bit copy comes first and is dropped at once (not counted).
+    at_step = (w + 4) * share
+    return {
+        "parameters": parameters,
+        "gradients": max(after_backward, at_step),
+        # ``single_partition_of_fp32_groups`` (stages 1-2: ``.detach().clone()`` of the share) and
+        # ``fp32_partitioned_groups_flat`` (stage 3). Stage 3's ``_create_fp32_partitions`` means
+        # to reuse a partition that is already fp32, but it compares ``tensor.device`` (a
+        # torch.device) with ``self.device`` (a string such as "cuda:0"), which never compare
+        # equal (torch 2.13), so it clones there too.
+        "master": 4 * share,
+        # AdamW's ``exp_avg`` and ``exp_avg_sq``, fp32, for the master partition only.
+        "optimizer": 8 * share,
+    }
+
+
 @dataclass
 class MemoryEstimate:
     """Bytes one GPU holds for training (model states + activations of one micro-batch)."""
@@ -130,13 +209,14 @@ class MemoryEstimate:
     gpus: int
     parameters: float
     gradients: float
+    master: float
     optimizer: float
     activations: float
     activation_checkpointing: bool
 
     @property
     def model_states(self) -> float:
-        return self.parameters + self.gradients + self.optimizer
+        return self.parameters + self.gradients + self.master + self.optimizer
 
     @property
     def total(self) -> float:
@@ -147,7 +227,8 @@ class MemoryEstimate:
         return (
             f"{self.preset:<16} ZeRO-{self.stage} × {self.gpus:<3} "
             f"params {self.parameters / gib:6.2f}  grads {self.gradients / gib:6.2f}  "
-            f"optim {self.optimizer / gib:6.2f}  activations {self.activations / gib:6.2f}"
+            f"master {self.master / gib:6.2f}  optim {self.optimizer / gib:6.2f}  "
+            f"activations {self.activations / gib:6.2f}"
             f"{' (ckpt)' if self.activation_checkpointing else '       '}  "
             f"total {self.total / gib:6.2f} GiB"
         )
@@ -166,24 +247,17 @@ def memory_per_gpu(
 ) -> MemoryEstimate:
     """Training memory per GPU for ``config`` under ZeRO ``stage`` on ``gpus`` GPUs.
 
-    Model states follow :data:`BYTES_PER_PARAMETER`, divided by ``gpus`` for the parts the
-    stage shards. Activations are for one micro-batch of ``batch_size × seq_len`` tokens on each
-    GPU (ZeRO does not shard them): every layer's saved tensors, or — with activation
-    checkpointing — each layer's input plus one layer's saved tensors while it is recomputed.
-    ``activation_bytes`` (per token, all layers) defaults to :func:`activation_bytes_per_token`.
-    Temporary buffers (communication buckets, the allocator's fragmentation, the CUDA context)
-    come on top; leave 10–20 % headroom.
+    Model states are :func:`bytes_per_parameter` (fp32 weights) times the parameter count.
+    Activations are for one micro-batch of ``batch_size × seq_len`` tokens on each GPU (ZeRO
+    does not shard them): every layer's saved tensors, or — with activation checkpointing — each
+    layer's input plus one layer's saved tensors while it is recomputed. ``activation_bytes``
+    (per token, all layers) defaults to :func:`activation_bytes_per_token`. The parts are added
+    up although the activations peak at the end of the forward pass and the gradients later,
+    which errs on the safe side; temporary buffers (see :func:`bytes_per_parameter`), the
+    allocator's fragmentation and the CUDA context come on top: leave 10–20 % headroom.
     """
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage}.")
-    if gpus < 1:
-        raise ValueError(f"gpus must be ≥ 1, got {gpus}.")
     n = config.estimate_parameters()
-    shard = {"parameters": stage >= 3, "gradients": stage >= 2, "optimizer": stage >= 1}
-    states = {
-        part: n * BYTES_PER_PARAMETER[part] / (gpus if shard[part] else 1)
-        for part in BYTES_PER_PARAMETER
-    }
+    states = {part: n * size for part, size in bytes_per_parameter(stage, gpus).items()}
     tokens = batch_size * seq_len
     if activation_bytes is None:
         per_layer = activation_bytes_per_token(config, seq_len=min(seq_len, 512))

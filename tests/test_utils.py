@@ -78,3 +78,24 @@ def test_format_count():
     assert format_count(1234) == "1.23K"
     assert format_count(1_550_000_000) == "1.55B"
     assert format_count(12) == "12"
+
+
+def test_within_prints_the_bound_it_checked():
+    from minifusion.utils import within
+
+    assert within(3e-8, 1e-6) == "≤ 1e-06" and within(torch.tensor(0.0), 1e-5) == "≤ 1e-05"
+    with pytest.raises(AssertionError, match="exceeds the bound 1e-06"):
+        within(2e-6, 1e-6)
+    with pytest.raises(AssertionError):
+        within(float("nan"), 1.0)
+
+
+def test_lock_report_compares_locked_and_installed_versions(tmp_path):
+    from minifusion.utils import lock_report, locked_versions
+
+    lock = tmp_path / "lock.txt"
+    lock.write_text("torch==2.13.0\n    # via minifusion\nnumpy==0.0.1\n", encoding="utf-8")
+    assert locked_versions(lock) == {"torch": "2.13.0", "numpy": "0.0.1"}
+    lines = lock_report(["torch", "numpy", "not-a-package"], lock).splitlines()
+    assert lines[1].split()[:2] == ["torch", "2.13.0"] and lines[1].endswith("✓")  # +cpu = same
+    assert lines[2].endswith("differs") and "not installed" in lines[3]
