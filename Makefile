@@ -23,6 +23,9 @@ setup: $(STAMP)  ## create .venv and install the locked versions (reused when up
 # torch==2.13.0 in the lock is the CPU wheel where pip is offered one (this build machine) and
 # PyPI's CUDA wheel on GPU machines: the same version, another build; every other pin is shared.
 $(STAMP): $(LOCK) pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	  echo "setup: '$(PYTHON)' is not Python 3.11 or newer, which the locked versions need (numpy 2.4)."; \
+	  echo "       Run 'make setup PYTHON=python3.11', or see 'If the install fails' in README.md."; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "setup: installing the locked versions from $(LOCK) (a few minutes the first time)"
 	@$(BIN)/python -m pip install $(PIP) -r $(LOCK) || { \
