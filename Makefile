@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 # environment, so no other checkout's half-finished build can block ours.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: setup lock train test test-latest lint extensions unit notebooks notebooks-kernels execute bench lab clean
+.PHONY: setup lock train test test-latest lint extensions unit notebooks notebooks-kernels execute corpus bench lab clean
 
 setup: $(STAMP)  ## create .venv and install the locked versions (reused when up to date)
 
@@ -76,18 +76,19 @@ unit: extensions
 
 # The corpus is fetched (and matplotlib's font cache built) before the notebooks run, so no
 # notebook prints a one-off download message that its committed outputs do not contain.
+corpus: setup  # fetch the corpus and build matplotlib's font cache once, before any notebook
+	$(BIN)/python -c "import matplotlib.pyplot; from minifusion.data import fetch_shakespeare; fetch_shakespeare(verbose=True)"
+
 NBVAL := OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
   $(BIN)/python -m pytest -n 2 --dist loadscope -p no:cacheprovider \
   --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
-notebooks: extensions
-	$(BIN)/python -c "import matplotlib.pyplot; from minifusion.data import fetch_shakespeare; fetch_shakespeare(verbose=True)"
+notebooks: extensions corpus
 	$(NBVAL) notebooks/*.ipynb chapters/*/solutions.ipynb
 
 # Re-run notebooks in place, refreshing their committed outputs (NB=... for a subset); the
 # outputs are then what `make notebooks` compares against. Run it after changing the package.
 NB ?= notebooks/*.ipynb chapters/*/solutions.ipynb
-execute: extensions  ## re-execute the notebooks (NB=...) and save their outputs
-	$(BIN)/python -c "import matplotlib.pyplot; from minifusion.data import fetch_shakespeare; fetch_shakespeare(verbose=True)"
+execute: extensions corpus  ## re-execute the notebooks (NB=...) and save their outputs
 	printf '%s\n' $(NB) | OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
 	  xargs -P 2 -I{} $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 	  --ExecutePreprocessor.timeout=1200 --log-level=WARN {}
