@@ -67,7 +67,7 @@ lint: setup
 # DeepSpeed's CPU extension is built once up front (about a minute the first time), not
 # inside the time limit of the first test or notebook that launches torchrun.
 extensions: setup
-	$(BIN)/python -c "from minifusion.distributed import build_extensions; build_extensions()"
+	$(BIN)/python -c "from minifusion.extensions import build_extensions; build_extensions()"
 
 # Hub access is switched off for tests: everything they read is local or comes from PyPI.
 unit: extensions
@@ -119,6 +119,7 @@ test-latest:  ## unit tests against the newest releases of every dependency
 
 # Scans, attention, MoE dispatch, training MFU, decode and cache memory (+ bench/why_hybrid.py
 # where present), on CUDA if there is a GPU; the other device's columns in RESULTS.md are kept.
+# On a CPU also the equal wall-clock training race (bench/race.py: 7 models × 240 s, ~35 min).
 bench: setup  ## every benchmark → bench/RESULTS.md and the README's results section
 	$(BIN)/python -m bench
 

@@ -12,7 +12,9 @@ between ``<!-- bench:results:start -->`` and ``<!-- bench:results:end -->`` is g
 those same numbers.
 
 ``bench/why_hybrid.py``, where present, contributes a section through its ``run(quick)`` and
-``markdown(results)`` functions.
+``markdown(results)`` functions. ``bench/race.py`` (the equal wall-clock training race, CPU only:
+about 35 minutes at its default 240 s per entry) saves its record to ``bench/results/race.json``;
+its section shows every record saved there.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any
 
 import torch
 
-from . import attention, decode, moe, scan, training
+from . import attention, decode, moe, race, scan, training
 from .timing import machine_description
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +103,16 @@ def run_why_hybrid(device: torch.device, quick: bool = False) -> Data | None:
     return {"markdown": module.markdown(module.run(quick=quick)).strip()}
 
 
+def run_race(device: torch.device, **kwargs: Any) -> Data | None:
+    """The equal-time race (``bench.race.report_data``): saved, then every saved record.
+
+    It measures CPU training (``torch.set_num_threads``), so a run on another device skips it.
+    """
+    if device.type != "cpu":
+        return None
+    return race.report_data(**kwargs)
+
+
 def why_hybrid_present() -> bool:
     """Whether ``bench/why_hybrid.py`` exists (found without importing it)."""
     return importlib.util.find_spec(f"{__package__}.why_hybrid") is not None
@@ -131,6 +143,7 @@ RUNNERS: dict[str, Callable[..., Data | None]] = {
     "training": run_training,
     "decode": run_decode,
     "why_hybrid": run_why_hybrid,
+    "race": run_race,
 }
 
 
@@ -145,6 +158,7 @@ def default_sizes(device: torch.device) -> dict[str, dict[str, Any]]:
         "training": {"matmul_sizes": (4096, 8192), "steps": 10, "warmup_steps": 3},
         "decode": {"repeats": 5},
         "why_hybrid": {},
+        "race": {},
     }
 
 
@@ -167,7 +181,8 @@ def run_benchmarks(
 
     ``isolate``: each benchmark in a fresh Python process (:func:`run_isolated`), as if run on
     its own — what ``make bench`` does. A benchmark that fails is reported and skipped (its
-    stored numbers stay); one that returns ``None`` (``why_hybrid`` when absent) is left out.
+    stored numbers stay); one that returns ``None`` (``why_hybrid`` when absent, ``race`` on a
+    GPU) is left out.
     """
     sizes = default_sizes(device) if sizes is None else sizes
     runners = RUNNERS if runners is None else runners
@@ -598,6 +613,16 @@ def why_hybrid_table(per_device: PerDevice) -> str:
     return "Not run yet."
 
 
+def race_table(per_device: PerDevice) -> str:
+    """Every saved race record, one table each (``bench.race.markdown``), under its device."""
+    blocks = [
+        f"### {GROUP[d]}\n\n{race.markdown(per_device[d]['records'], level=4)}"
+        for d in DEVICES
+        if d in per_device
+    ]
+    return "\n\n".join(blocks) if blocks else "Not run yet: `python -m bench.race`."
+
+
 def _demoted(markdown: str, label: str) -> str:
     lines = [f"#{line}" if line.startswith("#") else line for line in markdown.splitlines()]
     if lines and lines[0].startswith("### "):
@@ -654,6 +679,16 @@ SECTIONS = (
         "Why hybrid?", "why_hybrid",
         "Experiments from `bench/why_hybrid.py`.",
         why_hybrid_table, None, None,
+    ),
+    Section(
+        "Equal wall-clock training race", "race",
+        "Language models of about one size (`python -m bench.race`): the `tiny` hybrid as "
+        "shipped, its attention-only and Mamba-only twins, and transformers' Llama, GPT-2, "
+        "Falcon-H1 and Mamba-2 sized to the attention twin's parameter count, each trained in a "
+        "fresh process with one recipe on the same Shakespeare batches for the same seconds, "
+        "then scored on two held-out works in bits per character (lower is better). One table "
+        "per saved setting (`bench/results/race.json`).",
+        race_table, None, None,
     ),
 )  # fmt: skip
 SECTIONS_BY_BENCHMARK: dict[str, list[Section]] = {}

@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,11 @@ from .checkpoint import (
     read_meta,
     restore_rng_state,
     step_dir_name,
+)
+from .extensions import (  # re-exported: DeepSpeed runs are where these first mattered
+    StaleBuildLockError,
+    build_extensions,
+    check_build_locks,
 )
 from .training import (
     EvalResult,
@@ -73,67 +77,6 @@ ENGINE_TAG = "deepspeed"  # DeepSpeed's own folder inside one of our checkpoint 
 UNIVERSAL_TAG = "universal"  # the same state re-laid out per parameter, for another world size
 GATE_MONITOR_FILE = "gate_monitor.pt"  # the gate statistics' history (minifusion.monitor)
 DEEPSPEED_FORMAT = "minifusion-deepspeed-checkpoint-1"
-# Building DeepSpeed's shared-memory extension takes about two minutes on two CPU cores; a
-# build lock this much older than that was left by a process that died while holding it.
-STALE_BUILD_LOCK_SECONDS = 15 * 60
-
-
-class StaleBuildLockError(RuntimeError):
-    """A compiled-extension build lock outlived the process that took it."""
-
-
-def extension_build_root() -> Path:
-    """Where PyTorch builds (and caches) compiled extensions: ``$TORCH_EXTENSIONS_DIR``, whose
-    folders are ``<extension>/``, or else ``~/.cache/torch_extensions``, whose folders are
-    ``<python and device tag>/<extension>/``."""
-    from torch.utils.cpp_extension import get_default_build_root
-
-    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-
-
-def check_build_locks(root: str | Path | None = None, now: float | None = None) -> None:
-    """Refuse to start when an extension build lock under ``root`` is stale.
-
-    Every process that loads a just-in-time extension (DeepSpeed's CPU communication op, for
-    one) first creates ``<root>/<extension>/lock`` and deletes it when done, *even when the
-    extension is already built*. A process killed in that window leaves the file behind, and
-    every later start then waits for it forever, printing nothing. Failing here, with the file
-    named, turns that silent hang into a one-line fix.
-    """
-    root = extension_build_root() if root is None else Path(root)
-    now = time.time() if now is None else now
-    if not root.is_dir():
-        return
-    # one level below root with $TORCH_EXTENSIONS_DIR, two below the default root
-    for lock in sorted(root.glob("*/lock")) + sorted(root.glob("*/*/lock")):
-        with contextlib.suppress(FileNotFoundError):  # released while we looked: not stale
-            age = now - lock.stat().st_mtime
-            if age > STALE_BUILD_LOCK_SECONDS:
-                raise StaleBuildLockError(
-                    f"{lock} has been held for {age / 60:.0f} minutes; an extension build "
-                    "takes about 2. A process that was loading the extension was killed "
-                    "and left it behind, so this start would wait on it forever. If no other "
-                    f"training run is starting now, delete it (rm {lock}) and start again."
-                )
-
-
-def build_extensions() -> None:
-    """Build (or find already built) the compiled extensions a CPU DeepSpeed run loads.
-
-    Doing this once before several runs start side by side, as ``make unit`` does, keeps the
-    two-minute first build out of every run's time limit. A no-op with CUDA (NCCL needs no
-    CPU communication op).
-    """
-    if torch.cuda.is_available():
-        return
-    check_build_locks()
-    from deepspeed.accelerator import get_accelerator
-
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None and builder.is_compatible():
-        builder.load(verbose=False)
-
-
 def init_distributed() -> tuple[int, int, torch.device]:
     """Join the process group torchrun set up; returns ``(rank, world_size, device)``.
 

@@ -27,7 +27,13 @@ Three scans compute the same recurrence, all with the interface of mamba-ssm's
   sequential steps instead of ``L``. Its backward pass is written by hand: it recomputes the
   states chunk by chunk and runs the same chunked recurrence backwards in time for the
   gradients, so the forward pass stores no per-position states (like mamba-ssm's kernel).
+* :func:`~minifusion.fused_scan.selective_scan_fused` — our compiled C++/OpenMP kernel for CPUs
+  (``minifusion/csrc/selective_scan.cpp``): the sequential loop, with each block of channels'
+  state kept in registers and cache instead of passing through memory at every step.
 * :func:`selective_scan_cuda` — mamba-ssm's fused CUDA kernel, when installed.
+
+``scan_impl="auto"`` takes mamba-ssm's kernel on CUDA and ours on CPU (the chunked scan where
+neither can run).
 
 :class:`MambaMixer` wraps a scan in mamba-ssm's block: ``in_proj`` → causal depthwise ``conv1d``
 → SiLU → ``x_proj`` (Δ, B, C) → ``dt_proj`` → softplus → scan with the ``D`` skip → gate
@@ -45,6 +51,7 @@ from torch import nn
 from transformers import initialization as init
 
 from .config import MiniFusionConfig
+from .fused_scan import fused_scan_available, fused_state_step, selective_scan_fused
 
 __all__ = [
     "MambaMixer",
@@ -54,6 +61,7 @@ __all__ = [
     "selective_scan",
     "selective_scan_chunked",
     "selective_scan_cuda",
+    "selective_scan_fused",
     "selective_scan_sequential",
     "selective_state_update",
 ]
@@ -388,9 +396,14 @@ def selective_scan_cuda(
 
 
 def resolve_scan_impl(impl: str, device: torch.device) -> str:
-    """``"auto"`` → ``"cuda"`` on CUDA tensors with mamba-ssm installed, else ``"chunked"``."""
+    """``"auto"`` → ``"cuda"`` on CUDA tensors with mamba-ssm installed, ``"fused"`` on CPU
+    tensors where our kernel builds, else ``"chunked"``."""
     if impl == "auto":
-        return "cuda" if device.type == "cuda" and mamba_ssm_available() else "chunked"
+        if device.type == "cuda" and mamba_ssm_available():
+            return "cuda"
+        if device.type == "cpu" and fused_scan_available():
+            return "fused"
+        return "chunked"
     if impl not in _SCANS:
         raise ValueError(f"Unknown scan_impl={impl!r}; choose one of {('auto', *_SCANS)}.")
     return impl
@@ -399,6 +412,7 @@ def resolve_scan_impl(impl: str, device: torch.device) -> str:
 _SCANS = {
     "sequential": selective_scan_sequential,
     "chunked": selective_scan_chunked,
+    "fused": selective_scan_fused,
     "cuda": selective_scan_cuda,
 }
 
@@ -418,7 +432,8 @@ def selective_scan(
     impl: str = "auto",
     chunk_size: int = 64,
 ) -> ScanResult:
-    """Run the scan named by ``impl`` (``auto``, ``sequential``, ``chunked`` or ``cuda``)."""
+    """Run the scan named by ``impl`` (``auto``, ``sequential``, ``chunked``, ``fused`` or
+    ``cuda``)."""
     impl = resolve_scan_impl(impl, u.device)
     extra = {"chunk_size": chunk_size} if impl == "chunked" else {}
     return _SCANS[impl](
@@ -451,12 +466,19 @@ def selective_state_update(
     z: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
+    *,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """One step of the scan; updates ``state (batch, d_inner, N)`` (fp32) in place.
 
     ``x, delta, z: (batch, d_inner)``; ``B, C: (batch, N)``. Returns ``y (batch, d_inner)`` in
-    ``x``'s dtype.
+    ``x``'s dtype. Where ``impl`` resolves to ``"fused"`` (CPU, compiled kernel) the whole step
+    is one call (:func:`~minifusion.fused_scan.fused_state_step`); otherwise the PyTorch
+    operations below run it.
     """
+    fused = resolve_scan_impl(impl, state.device) == "fused"
+    if fused and state.is_contiguous() and state.dtype == torch.float32:
+        return fused_state_step(state, x, delta, A, B, C, D, z, delta_bias, delta_softplus)
     step = _step_sizes(delta[..., None], delta_bias, delta_softplus)[..., 0]
     new_state = _decay(step, A.float()) * state + _outer(step * x.float(), B.float())
     state.copy_(new_state)
@@ -646,6 +668,7 @@ class MambaMixer(nn.Module):
                 z=z.float(),
                 delta_bias=self.dt_proj.bias.float(),
                 delta_softplus=True,
+                impl=self.scan_impl,
             )
         state.seen += 1
         return self.out_proj(y.to(hidden_states.dtype))

@@ -58,6 +58,20 @@ def write_training_corpus(folder):
     return folder
 
 
+def write_words_corpus(folder, documents: int = 5, words: int = 1000, seed: int = 0):
+    """``documents`` .txt files of seeded random words (ASCII; unpredictable enough that even a
+    4096-token BPE leaves about a token per word); returns ``folder``."""
+    import random
+
+    vocabulary = " ".join(SAMPLE_DOCUMENTS[:2]).split()
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(documents):
+        text = " ".join(rng.choice(vocabulary) for _ in range(words))
+        (folder / f"doc{i}.txt").write_text(text + "\n", encoding="utf-8")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def small_tokenizer():
     from minifusion.tokenizer import train_tokenizer

@@ -9,7 +9,8 @@ import dataclasses
 import pytest
 import torch
 
-from bench import attention, decode, report, scan, training
+from bench import attention, decode, race, report, scan, training
+from tests.conftest import write_words_corpus
 
 README = """# Project
 
@@ -73,9 +74,23 @@ def fake_runners(scale: float = 1.0, why_hybrid: str | None = "| task | score |\
     def fake_why_hybrid(device, **kwargs):
         return None if why_hybrid is None else {"markdown": why_hybrid}
 
+    def fake_race(device, **kwargs):
+        entries = {
+            name: {"model": name, "sizes": "", "note": "", "params": params, "steps": 100,
+                   "tokens": 204_800, "train_seconds": 240.0, "tokens_per_s": tok_s / scale,
+                   "train_loss": 4.0, "val_loss": 4.2, "val_bpc": bpc}
+            for name, params, tok_s, bpc in (("hybrid", 1_869_440, 3000, 2.25),
+                                             ("attention", 1_311_872, 9000, 2.5))
+        }  # fmt: skip
+        settings = race.RaceSettings().to_dict()
+        return {"records": [{"settings": settings, "date": "2000-01-01 00:00 UTC",
+                             "machine": "m", "validation": {"works": ["a", "b"], "blocks": "all"},
+                             "entries": entries}]}  # fmt: skip
+
     return {
         "scan": fake_scan, "attention": fake_attention, "moe": fake_moe,
         "training": fake_training, "decode": fake_decode, "why_hybrid": fake_why_hybrid,
+        "race": fake_race,
     }  # fmt: skip
 
 
@@ -102,6 +117,8 @@ def test_results_have_every_section_and_read_back(tmp_path):
     assert "| CPU | cpu machine | 2000-01-01 00:00 UTC |" in text
     assert "| GPU | not run yet |" in text
     assert "| task | score |" in text  # the why-hybrid section's own markdown
+    assert "| 1 | hybrid | hybrid |  | 1,869,440 (+42.5%) |" in text  # the race's table
+    assert "2.250 vs 2.500 bpc (-0.250) at 0.33× the twin's tokens/s" in text
     assert report.read_data(tmp_path / "RESULTS.md") == stored
     # numbers in the tables and readings come from the data: 0.4 / 0.1 = 4.0× at L = 512
     assert "at L = 512 the chunked scan is 4.0× as fast as the sequential loop" in text
@@ -197,6 +214,9 @@ def tiny_sizes(tmp_path):
                      "warmup_steps": 0},
         "decode": {"contexts": (4,), "cache_lengths": (8,), "new_tokens": 1, "repeats": 1},
         "why_hybrid": {"quick": True},
+        "race": {"quick": True, "models": ["attention"], "seconds": 0.5, "batch_size": 2,
+                 "seq_len": 16, "eval_blocks": 2, "data_dir": tmp_path / "race_data",
+                 "corpus": str(write_words_corpus(tmp_path / "race_corpus") / "*.txt")},
     }  # fmt: skip
 
 
@@ -209,11 +229,12 @@ def test_real_benchmarks_at_tiny_sizes_through_the_command(tmp_path, monkeypatch
     files = ["--results", str(results), "--readme", str(readme)]
     assert report.main(["--device", "cpu", "--in-process", *files]) == 0
     stored = report.read_data(results)
-    expected = {"scan", "attention", "moe", "training", "decode"}
+    expected = {"scan", "attention", "moe", "training", "decode", "race"}
     if report.why_hybrid_module() is not None:  # its quick run: seconds
         expected.add("why_hybrid")
         assert "### CPU: " in results.read_text()
     assert set(stored["cpu"]["benchmarks"]) == expected
+    assert "| 1 | attention | MiniFusion `tiny`, attention only |" in results.read_text()
     assert "| 8 |" in (tmp_path / "scan.md").read_text()
     assert "Training `tiny`" in readme.read_text()
     # make bench's way: each benchmark in a fresh process (sizes travel as JSON)

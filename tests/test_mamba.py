@@ -11,6 +11,7 @@ from transformers import MambaConfig
 from transformers.models.mamba.modeling_mamba import MambaMixer as HFMambaMixer
 
 from minifusion.config import MiniFusionConfig
+from minifusion.fused_scan import fused_scan_available
 from minifusion.mamba import (
     MambaMixer,
     causal_conv1d,
@@ -115,7 +116,7 @@ def test_scans_keep_the_input_dtype_and_run_in_fp32():
 
 def test_scan_selection_and_errors():
     cpu = torch.device("cpu")
-    assert resolve_scan_impl("auto", cpu) == "chunked"
+    assert resolve_scan_impl("auto", cpu) == ("fused" if fused_scan_available() else "chunked")
     assert resolve_scan_impl("sequential", cpu) == "sequential"
     with pytest.raises(ValueError, match="scan_impl"):
         resolve_scan_impl("fast", cpu)
@@ -179,7 +180,7 @@ def hf_twin(mixer: MambaMixer, config: MiniFusionConfig) -> HFMambaMixer:
     return reference
 
 
-@pytest.mark.parametrize("scan_impl", ["sequential", "chunked"])
+@pytest.mark.parametrize("scan_impl", ["sequential", "chunked", "fused"])
 @pytest.mark.parametrize("d_state, d_conv, expand", [(8, 4, 2), (16, 3, 1)])
 def test_mixer_matches_transformers(scan_impl, d_state, d_conv, expand):
     config = make_config(mamba_scan_impl=scan_impl, mamba_d_state=d_state, mamba_d_conv=d_conv,

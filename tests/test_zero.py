@@ -149,7 +149,7 @@ def _lock(root: Path, extension: str, age_seconds: float) -> Path:
 
 
 def test_a_build_lock_left_by_a_killed_process_is_named_instead_of_waited_on(tmp_path):
-    from minifusion.distributed import (
+    from minifusion.extensions import (
         STALE_BUILD_LOCK_SECONDS,
         StaleBuildLockError,
         check_build_locks,
@@ -164,7 +164,7 @@ def test_a_build_lock_left_by_a_killed_process_is_named_instead_of_waited_on(tmp
 
 
 def test_the_training_command_reports_a_stale_build_lock(tmp_path, monkeypatch, capsys):
-    from minifusion.distributed import STALE_BUILD_LOCK_SECONDS
+    from minifusion.extensions import STALE_BUILD_LOCK_SECONDS
     from minifusion.train import main
 
     stale = _lock(tmp_path, "deepspeed_shm_comm", age_seconds=STALE_BUILD_LOCK_SECONDS * 2)

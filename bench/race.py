@@ -1,0 +1,822 @@
+"""An equal wall-clock training race: seven language models of about one size, the same recipe.
+
+Every entry is trained from scratch by one shared loop, in its own fresh Python process, on the
+same batches, for the same number of *seconds* — then scored on held-out text in bits per
+character. A slow model takes fewer steps in the time; a fast one more. Entries (``--models``):
+
+* ``hybrid`` — MiniFusion's ``tiny`` preset as shipped (``configs/tiny.yaml``, read at run time,
+  so the race follows the preset);
+* ``attention`` / ``mamba`` — the same preset with every mixer attention / every mixer Mamba
+  (nothing else changes; the attention twin sets the parameter target of the others below);
+* ``llama``, ``gpt2``, ``falcon_h1``, ``mamba2`` — transformers' ``LlamaForCausalLM``,
+  ``GPT2LMHeadModel``, ``FalconH1ForCausalLM`` (attention ∥ Mamba-2 in every layer) and
+  ``Mamba2ForCausalLM`` with the preset's width, heads, vocabulary and tied embeddings; one
+  integer width each (feed-forward width; Mamba-2's layer count) is solved so that the parameter
+  count is the closest to the attention twin's. Without ``mamba_ssm`` / ``causal_conv1d`` the
+  Mamba-2 models run transformers' PyTorch path (the table says so).
+
+The hybrid (+43 %) and the Mamba twin (+21 %) are larger than the attention twin: a Mamba mixer
+holds more parameters than an attention mixer, and a hybrid layer holds both. The table gives
+every count and its gap to the twin.
+
+**Recipe** (the same for every entry; flags change it for all alike): AdamW (betas 0.9/0.99,
+weight decay 0.1 on matrices, none on norms, biases, embeddings and Mamba's ``A_log``/``D`` —
+the project's :func:`~minifusion.training.parameter_groups`), peak lr ``--lr``, multiplied by a
+50-step linear warm-up ramp and by a cosine over the *fraction of the time budget spent* down to
+10 % (:func:`learning_rate`), global-norm clipping at 1.0, ``--batch-size`` sequences of
+``--seq-len`` tokens drawn uniformly at random from the training split (``--seed`` fixes them and
+the initial weights), ``--threads`` CPU threads. The clock counts training steps only
+(forward, backward, clipping, optimizer) — not drawing the batch, building the model, one
+untimed warm-up pass that changes no weight (:func:`warm_up`), or scoring.
+
+**Data**: the default corpus (Shakespeare's 42 works) with exactly two whole works held out for
+validation (:func:`minifusion.data.split_documents` with seed 0: *Love's Labour's Lost* and
+*Romeo and Juliet*), one byte-level BPE tokenizer of the preset's vocabulary (4096) trained on the
+other 40, tokens prepared once and cached in ``bench/results/race_data/`` before any worker
+starts. **Score**: every complete ``--seq-len`` block of the validation split (~95 k tokens),
+bits per character = total cross-entropy in bits ÷ characters of the scored text
+(:func:`minifusion.training.evaluate`). ``--quick`` scores 32 blocks spread evenly over it.
+
+Times are wall-clock, so run it on an otherwise idle machine: each entry records the load
+average at the end of its training, and the table warns when other work shared the CPU.
+Results go to ``bench/results/race.json``, one record per (seconds, lr, batch size, sequence
+length, seed), so runs with other budgets coexist; ``make bench`` runs the default race and puts
+every saved record in ``bench/RESULTS.md`` (:func:`markdown`).
+
+    python -m bench.race                          # the full race: 7 × 240 s (~35 min on 2 cores)
+    python -m bench.race --seconds 480 --models hybrid attention llama
+    python -m bench.race --lr 3e-3                # another record next to the default one
+    python -m bench.race --quick                  # 3 s per entry, 32 validation blocks, not saved
+    python -m bench.race --show                   # print the saved records as Markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minifusion.config import MiniFusionConfig
+from minifusion.data import _datasets_progress, load_documents, prepare_data, split_documents
+from minifusion.model import MiniFusionForCausalLM
+from minifusion.tokenizer import load_tokenizer
+from minifusion.training import (
+    BatchStream,
+    EvalResult,
+    ValidationSet,
+    compute_loss,
+    evaluate,
+    parameter_groups,
+)
+
+from .decode import matched_llama_config
+from .timing import machine_description
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_FILE = ROOT / "bench" / "results" / "race.json"
+DATA_DIR = ROOT / "bench" / "results" / "race_data"  # git-ignored cache of tokenizer + tokens
+PRESET = "tiny"
+CORPUS = "shakespeare"
+VALIDATION_WORKS = 2  # whole documents held out for validation
+SPLIT_SEED = 0  # which works: fixed, independent of --seed
+QUICK_SECONDS = 3.0
+QUICK_EVAL_BLOCKS = 32
+PROGRESS_EVERY_S = 30.0  # a worker's progress line, in training seconds
+LOSS_WINDOW = 10  # the reported train loss: the mean of the last steps' losses
+RECORD_KEY = ("seconds", "lr", "batch_size", "seq_len", "seed")
+_QUICK = {"seconds": QUICK_SECONDS, "eval_blocks": QUICK_EVAL_BLOCKS}  # what --quick changes
+
+
+# ==============================================================================================
+# Settings and the learning-rate schedule
+# ==============================================================================================
+@dataclass(frozen=True)
+class RaceSettings:
+    """The recipe every entry of one race gets (saved with its results)."""
+
+    seconds: float = 240.0
+    lr: float = 1e-3
+    batch_size: int = 16
+    seq_len: int = 128
+    threads: int = 2
+    seed: int = 0
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    eval_blocks: int | None = None  # validation blocks scored; None: all of them
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "betas": list(self.betas)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RaceSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k in known}
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        return cls(**values)
+
+
+def learning_rate(step: int, elapsed: float, settings: RaceSettings) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) after ``elapsed`` training seconds.
+
+    ``lr × min(1, (step + 1) / warmup_steps) × (m + (1 − m) · ½ (1 + cos(π f)))`` with
+    ``f = min(elapsed / seconds, 1)`` and ``m = min_lr_ratio``: a linear warm-up over the first
+    steps, then (the cosine is ≈ 1 while warming up) a cosine over the time budget, so a fast and
+    a slow model both reach 10 % of the peak when the time is up.
+    """
+    warmup = min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps > 0 else 1.0
+    fraction = min(elapsed / settings.seconds, 1.0)
+    cosine = 0.5 * (1 + math.cos(math.pi * fraction))
+    return settings.lr * warmup * (settings.min_lr_ratio + (1 - settings.min_lr_ratio) * cosine)
+
+
+# ==============================================================================================
+# The entries
+# ==============================================================================================
+Builder = Callable[[MiniFusionConfig, RaceSettings], tuple[nn.Module, str]]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One runner: its name on the command line, what it is, and how to build it."""
+
+    name: str
+    description: str
+    build: Builder  # (preset config, settings) → (model, its sizes in a few words)
+    needs: tuple[str, ...] = ()  # kernel packages it would use; without them: the PyTorch path
+
+
+def preset_config() -> MiniFusionConfig:
+    """The ``tiny`` preset as it is in ``configs/`` now."""
+    return MiniFusionConfig.from_preset(PRESET)
+
+
+def minifusion_config(mixer: str, base: MiniFusionConfig) -> MiniFusionConfig:
+    """``base`` itself for ``"hybrid"``, else ``base`` with every mixer ``mixer``."""
+    if mixer == "hybrid":
+        return base
+    return base.replaced(mixer_types=[mixer] * base.num_hidden_layers)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (a tied embedding and head count once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _meta_count(make: Callable[[], nn.Module]) -> int:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        return count_parameters(make())
+
+
+def twin_parameters(base: MiniFusionConfig) -> int:
+    """Parameters of the attention twin: the target of the transformers entries."""
+    return _meta_count(lambda: MiniFusionForCausalLM(minifusion_config("attention", base)))
+
+
+def solve_width(make: Callable[[int], nn.Module], target: int) -> int:
+    """The integer ``w ≥ 1`` whose ``make(w)`` has the parameter count closest to ``target``.
+
+    Counts are linear in the widths used here (a feed-forward width, a number of layers), so two
+    sizes give the slope.
+    """
+    first, second = _meta_count(lambda: make(1)), _meta_count(lambda: make(2))
+    return max(1, round(1 + (target - first) / (second - first)))
+
+
+def _minifusion(mixer: str) -> Builder:
+    def build(base: MiniFusionConfig, settings: RaceSettings) -> tuple[nn.Module, str]:
+        config = minifusion_config(mixer, base)
+        sizes = f"{mixer} ×{config.num_hidden_layers}, FFN {config.intermediate_size}"
+        return MiniFusionForCausalLM(config), sizes
+
+    return build
+
+
+def _sized(make: Callable[[MiniFusionConfig, RaceSettings, int], nn.Module], knob: str) -> Builder:
+    """A transformers entry whose ``knob`` is solved to the attention twin's parameter count."""
+
+    def build(base: MiniFusionConfig, settings: RaceSettings) -> tuple[nn.Module, str]:
+        width = solve_width(lambda w: make(base, settings, w), twin_parameters(base))
+        return make(base, settings, width), f"{knob} {width}"
+
+    return build
+
+
+def _shared(base: MiniFusionConfig) -> dict[str, Any]:
+    """Settings every transformers config takes from the preset (no cache while training)."""
+    return dict(
+        vocab_size=base.vocab_size,
+        tie_word_embeddings=base.tie_word_embeddings,
+        initializer_range=base.initializer_range,
+        use_cache=False,
+        bos_token_id=base.bos_token_id,
+        eos_token_id=base.eos_token_id,
+        pad_token_id=base.pad_token_id,
+    )
+
+
+def _llama(base: MiniFusionConfig, settings: RaceSettings, intermediate: int) -> nn.Module:
+    from transformers import LlamaForCausalLM
+
+    config = matched_llama_config(base.replaced(intermediate_size=intermediate))
+    for key, value in _shared(base).items():
+        setattr(config, key, value)
+    return LlamaForCausalLM(config)
+
+
+def _gpt2(base: MiniFusionConfig, settings: RaceSettings, inner: int) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        n_embd=base.hidden_size,
+        n_layer=base.num_hidden_layers,
+        n_head=base.num_attention_heads,
+        n_positions=settings.seq_len,  # learned positions: exactly the ones used
+        n_inner=inner,
+        resid_pdrop=0.0,  # no dropout, like every other entry
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **_shared(base),
+    )
+    return GPT2LMHeadModel(config)
+
+
+def _mamba2_heads(base: MiniFusionConfig) -> dict[str, int]:
+    """Mamba-2 widths from the preset: inner width (expansion × hidden), heads, head width."""
+    inner = base.mamba_expand * base.hidden_size
+    return {"inner": inner, "heads": inner // base.head_dim, "head_dim": base.head_dim}
+
+
+def _falcon_h1(base: MiniFusionConfig, settings: RaceSettings, intermediate: int) -> nn.Module:
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    mamba = _mamba2_heads(base)
+    config = FalconH1Config(
+        hidden_size=base.hidden_size,
+        intermediate_size=intermediate,
+        num_hidden_layers=base.num_hidden_layers,
+        num_attention_heads=base.num_attention_heads,
+        num_key_value_heads=base.num_key_value_heads,
+        max_position_embeddings=base.max_position_embeddings,
+        rms_norm_eps=base.rms_norm_eps,
+        mamba_d_ssm=mamba["inner"],
+        mamba_n_heads=mamba["heads"],
+        mamba_d_state=base.mamba_d_state,
+        mamba_d_conv=base.mamba_d_conv,
+        mamba_n_groups=1,
+        mamba_chunk_size=base.mamba_chunk_size,
+        **_shared(base),
+    )
+    return FalconH1ForCausalLM(config)
+
+
+def _mamba2(base: MiniFusionConfig, settings: RaceSettings, layers: int) -> nn.Module:
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    mamba = _mamba2_heads(base)
+    config = Mamba2Config(
+        hidden_size=base.hidden_size,
+        num_hidden_layers=layers,
+        num_heads=mamba["heads"],
+        head_dim=mamba["head_dim"],
+        expand=base.mamba_expand,
+        state_size=base.mamba_d_state,
+        conv_kernel=base.mamba_d_conv,
+        n_groups=1,
+        chunk_size=base.mamba_chunk_size,
+        layer_norm_epsilon=base.rms_norm_eps,
+        **_shared(base),
+    )
+    return Mamba2ForCausalLM(config)
+
+
+MAMBA_KERNELS = ("mamba_ssm", "causal_conv1d")
+ENTRIES: dict[str, Entry] = {
+    entry.name: entry
+    for entry in (
+        Entry("hybrid", "MiniFusion `tiny` (attention ∥ Mamba)", _minifusion("hybrid")),
+        Entry("attention", "MiniFusion `tiny`, attention only", _minifusion("attention")),
+        Entry("mamba", "MiniFusion `tiny`, Mamba only", _minifusion("mamba")),
+        Entry("llama", "transformers LlamaForCausalLM", _sized(_llama, "FFN")),
+        Entry("gpt2", "transformers GPT2LMHeadModel", _sized(_gpt2, "FFN")),
+        Entry("falcon_h1", "transformers FalconH1ForCausalLM", _sized(_falcon_h1, "FFN"),
+              MAMBA_KERNELS),
+        Entry("mamba2", "transformers Mamba2ForCausalLM", _sized(_mamba2, "layers"),
+              MAMBA_KERNELS),
+    )
+}  # fmt: skip
+
+
+def entry_parameters(names: Sequence[str] = tuple(ENTRIES)) -> dict[str, int]:
+    """Each entry's parameter count at the default settings (built on the meta device)."""
+    base, settings = preset_config(), RaceSettings()
+    return {name: _meta_count(lambda n=name: ENTRIES[n].build(base, settings)[0]) for name in names}
+
+
+def kernel_note(entry: Entry) -> str:
+    """``""``, or which missing kernel packages send ``entry`` down its PyTorch path."""
+    missing = [p for p in entry.needs if importlib.util.find_spec(p) is None]
+    return f"PyTorch path ({', '.join(missing)} not installed)" if missing else ""
+
+
+# ==============================================================================================
+# One entry: build, train for the time, score (what a worker process runs)
+# ==============================================================================================
+@dataclass
+class TrainLog:
+    """What the loop did: steps, tokens, training seconds, the loss of every step (nats)."""
+
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def final_loss(self) -> float:
+        last = self.losses[-LOSS_WINDOW:]
+        return sum(last) / len(last) if last else math.nan
+
+
+def race_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
+    """``(objective, next-token cross-entropy)``: a MiniFusion model adds its auxiliary losses
+    (its gate terms, as in ``make train``); a transformers model has none."""
+    if isinstance(model, MiniFusionForCausalLM):
+        parts = compute_loss(model, inputs, targets)
+        return parts.total, parts.lm
+    logits = model(input_ids=inputs).logits
+    lm = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    return lm, lm
+
+
+def build_optimizer(model: nn.Module, settings: RaceSettings) -> torch.optim.AdamW:
+    groups = parameter_groups(model, settings.weight_decay)
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas)
+
+
+def warm_up(model: nn.Module, batches: BatchStream) -> None:
+    """One untimed forward + backward on the first batch, its gradients thrown away.
+
+    A fresh process's first pass pays one-time costs (lazy initialisation, the allocator's
+    first blocks, kernel look-ups: seconds for transformers' Mamba-2 path) that are no part of
+    training speed. The weights do not change, and training starts from the first batch again.
+    """
+    inputs, targets = batches.next_batch()
+    race_loss(model, inputs, targets)[0].backward()
+    model.zero_grad(set_to_none=True)
+    batches.position = 0
+
+
+def train_for_budget(
+    model: nn.Module,
+    batches: BatchStream,
+    settings: RaceSettings,
+    on_progress: Callable[[TrainLog], None] | None = None,
+) -> TrainLog:
+    """Train until ``settings.seconds`` of training steps have passed; returns the log."""
+    optimizer = build_optimizer(model, settings)
+    log, next_progress = TrainLog(), PROGRESS_EVERY_S
+    model.train()
+    warm_up(model, batches)
+    while log.seconds < settings.seconds:
+        inputs, targets = batches.next_batch()  # drawing the batch is not timed
+        start = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(log.steps, log.seconds, settings)
+        objective, lm = race_loss(model, inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        loss = float(lm.detach())
+        log.seconds += time.perf_counter() - start
+        log.steps, log.tokens = log.steps + 1, log.tokens + inputs.numel()
+        log.losses.append(loss)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss at step {log.steps}")
+        if on_progress is not None and log.seconds >= next_progress:
+            on_progress(log)
+            next_progress += PROGRESS_EVERY_S
+    return log
+
+
+def validation_bpc(
+    model: nn.Module, validation: ValidationSet, settings: RaceSettings
+) -> EvalResult:
+    """Loss and bits per character over ``settings.eval_blocks`` blocks spread evenly over the
+    validation split (every block for ``None``): total bits ÷ characters of the scored text."""
+    return evaluate(
+        model, validation, batch_size=settings.batch_size, max_blocks=settings.eval_blocks
+    )
+
+
+def run_entry(name: str, settings: RaceSettings, data: dict[str, str]) -> dict[str, Any]:
+    """Build, train and score one entry in this process; its result as JSON-able data."""
+    entry, base = ENTRIES[name], preset_config()
+    tokenizer = load_tokenizer(data["tokenizer"])
+    if len(tokenizer) > base.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {base.vocab_size}")
+    torch.manual_seed(settings.seed)
+    model, sizes = entry.build(base, settings)
+    batches = BatchStream(data["train"], settings.seq_len, settings.batch_size, seed=settings.seed)
+
+    def progress(log: TrainLog) -> None:
+        print(f"[race]   {name}: {log.steps:,} steps, {log.seconds:.0f} s, "
+              f"loss {log.losses[-1]:.3f}", flush=True)  # fmt: skip
+
+    log = train_for_budget(model, batches, settings, progress)
+    load = os.getloadavg()[0]  # the last minute of training: was the CPU shared?
+    score = validation_bpc(model, ValidationSet(data["val"], settings.seq_len, tokenizer), settings)
+    return {
+        "model": entry.description,
+        "sizes": sizes,
+        "note": kernel_note(entry),
+        "params": count_parameters(model),
+        "steps": log.steps,
+        "tokens": log.tokens,
+        "train_seconds": log.seconds,
+        "tokens_per_s": log.tokens / log.seconds,
+        "train_loss": log.final_loss,
+        "val_loss": score.loss,
+        "val_bpc": score.bpc,
+        "val_tokens": score.tokens,
+        "val_characters": score.characters,
+        "load_average": load,
+    }
+
+
+def _worker(name: str, settings: RaceSettings, data: dict[str, str], out: str | Path) -> int:
+    """One entry's result — or its error: the race goes on — to ``out`` as JSON."""
+    try:
+        result = run_entry(name, settings, data)
+    except Exception as error:
+        traceback.print_exc()
+        result = {"error": f"{type(error).__name__}: {error}"}
+    Path(out).write_text(json.dumps(result), encoding="utf-8")
+    return 0
+
+
+def _worker_main(args: argparse.Namespace) -> int:
+    """``--worker``: the fresh process that :func:`run_worker` starts."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the PyTorch-path notice goes in the table
+    settings = RaceSettings.from_dict(json.loads(args.settings_json))
+    torch.set_num_threads(settings.threads)
+    return _worker(args.worker, settings, json.loads(args.data_json), args.out)
+
+
+# ==============================================================================================
+# The race: data once, then one fresh process per entry
+# ==============================================================================================
+def prepare_race_data(
+    corpus: str = CORPUS, data_dir: str | Path = DATA_DIR, vocab_size: int | None = None
+) -> tuple[dict[str, str], list[str]]:
+    """Tokenizer and token files with :data:`VALIDATION_WORKS` whole works held out (cached in
+    ``data_dir``); returns their paths and the held-out works' names."""
+    vocab_size = vocab_size or preset_config().vocab_size
+    with _datasets_progress(False):
+        documents = load_documents(corpus)
+    fraction = VALIDATION_WORKS / len(documents)  # split_documents rounds fraction × count
+    _, held_out = split_documents(documents, val_fraction=fraction, seed=SPLIT_SEED)
+    prepared = prepare_data(data_dir, source=corpus, vocab_size=vocab_size, val_fraction=fraction,
+                            seed=SPLIT_SEED, progress=False)  # fmt: skip
+    if prepared.val.num_documents != VALIDATION_WORKS:
+        raise ValueError(f"{corpus}: {prepared.val.num_documents} documents held out, not "
+                         f"{VALIDATION_WORKS} (the corpus has {len(documents)}).")  # fmt: skip
+    paths = {"train": prepared.train_file, "val": prepared.val_file,
+             "tokenizer": prepared.tokenizer_dir}  # fmt: skip
+    return {key: str(path) for key, path in paths.items()}, list(held_out["source"])
+
+
+def run_worker(
+    name: str, settings: RaceSettings, data: dict[str, str], timeout: float | None = None
+) -> dict[str, Any]:
+    """One entry in a fresh ``python -m bench.race --worker`` process; its result or error."""
+    timeout = 2 * settings.seconds + 900 if timeout is None else timeout
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "result.json"
+        command = [
+            sys.executable, "-m", f"{__package__ or 'bench'}.race", "--worker", name,
+            "--settings-json", json.dumps(settings.to_dict()), "--data-json", json.dumps(data),
+            "--out", str(out),
+        ]  # fmt: skip
+        try:
+            done = subprocess.run(command, cwd=ROOT, env=env, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout:.0f} s"}
+        if not out.exists():
+            return {"error": f"the worker exited with code {done.returncode} and no result"}
+        return json.loads(out.read_text(encoding="utf-8"))
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def run(
+    models: Sequence[str] = tuple(ENTRIES),
+    settings: RaceSettings | None = None,
+    *,
+    corpus: str = CORPUS,
+    data_dir: str | Path = DATA_DIR,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the race over ``models`` (default settings: :class:`RaceSettings`); returns its
+    record (see :func:`save_record`)."""
+    settings = RaceSettings() if settings is None else settings
+    data, works = prepare_race_data(corpus, data_dir)
+    scored = "every block" if settings.eval_blocks is None else f"{settings.eval_blocks} blocks"
+    echo(f"[race] {len(models)} entries × {settings.seconds:g} s each, lr {settings.lr:g}, "
+         f"batch {settings.batch_size} × {settings.seq_len}, {settings.threads} threads, seed "
+         f"{settings.seed}; validation: {', '.join(works)} ({scored})")  # fmt: skip
+    entries = {}
+    for name in models:
+        result = run_worker(name, settings, data)
+        result["date"] = _now()
+        entries[name] = result
+        echo(entry_line(name, result))
+    return {
+        "settings": settings.to_dict(),
+        "date": _now(),
+        "machine": machine_description(torch.device("cpu")),
+        "cores": len(os.sched_getaffinity(0)),
+        "preset": PRESET,
+        "corpus": corpus,
+        "validation": {"works": works, "blocks": settings.eval_blocks or "all"},
+        "entries": entries,
+    }
+
+
+def entry_line(name: str, result: dict[str, Any]) -> str:
+    """The line printed when an entry finishes."""
+    if "error" in result:
+        return f"[race] {name:<10} FAILED: {result['error']}"
+    return (
+        f"[race] {name:<10} {result['params']:>10,} params {result['steps']:>6,} steps "
+        f"{result['tokens_per_s']:>8,.0f} tok/s  train loss {result['train_loss']:.3f}  "
+        f"val bpc {result['val_bpc']:.3f}"
+    )
+
+
+# ==============================================================================================
+# Saved records and their Markdown
+# ==============================================================================================
+def record_key(record: dict[str, Any]) -> tuple:
+    """What makes two records the same race: :data:`RECORD_KEY` of their settings."""
+    return tuple(record["settings"][k] for k in RECORD_KEY)
+
+
+def load_records(path: str | Path = RESULTS_FILE) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return json.loads(path.read_text(encoding="utf-8"))["records"]
+
+
+def save_record(record: dict[str, Any], path: str | Path = RESULTS_FILE) -> list[dict[str, Any]]:
+    """Add ``record`` to the file: it replaces the record with the same key, keeping that one's
+    entries this run did not race (a ``--models`` subset updates only those). Returns them all."""
+    records = load_records(path)
+    old = next((r for r in records if record_key(r) == record_key(record)), None)
+    if old is not None:
+        record = {**record, "entries": {**old["entries"], **record["entries"]}}
+        records.remove(old)
+    records = sorted([*records, record], key=record_key)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"benchmark": "race", "records": records}, indent=1, ensure_ascii=False)
+    path.write_text(text + "\n", encoding="utf-8")
+    return records
+
+
+def _ranked(entries: dict[str, dict]) -> list[tuple[str, dict]]:
+    """Finished entries by validation bpc, then the failed ones."""
+    return sorted(entries.items(), key=lambda kv: ("error" in kv[1], kv[1].get("val_bpc", 0.0)))
+
+
+def _params_cell(result: dict, twin: int | None) -> str:
+    gap = f" ({result['params'] / twin - 1:+.1%})" if twin and result["params"] != twin else ""
+    return f"{result['params']:,}{gap}"
+
+
+def _table(entries: dict[str, dict]) -> list[str]:
+    twin = entries.get("attention", {}).get("params")
+    lines = [
+        "| # | entry | model | sizes | params (vs attention twin) | steps | tokens/s "
+        "| train loss | val bpc |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rank, (name, r) in enumerate(_ranked(entries), start=1):
+        if "error" in r:
+            lines.append(f"| – | {name} | failed: {r['error'][:150]} | | | | | | |")
+            continue
+        model = r["model"] + (f" — {r['note']}" if r.get("note") else "")
+        lines.append(
+            f"| {rank} | {name} | {model} | {r['sizes']} | {_params_cell(r, twin)} "
+            f"| {r['steps']:,} | {r['tokens_per_s']:,.0f} | {r['train_loss']:.3f} "
+            f"| {r['val_bpc']:.3f} |"
+        )
+    return lines
+
+
+def verdict(entries: dict[str, dict]) -> str:
+    """One line from the data: the winner, and the hybrid against its attention twin."""
+    done = [(n, r) for n, r in _ranked(entries) if "error" not in r]
+    if not done:
+        return "No entry finished."
+    name, best = done[0]
+    parts = [f"Lowest validation bpc: **{name}** ({best['val_bpc']:.3f})"]
+    hybrid, twin = entries.get("hybrid", {}), entries.get("attention", {})
+    if "val_bpc" in hybrid and "val_bpc" in twin:
+        parts.append(
+            f"hybrid vs its attention twin: {hybrid['val_bpc']:.3f} vs {twin['val_bpc']:.3f} bpc "
+            f"({hybrid['val_bpc'] - twin['val_bpc']:+.3f}) at "
+            f"{hybrid['tokens_per_s'] / twin['tokens_per_s']:.2f}× the twin's tokens/s"
+        )
+    return "; ".join(parts) + "."
+
+
+def load_warning(record: dict[str, Any]) -> str:
+    """A warning when the 1-minute load average at the end of some entry's training exceeded the
+    cores (other work competed for them, so its speed, and so its score, suffered); else ``""``."""
+    loads = [r["load_average"] for r in record["entries"].values() if "load_average" in r]
+    cores = record.get("cores")
+    if not loads or cores is None or max(loads) <= cores + 0.5:
+        return ""
+    return (
+        f"Warning: the load average reached {max(loads):.1f} on {cores} cores during training — "
+        "other work shared the CPU, so speeds and scores are not comparable; rerun on an idle "
+        "machine."
+    )
+
+
+def record_markdown(record: dict[str, Any], level: int = 3) -> str:
+    """One record: a heading with its settings, what ran where, the table, the verdict."""
+    s, validation = record["settings"], record["validation"]
+    scored = "every block" if validation["blocks"] == "all" else f"{validation['blocks']} blocks"
+    lines = [
+        f"{'#' * level} {s['seconds']:g} s per entry · lr {s['lr']:g} · batch {s['batch_size']} "
+        f"× {s['seq_len']} · seed {s['seed']}",
+        "",
+        f"{record['date']}, {record['machine']}, {s['threads']} threads. Validation: "
+        f"{', '.join(validation['works'])} ({scored} of {s['seq_len']} tokens).",
+        "",
+        *_table(record["entries"]),
+        "",
+        verdict(record["entries"]),
+    ]
+    warning = load_warning(record)
+    return "\n".join(lines + (["", warning] if warning else []))
+
+
+def markdown(records: list[dict[str, Any]], level: int = 3) -> str:
+    """Every record, one table each (the RESULTS.md section of ``make bench``)."""
+    if not records:
+        return "No race saved yet: `python -m bench.race`."
+    return "\n\n".join(record_markdown(r, level) for r in records)
+
+
+def report_data(
+    *,
+    quick: bool = False,
+    models: Sequence[str] = tuple(ENTRIES),
+    corpus: str = CORPUS,
+    data_dir: str | Path = DATA_DIR,
+    results_path: str | Path = RESULTS_FILE,
+    **settings: Any,
+) -> dict[str, Any]:
+    """``make bench``'s race: run it (saved unless ``quick``); ``{"records": every record}``."""
+    settings = {**(_QUICK if quick else {}), **settings}
+    record = run(models, RaceSettings(**settings), corpus=corpus, data_dir=data_dir)
+    return {"records": [record] if quick else save_record(record, results_path)}
+
+
+# ==============================================================================================
+# The command
+# ==============================================================================================
+HELP_DESCRIPTION = """\
+Train every entry for the same wall-clock time, each in a fresh process, with one recipe on
+the same batches; print a table sorted by validation bits per character (lower is better) and
+save it to bench/results/race.json (one record per seconds/lr/batch/seq-len/seed setting).
+
+Recipe (flags change it for every entry alike): AdamW, betas 0.9/0.99, weight decay 0.1 on
+weight matrices (not embeddings, norms, biases); peak --lr with a 50-step linear warm-up, then a cosine over the time budget down
+to 10 %; gradient clipping 1.0; --batch-size random sequences of --seq-len tokens from the
+training split, fixed by --seed (as are the initial weights). Only training steps count
+towards --seconds. Data: Shakespeare, two whole works held out for validation, a 4096-token
+BPE; prepared once and cached in bench/results/race_data/."""
+
+
+def _help_epilog() -> str:
+    rows = [f"  {e.name:<10} {e.description}" for e in ENTRIES.values()]
+    note = "The transformers entries are sized to the attention twin's parameter count."
+    return "\n".join(["entries (--models):", *rows, "", note])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.race",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=HELP_DESCRIPTION,
+        epilog=_help_epilog(),
+    )
+    d = RaceSettings()
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(ENTRIES),
+        default=list(ENTRIES),
+        metavar="NAME",
+        help="entries to race, see below (default: all of them)",
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        help=f"training seconds per entry (default {d.seconds:g}; {QUICK_SECONDS:g} with --quick)",
+    )
+    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (%(default)g)")
+    parser.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="sequences per step (%(default)s)"
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=d.seq_len,
+        help="tokens per sequence, training and validation (%(default)s)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="torch.set_num_threads in every worker (%(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="initial weights and training batches (%(default)s)",
+    )
+    parser.add_argument("--no-save", action="store_true", help=f"do not write {RESULTS_FILE.name}")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: {QUICK_SECONDS:g} s per entry, {QUICK_EVAL_BLOCKS} "
+        "validation blocks; not saved",
+    )
+    parser.add_argument(
+        "--show", action="store_true", help="print every saved record as Markdown and exit"
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS_FILE, help=argparse.SUPPRESS)
+    for hidden in ("--worker", "--settings-json", "--data-json", "--out"):  # run_worker's process
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace) -> RaceSettings:
+    quick = _QUICK if args.quick else {}
+    return RaceSettings(
+        **{**quick, **({"seconds": args.seconds} if args.seconds is not None else {})},
+        lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, threads=args.threads,
+        seed=args.seed,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return _worker_main(args)
+    if args.show:
+        print(markdown(load_records(args.results)))
+        return 0
+    record = run(args.models, settings_from_args(args))
+    print()
+    print(record_markdown(record))
+    if not (args.quick or args.no_save):
+        save_record(record, args.results)
+        print(f"\n[race] saved to {args.results}")
+    return 0 if any("error" not in r for r in record["entries"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

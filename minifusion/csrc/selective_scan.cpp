@@ -1,0 +1,515 @@
+// The fused selective scan for CPUs (chapter 09, "Making the scan fast").
+//
+//   h_t[d, n] = exp(Δ_t[d] · A[d, n]) · h_{t−1}[d, n] + Δ_t[d] · B_t[n] · u_t[d]
+//   y_t[d]    = (Σ_n C_t[n] · h_t[d, n] + D[d] · u_t[d]) · SiLU(z_t[d])
+//   Δ_t[d]    = softplus(delta_t[d] + delta_bias[d])              (each part optional)
+//
+// Why a kernel: the PyTorch scans launch several tensor operations per position, and every one
+// reads and writes the whole (batch, channels, N) state through memory. Here one task owns a
+// block of W channels of one sequence and walks the time loop with that block's state
+// (N × W floats, a few KiB) in L1 cache and registers; each step reads only that position's
+// inputs. The W channels of a block sit side by side in memory (the layout is (batch, L, D)),
+// so the inner loops over them are plain vector code.
+//
+// Backward: the forward pass saves the state entering every segment of kSegment positions
+// (as mamba-ssm's kernel saves chunk states). The backward pass walks the segments from the
+// last to the first: it recomputes one segment's states from its saved entry state into a
+// small buffer, then runs the adjoint recurrence λ_{t−1} = a_t · λ_t (+ C_t · ∂y_t) backwards
+// through it. Memory: the saved entry states (L / kSegment of them) plus one segment per task.
+//
+// Determinism: gradients of B, C (summed over channels) and of A, D, delta_bias (summed over the
+// batch) are first written per block / per sequence, then added in a fixed order, so the
+// result does not depend on how many threads ran.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kSegment = 32;  // positions between saved states (backward recomputes these)
+
+// Channels per task: 64 floats are eight AVX2 (four AVX-512) registers. Wide blocks matter for
+// the backward pass: its gradients of B and C are sums over channels, one horizontal sum per
+// block, state slot and position, and wider blocks need fewer of them.
+template <typename T> struct Width;
+template <> struct Width<float> { static constexpr int value = 64; };
+template <> struct Width<double> { static constexpr int value = 8; };
+
+// exp for float that the compiler can vectorise: e^x = 2^k · e^r with k = round(x / ln 2) and
+// |r| ≤ ln(2)/2, e^r from a degree-7 polynomial (Cephes' expf coefficients), 2^k written into
+// the exponent bits. About 1 ulp; inputs are clamped to the range where 2^k stays normal.
+// k is rounded by adding and subtracting 1.5 · 2^23 (std::floor would stop gcc vectorising).
+inline float exp_fast(float x) {
+  x = std::min(std::max(x, -87.33f), 88.37f);
+  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;  // ln 2 in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline double exp_fast(double x) { return std::exp(x); }
+
+// log for positive normal floats, vectorisable: x = m · 2^e with m in [√½, √2), log m from
+// Cephes' logf polynomial in m − 1, e · ln 2 added in two parts.
+inline float log_fast(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  float e = static_cast<float>(((bits >> 23) & 0xff) - 127);
+  const int32_t mantissa_bits = (bits & 0x007fffff) | 0x3f800000;  // m in [1, 2)
+  float m;
+  std::memcpy(&m, &mantissa_bits, sizeof(m));
+  const bool high = m > 1.41421356f;
+  m = high ? 0.5f * m : m;
+  e = high ? e + 1.0f : e;
+  const float f = m - 1.0f, f2 = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * f2 - 2.12194440e-4f * e - 0.5f * f2;
+  return f + y + 0.693359375f * e;
+}
+inline double log_fast(double x) { return std::log(x); }
+
+// log(1 + t) for t in [0, 1] without losing small t: log(u) · t / (u − 1) with u = 1 + t
+// (the quotient cancels the rounding of u; Goldberg's trick).
+// (The division always runs, on 1 where u = 1, so the compiler can vectorise it.)
+template <typename T> inline T log1p_small(T t) {
+  const T u = T(1) + t, rounded = u - T(1);
+  const T ratio = log_fast(u) * t / (rounded == T(0) ? T(1) : rounded);
+  return rounded == T(0) ? t : ratio;
+}
+
+// torch.nn.functional.softplus with its default threshold (x > 20 passes through), written as
+// max(x, 0) + log(1 + e^−|x|) so that the exponential never overflows.
+template <typename T> inline T softplus_of(T x) {
+  const T positive = x > T(0) ? x : T(0);
+  const T y = positive + log1p_small(exp_fast(x > T(0) ? -x : x));
+  return x > T(20) ? x : y;
+}
+template <typename T> inline T sigmoid(T x) { return T(1) / (T(1) + exp_fast(-x)); }
+
+// Everything one scan reads, as raw pointers into contiguous tensors.
+template <typename T> struct ScanArgs {
+  int64_t batch, length, channels, state;    // B, L, D, N
+  const T* u;                                 // (B, L, D)
+  const T* delta;                             // (B, L, D), before bias and softplus
+  const T* A_t;                               // (N, D): A transposed, channels contiguous
+  const T* B;                                 // (B, L, N)
+  const T* C;                                 // (B, L, N)
+  const T* D;                                 // (D) or nullptr
+  const T* z;                                 // (B, L, D) or nullptr
+  const T* delta_bias;                        // (D) or nullptr
+  bool softplus;
+  int64_t segments() const { return (length + kSegment - 1) / kSegment; }
+};
+
+// One block of W channels (the last block may be narrower: its missing lanes read zeros, which
+// keeps their state at zero, and are never written back).
+template <typename T, int W> struct Block {
+  const ScanArgs<T>& a;
+  int64_t b, d0, width;
+  T bias[W], skip[W];        // delta_bias and D of the block's channels (zeros if absent)
+  std::vector<T> A_block;    // (N, W): A of the block's channels, slot by slot
+
+  Block(const ScanArgs<T>& args, int64_t b_, int64_t d0_, int64_t width_)
+      : a(args), b(b_), d0(d0_), width(width_), A_block(args.state * W, T(0)) {
+    for (int w = 0; w < W; ++w) {
+      const bool real = w < width;
+      bias[w] = real && a.delta_bias != nullptr ? a.delta_bias[d0 + w] : T(0);
+      skip[w] = real && a.D != nullptr ? a.D[d0 + w] : T(0);
+    }
+    for (int64_t n = 0; n < a.state; ++n)
+      for (int w = 0; w < width; ++w) A_block[n * W + w] = a.A_t[n * a.channels + d0 + w];
+  }
+
+  // Load W values of a (B, L, D) tensor at position t (zeros past `width`).
+  void load(const T* x, int64_t t, T* out) const {
+    const T* row = x + (b * a.length + t) * a.channels + d0;
+    for (int w = 0; w < W; ++w) out[w] = w < width ? row[w] : T(0);
+  }
+  void store(T* x, int64_t t, const T* in) const {
+    T* row = x + (b * a.length + t) * a.channels + d0;
+    for (int w = 0; w < width; ++w) row[w] = in[w];
+  }
+  // Δ_t and the raw (pre-softplus) argument for the W channels at position t.
+  void step_sizes(int64_t t, T* __restrict dt, T* __restrict raw) const {
+    load(a.delta, t, raw);
+#pragma omp simd
+    for (int w = 0; w < W; ++w) raw[w] += bias[w];
+    if (a.softplus) {
+#pragma omp simd
+      for (int w = 0; w < W; ++w) dt[w] = softplus_of(raw[w]);
+    } else {
+      for (int w = 0; w < W; ++w) dt[w] = raw[w];
+    }
+  }
+  // One step of the recurrence: h ← exp(Δ A) h + Δ u B_t; returns Σ_n C_t h in y, and with
+  // kKeepDecay the decay factors exp(Δ A) in `decay` (the backward pass reuses them).
+  template <bool kKeepDecay>
+  void advance(int64_t t, const T* dt, const T* u, T* __restrict h,
+               T* __restrict y, T* __restrict decay) const {
+    const T* B_t = a.B + (b * a.length + t) * a.state;
+    const T* C_t = a.C + (b * a.length + t) * a.state;
+    T dtu[W], acc[W];
+    for (int w = 0; w < W; ++w) { dtu[w] = dt[w] * u[w]; acc[w] = T(0); }
+    for (int64_t n = 0; n < a.state; ++n) {
+      const T Bn = B_t[n], Cn = C_t[n];
+      T* __restrict hn = h + n * W;
+      const T* An = A_block.data() + n * W;
+#pragma omp simd
+      for (int w = 0; w < W; ++w) {
+        const T decay_w = exp_fast(dt[w] * An[w]);
+        hn[w] = decay_w * hn[w] + dtu[w] * Bn;
+        acc[w] += Cn * hn[w];
+        if constexpr (kKeepDecay) decay[n * W + w] = decay_w;
+      }
+    }
+    for (int w = 0; w < W; ++w) y[w] = acc[w];
+  }
+  // (y + D u) · SiLU(z): the block's output at one position.
+  void finish(int64_t t, const T* __restrict u, T* __restrict y) const {
+#pragma omp simd
+    for (int w = 0; w < W; ++w) y[w] += skip[w] * u[w];
+    if (a.z != nullptr) {
+      T z[W];
+      load(a.z, t, z);
+#pragma omp simd
+      for (int w = 0; w < W; ++w) y[w] *= z[w] * sigmoid(z[w]);
+    }
+  }
+};
+
+template <typename T, int W>
+void forward_block(const ScanArgs<T>& a, int64_t b, int64_t d0, int64_t width, T* out,
+                   T* last_state /* (B, N, D) */, T* saved /* (B, segments, N, D) */) {
+  const Block<T, W> block(a, b, d0, width);
+  const int64_t N = a.state;
+  std::vector<T> h(N * W, T(0));
+  T u[W], dt[W], raw[W], y[W];
+  for (int64_t t = 0; t < a.length; ++t) {
+    if (t % kSegment == 0) {  // the state entering this segment, for the backward pass
+      T* dst = saved + ((b * a.segments() + t / kSegment) * N) * a.channels + d0;
+      for (int64_t n = 0; n < N; ++n)
+        for (int w = 0; w < width; ++w) dst[n * a.channels + w] = h[n * W + w];
+    }
+    block.load(a.u, t, u);
+    block.step_sizes(t, dt, raw);
+    block.template advance<false>(t, dt, u, h.data(), y, nullptr);
+    block.finish(t, u, y);
+    block.store(out, t, y);
+  }
+  T* dst = last_state + b * N * a.channels + d0;
+  for (int64_t n = 0; n < N; ++n)
+    for (int w = 0; w < width; ++w) dst[n * a.channels + w] = h[n * W + w];
+}
+
+// Gradients one block writes: its own channels of du, ddelta, dz directly; its partial sums of
+// dB and dC (over its channels) and of dA, dD, d(delta_bias) (over its one sequence) into
+// per-block / per-sequence slots that are added up afterwards.
+template <typename T> struct Grads {
+  const T* grad_out;   // (B, L, D)
+  const T* grad_last;  // (B, N, D) or nullptr
+  T* du; T* ddelta; T* dz;                    // (B, L, D); dz may be nullptr
+  T* dB_part; T* dC_part;                     // (blocks, B, L, N)
+  T* dA_part;                                 // (B, N, D)
+  T* dD_part; T* dbias_part;                  // (B, D)
+};
+
+template <typename T, int W>
+void backward_block(const ScanArgs<T>& a, const Grads<T>& g, const T* saved, int64_t b,
+                    int64_t block_index, int64_t d0, int64_t width) {
+  const Block<T, W> block(a, b, d0, width);
+  const int64_t N = a.state, L = a.length, D = a.channels;
+  std::vector<T> lam(N * W, T(0)), dA(N * W, T(0));
+  if (g.grad_last != nullptr)
+    for (int64_t n = 0; n < N; ++n)
+      for (int w = 0; w < width; ++w) lam[n * W + w] = g.grad_last[(b * N + n) * D + d0 + w];
+  // One segment's recomputed states (entry state first), decays, Δ, raw Δ, u and Σ_n C h.
+  std::vector<T> hs((kSegment + 1) * N * W), decays(kSegment * N * W);
+  std::vector<T> dts(kSegment * W), raws(kSegment * W), us(kSegment * W), ys(kSegment * W);
+  T dD[W] = {}, dbias[W] = {};
+  T* dB_part = g.dB_part + (block_index * a.batch + b) * L * N;
+  T* dC_part = g.dC_part + (block_index * a.batch + b) * L * N;
+
+  for (int64_t segment = a.segments() - 1; segment >= 0; --segment) {
+    const int64_t t0 = segment * kSegment, t1 = std::min(L, t0 + kSegment);
+    const T* entry = saved + ((b * a.segments() + segment) * N) * D + d0;
+    for (int64_t n = 0; n < N; ++n)
+      for (int w = 0; w < W; ++w) hs[n * W + w] = w < width ? entry[n * D + w] : T(0);
+    for (int64_t t = t0; t < t1; ++t) {  // recompute the segment's states
+      const int64_t i = t - t0;
+      block.load(a.u, t, &us[i * W]);
+      block.step_sizes(t, &dts[i * W], &raws[i * W]);
+      std::copy(&hs[i * N * W], &hs[(i + 1) * N * W], &hs[(i + 1) * N * W]);
+      block.template advance<true>(t, &dts[i * W], &us[i * W], &hs[(i + 1) * N * W], &ys[i * W],
+                    &decays[i * N * W]);
+    }
+    for (int64_t t = t1 - 1; t >= t0; --t) {  // and walk back through them
+      const int64_t i = t - t0;
+      const T *u = &us[i * W], *dt = &dts[i * W], *raw = &raws[i * W];
+      const T *h_prev = &hs[i * N * W], *h = &hs[(i + 1) * N * W], *decay = &decays[i * N * W];
+      T gy[W], du[W], ddt[W], s[W];
+      block.load(g.grad_out, t, gy);  // ∂loss/∂out_t
+      if (a.z != nullptr) {  // out = pre · SiLU(z): split the gradient between pre and z
+        T z[W], dz[W];
+        block.load(a.z, t, z);
+        const T* y = &ys[i * W];
+#pragma omp simd
+        for (int w = 0; w < W; ++w) {
+          const T pre = y[w] + block.skip[w] * u[w];
+          const T sig = sigmoid(z[w]);
+          dz[w] = gy[w] * pre * sig * (T(1) + z[w] * (T(1) - sig));
+          gy[w] *= z[w] * sig;
+        }
+        block.store(g.dz, t, dz);
+      }
+#pragma omp simd
+      for (int w = 0; w < W; ++w) {
+        dD[w] += gy[w] * u[w];
+        du[w] = gy[w] * block.skip[w];
+        ddt[w] = T(0);
+        s[w] = T(0);
+      }
+      const T* B_t = a.B + (b * L + t) * N;
+      const T* C_t = a.C + (b * L + t) * N;
+      for (int64_t n = 0; n < N; ++n) {
+        const T Bn = B_t[n], Cn = C_t[n];
+        T* lam_n = &lam[n * W];
+        const T *h_n = h + n * W, *hp_n = h_prev + n * W, *a_n = decay + n * W;
+        const T* A_n = &block.A_block[n * W];
+        T* dA_n = &dA[n * W];
+        T dC = T(0), dB = T(0);
+#pragma omp simd reduction(+ : dC, dB)
+        for (int w = 0; w < W; ++w) {
+          lam_n[w] += Cn * gy[w];                       // λ_t = ∂loss/∂h_t
+          dC += gy[w] * h_n[w];
+          dB += lam_n[w] * dt[w] * u[w];
+          s[w] += lam_n[w] * Bn;                        // ∂loss/∂(Δ_t u_t)
+          const T dlog = lam_n[w] * a_n[w] * hp_n[w];   // ∂loss/∂(Δ_t A)
+          dA_n[w] += dlog * dt[w];
+          ddt[w] += dlog * A_n[w];
+          lam_n[w] *= a_n[w];                           // handed back to t − 1
+        }
+        dC_part[t * N + n] = dC;
+        dB_part[t * N + n] = dB;
+      }
+#pragma omp simd
+      for (int w = 0; w < W; ++w) {
+        du[w] += s[w] * dt[w];
+        ddt[w] += s[w] * u[w];
+      }
+      if (a.softplus) {
+#pragma omp simd
+        for (int w = 0; w < W; ++w) ddt[w] *= sigmoid(raw[w]);  // softplus' = sigmoid
+      }
+      for (int w = 0; w < W; ++w) dbias[w] += ddt[w];
+      block.store(g.du, t, du);
+      block.store(g.ddelta, t, ddt);
+    }
+  }
+  for (int64_t n = 0; n < N; ++n)
+    for (int w = 0; w < width; ++w) g.dA_part[(b * N + n) * D + d0 + w] = dA[n * W + w];
+  for (int w = 0; w < width; ++w) {
+    g.dD_part[b * D + d0 + w] = dD[w];
+    g.dbias_part[b * D + d0 + w] = dbias[w];
+  }
+}
+
+torch::Tensor optional_contiguous(const c10::optional<torch::Tensor>& x) {
+  return x.has_value() && x->defined() ? x->contiguous() : torch::Tensor();
+}
+template <typename T> const T* pointer_or_null(const torch::Tensor& x) {
+  return x.defined() ? x.data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+ScanArgs<T> make_args(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A_t,
+                      const torch::Tensor& B, const torch::Tensor& C, const torch::Tensor& D,
+                      const torch::Tensor& z, const torch::Tensor& delta_bias, bool softplus) {
+  return ScanArgs<T>{u.size(0), u.size(1), u.size(2), A_t.size(0),
+                     u.data_ptr<T>(), delta.data_ptr<T>(), A_t.data_ptr<T>(), B.data_ptr<T>(),
+                     C.data_ptr<T>(), pointer_or_null<T>(D), pointer_or_null<T>(z),
+                     pointer_or_null<T>(delta_bias), softplus};
+}
+
+}  // namespace
+
+// Inputs (all the same floating dtype, float32 or float64): u, delta, z (B, L, D); A (D, N);
+// B, C (B, L, N); D, delta_bias (D). Returns out (B, L, D), the last state (B, N, D) and the
+// saved segment entry states (B, segments, N, D).
+std::vector<torch::Tensor> scan_forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A,
+                                        torch::Tensor B, torch::Tensor C,
+                                        c10::optional<torch::Tensor> D_opt,
+                                        c10::optional<torch::Tensor> z_opt,
+                                        c10::optional<torch::Tensor> bias_opt, bool softplus) {
+  u = u.contiguous(); delta = delta.contiguous(); B = B.contiguous(); C = C.contiguous();
+  auto A_t = A.t().contiguous();
+  auto D = optional_contiguous(D_opt), z = optional_contiguous(z_opt);
+  auto bias = optional_contiguous(bias_opt);
+  const int64_t batch = u.size(0), length = u.size(1), channels = u.size(2), N = A.size(1);
+  const int64_t segments = (length + kSegment - 1) / kSegment;
+  auto out = torch::empty_like(u);
+  auto last = torch::zeros({batch, N, channels}, u.options());
+  auto saved = torch::empty({batch, segments, N, channels}, u.options());
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_forward", [&] {
+    constexpr int W = Width<scalar_t>::value;
+    const auto args = make_args<scalar_t>(u, delta, A_t, B, C, D, z, bias, softplus);
+    const int64_t blocks = (channels + W - 1) / W;
+    scalar_t *out_p = out.data_ptr<scalar_t>(), *last_p = last.data_ptr<scalar_t>();
+    scalar_t* saved_p = saved.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / blocks, d0 = (task % blocks) * W;
+        forward_block<scalar_t, W>(args, b, d0, std::min<int64_t>(W, channels - d0), out_p,
+                                   last_p, saved_p);
+      }
+    });
+  });
+  return {out, last, saved};
+}
+
+// Returns du, ddelta, dA, dB, dC, dD, dz, d(delta_bias) (undefined where the input was absent).
+std::vector<torch::Tensor> scan_backward(torch::Tensor u, torch::Tensor delta, torch::Tensor A,
+                                         torch::Tensor B, torch::Tensor C,
+                                         c10::optional<torch::Tensor> D_opt,
+                                         c10::optional<torch::Tensor> z_opt,
+                                         c10::optional<torch::Tensor> bias_opt, bool softplus,
+                                         torch::Tensor saved, torch::Tensor grad_out,
+                                         c10::optional<torch::Tensor> grad_last_opt) {
+  u = u.contiguous(); delta = delta.contiguous(); B = B.contiguous(); C = C.contiguous();
+  grad_out = grad_out.contiguous(); saved = saved.contiguous();
+  auto A_t = A.t().contiguous();
+  auto D = optional_contiguous(D_opt), z = optional_contiguous(z_opt);
+  auto bias = optional_contiguous(bias_opt), grad_last = optional_contiguous(grad_last_opt);
+  const int64_t batch = u.size(0), length = u.size(1), channels = u.size(2), N = A.size(1);
+  auto du = torch::empty_like(u), ddelta = torch::empty_like(u);
+  auto dz = z.defined() ? torch::empty_like(u) : torch::Tensor();
+  std::vector<torch::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_backward", [&] {
+    constexpr int W = Width<scalar_t>::value;
+    const auto args = make_args<scalar_t>(u, delta, A_t, B, C, D, z, bias, softplus);
+    const int64_t blocks = (channels + W - 1) / W;
+    auto dB_part = torch::empty({blocks, batch, length, N}, u.options());
+    auto dC_part = torch::empty({blocks, batch, length, N}, u.options());
+    auto dA_part = torch::empty({batch, N, channels}, u.options());
+    auto dD_part = torch::empty({batch, channels}, u.options());
+    auto dbias_part = torch::empty({batch, channels}, u.options());
+    Grads<scalar_t> g{grad_out.data_ptr<scalar_t>(), pointer_or_null<scalar_t>(grad_last),
+                      du.data_ptr<scalar_t>(), ddelta.data_ptr<scalar_t>(),
+                      dz.defined() ? dz.data_ptr<scalar_t>() : nullptr,
+                      dB_part.data_ptr<scalar_t>(), dC_part.data_ptr<scalar_t>(),
+                      dA_part.data_ptr<scalar_t>(), dD_part.data_ptr<scalar_t>(),
+                      dbias_part.data_ptr<scalar_t>()};
+    const scalar_t* saved_p = saved.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / blocks, block = task % blocks, d0 = block * W;
+        backward_block<scalar_t, W>(args, g, saved_p, b, block, d0,
+                                    std::min<int64_t>(W, channels - d0));
+      }
+    });
+    // Fixed-order sums of the partial gradients (the same bits for any number of threads).
+    auto dB = torch::empty({batch, length, N}, u.options());
+    auto dC = torch::empty({batch, length, N}, u.options());
+    const int64_t rows = batch * length * N;
+    const scalar_t *dBp = dB_part.data_ptr<scalar_t>(), *dCp = dC_part.data_ptr<scalar_t>();
+    scalar_t *dB_out = dB.data_ptr<scalar_t>(), *dC_out = dC.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t sb = 0, sc = 0;
+        for (int64_t k = 0; k < blocks; ++k) { sb += dBp[k * rows + r]; sc += dCp[k * rows + r]; }
+        dB_out[r] = sb;
+        dC_out[r] = sc;
+      }
+    });
+    auto sum_batch = [&](const torch::Tensor& part) {  // (B, ...) → (...), in batch order
+      auto total = part[0].clone();
+      for (int64_t b = 1; b < batch; ++b) total.add_(part[b]);
+      return total;
+    };
+    result = {du, ddelta, sum_batch(dA_part).t().contiguous(), dB, dC,
+              D.defined() ? sum_batch(dD_part) : torch::Tensor(), dz,
+              bias.defined() ? sum_batch(dbias_part) : torch::Tensor()};
+  });
+  return result;
+}
+
+namespace {
+
+// One decoding step for rows [begin, end) of the flattened (batch · channels): the recurrence
+// for one position, with the state's N slots of a channel contiguous.
+template <typename T>
+void step_rows(int64_t begin, int64_t end, int64_t channels, int64_t N, bool softplus, T* h,
+               const T* x, const T* delta, const T* A, const T* B, const T* C, const T* D,
+               const T* z, const T* bias, T* y) {
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t b = i / channels, d = i % channels;
+    T dt = delta[i] + (bias != nullptr ? bias[d] : T(0));
+    if (softplus) dt = softplus_of(dt);
+    const T dtu = dt * x[i];
+    T* hi = h + i * N;
+    const T *Ad = A + d * N, *Bb = B + b * N, *Cb = C + b * N;
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t n = 0; n < N; ++n) {
+      hi[n] = exp_fast(dt * Ad[n]) * hi[n] + dtu * Bb[n];
+      acc += Cb[n] * hi[n];
+    }
+    if (D != nullptr) acc += D[d] * x[i];
+    if (z != nullptr) acc *= z[i] * sigmoid(z[i]);
+    y[i] = acc;
+  }
+}
+
+}  // namespace
+
+// One decoding step, in place on state (B, D, N): the recurrence for one position.
+// x, delta, z: (B, D); B, C: (B, N). Returns y (B, D).
+torch::Tensor state_step(torch::Tensor state, torch::Tensor x, torch::Tensor delta,
+                         torch::Tensor A, torch::Tensor B, torch::Tensor C,
+                         c10::optional<torch::Tensor> D_opt, c10::optional<torch::Tensor> z_opt,
+                         c10::optional<torch::Tensor> bias_opt, bool softplus) {
+  TORCH_CHECK(state.is_contiguous(), "state must be contiguous");
+  x = x.contiguous(); delta = delta.contiguous(); A = A.contiguous();
+  B = B.contiguous(); C = C.contiguous();
+  auto D = optional_contiguous(D_opt), z = optional_contiguous(z_opt);
+  auto bias = optional_contiguous(bias_opt);
+  const int64_t batch = x.size(0), channels = x.size(1), N = A.size(1);
+  auto y = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "selective_state_step", [&] {
+    at::parallel_for(0, batch * channels, 64, [&](int64_t begin, int64_t end) {
+      step_rows<scalar_t>(begin, end, channels, N, softplus, state.data_ptr<scalar_t>(),
+                          x.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
+                          A.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(), C.data_ptr<scalar_t>(),
+                          pointer_or_null<scalar_t>(D), pointer_or_null<scalar_t>(z),
+                          pointer_or_null<scalar_t>(bias), y.data_ptr<scalar_t>());
+    });
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &scan_forward, "fused selective scan, forward");
+  m.def("backward", &scan_backward, "fused selective scan, backward");
+  m.def("step", &state_step, "one recurrent step of the selective scan, in place");
+}

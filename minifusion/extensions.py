@@ -1,0 +1,151 @@
+"""Compiled extensions: building them once, finding them again, and never hanging on a dead build.
+
+Two extensions are compiled just in time with ``torch.utils.cpp_extension`` and cached under
+``$TORCH_EXTENSIONS_DIR`` (``make`` points it into ``.venv``):
+
+* **our fused selective scan** (``minifusion/csrc/selective_scan.cpp``, chapter 09) — C++ with
+  OpenMP, built the first time a CPU Mamba layer runs (about half a minute), then loaded from
+  the cache. Without a C++ compiler the scan falls back to the chunked PyTorch scan, with one
+  warning that says how to get the fast one;
+* **DeepSpeed's CPU communication op** (chapter 14), built by DeepSpeed's own op builder.
+
+``make extensions`` (and so ``make test``) builds both up front, so no test or notebook pays
+for a build inside its time limit or prints a compiler's messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = [
+    "STALE_BUILD_LOCK_SECONDS",
+    "StaleBuildLockError",
+    "build_extensions",
+    "check_build_locks",
+    "extension_build_root",
+    "scan_kernel",
+]
+
+SCAN_SOURCE = Path(__file__).resolve().parent / "csrc" / "selective_scan.cpp"
+# Set to 0 to run without the compiled scan (the chunked PyTorch scan takes its place).
+DISABLE_VARIABLE = "MINIFUSION_FUSED_SCAN"
+
+# Building DeepSpeed's shared-memory extension takes about two minutes on two CPU cores; a
+# build lock this much older than that was left by a process that died while holding it.
+STALE_BUILD_LOCK_SECONDS = 15 * 60
+
+
+class StaleBuildLockError(RuntimeError):
+    """A compiled-extension build lock outlived the process that took it."""
+
+
+def extension_build_root() -> Path:
+    """Where PyTorch builds (and caches) compiled extensions: ``$TORCH_EXTENSIONS_DIR``, whose
+    folders are ``<extension>/``, or else ``~/.cache/torch_extensions``, whose folders are
+    ``<python and device tag>/<extension>/``."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def check_build_locks(root: str | Path | None = None, now: float | None = None) -> None:
+    """Refuse to start when an extension build lock under ``root`` is stale.
+
+    Every process that loads a just-in-time extension (DeepSpeed's CPU communication op, for
+    one) first creates ``<root>/<extension>/lock`` and deletes it when done, *even when the
+    extension is already built*. A process killed in that window leaves the file behind, and
+    every later start then waits for it forever, printing nothing. Failing here, with the file
+    named, turns that silent hang into a one-line fix.
+    """
+    root = extension_build_root() if root is None else Path(root)
+    now = time.time() if now is None else now
+    if not root.is_dir():
+        return
+    # one level below root with $TORCH_EXTENSIONS_DIR, two below the default root
+    for lock in sorted(root.glob("*/lock")) + sorted(root.glob("*/*/lock")):
+        with contextlib.suppress(FileNotFoundError):  # released while we looked: not stale
+            age = now - lock.stat().st_mtime
+            if age > STALE_BUILD_LOCK_SECONDS:
+                raise StaleBuildLockError(
+                    f"{lock} has been held for {age / 60:.0f} minutes; an extension build "
+                    "takes about 2. A process that was loading the extension was killed "
+                    "and left it behind, so this start would wait on it forever. If no other "
+                    f"training run is starting now, delete it (rm {lock}) and start again."
+                )
+
+
+def _compiler_flags() -> list[str]:
+    """-O3 and OpenMP; no floating-point traps, so branches of exp/log/softplus can be computed
+    for every lane and selected (vectorised) without changing any result; on x86-64 also the
+    build machine's own vector instructions (AVX2, AVX-512), where the cached build is used."""
+    flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags.append("-march=native")
+    return flags
+
+
+@functools.cache
+def scan_kernel() -> ModuleType | None:
+    """The compiled fused scan (built on first use), or ``None`` where it cannot be built.
+
+    ``None`` comes with one warning naming the reason and the fix; the caller then uses the
+    chunked PyTorch scan, which gives the same results more slowly.
+    """
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+        return None
+    check_build_locks()
+    from torch.utils.cpp_extension import load
+
+    try:
+        return load(
+            name="minifusion_selective_scan",
+            sources=[str(SCAN_SOURCE)],
+            extra_cflags=_compiler_flags(),
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except (OSError, RuntimeError, ImportError) as error:  # no compiler, no OpenMP, no ninja
+        reason = _first_error_line(str(error)) or type(error).__name__
+        warnings.warn(
+            f"The fused CPU selective scan could not be built ({reason}). Mamba layers fall back "
+            "to the chunked PyTorch scan: same results, several times slower. To get the fast "
+            "one, install a C++ compiler with OpenMP (Debian/Ubuntu: apt install g++; macOS: "
+            "brew install libomp llvm) and run `make extensions`.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+def _first_error_line(message: str) -> str:
+    """The compiler's first ``error:`` line of a failed build, else the message's last line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line or "not found" in line]
+    return (errors or lines or [""])[0 if errors else -1]
+
+
+def build_extensions() -> None:
+    """Build (or find already built) every compiled extension this machine uses.
+
+    The fused scan on every machine; DeepSpeed's CPU communication op where there is no CUDA
+    (NCCL needs none). Doing this once before several runs start side by side, as ``make unit``
+    does, keeps the first builds out of every run's time limit.
+    """
+    scan_kernel()
+    if torch.cuda.is_available():
+        return
+    check_build_locks()
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and builder.is_compatible():
+        builder.load(verbose=False)

@@ -1,0 +1,193 @@
+"""bench/race.py: entry sizes, the schedule, bits per character, saved records, a quick race.
+
+The data is a small local corpus of random words (no network). No test looks at a speed: the
+quick race only checks that two entries, each in its own process, finish with finite scores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from bench import race
+from minifusion.data import TokenFile
+from minifusion.tokenizer import load_tokenizer
+from minifusion.training import ValidationSet
+from tests.conftest import write_words_corpus
+
+
+@pytest.fixture(scope="module")
+def race_data(tmp_path_factory):
+    """``(corpus glob, data folder, token file paths, held-out works)``, prepared once."""
+    root = tmp_path_factory.mktemp("race")
+    corpus = str(write_words_corpus(root / "corpus") / "*.txt")
+    data, works = race.prepare_race_data(corpus, root / "data")
+    return corpus, root / "data", data, works
+
+
+# ---------------------------------------------------------------------------------- sizes ---
+def test_entries_are_sized_to_the_attention_twin():
+    counts = race.entry_parameters()
+    base = race.preset_config()
+    mixers = {m: [m] * base.num_hidden_layers for m in ("attention", "mamba")}
+    twin = counts["attention"]
+    assert twin == base.replaced(mixer_types=mixers["attention"]).estimate_parameters()
+    for name in ("llama", "gpt2", "falcon_h1", "mamba2"):
+        assert abs(counts[name] / twin - 1) <= 0.10, (name, counts[name], twin)
+    # the preset as shipped and its Mamba twin keep their own sizes (larger: see the docstring)
+    assert counts["hybrid"] == base.estimate_parameters()
+    assert counts["mamba"] == base.replaced(mixer_types=mixers["mamba"]).estimate_parameters()
+
+
+def test_solve_width_picks_the_closest_count():
+    def make(width: int) -> nn.Module:
+        return nn.Linear(10, width)  # 11 parameters per unit of width
+
+    assert race.solve_width(make, 11 * 37) == 37
+    assert race.solve_width(make, 11 * 37 + 5) == 37
+    assert race.solve_width(make, 11 * 37 + 6) == 38
+    assert race.solve_width(make, 3) == 1
+
+
+# ------------------------------------------------------------------------------- schedule ---
+def test_learning_rate_warms_up_then_follows_a_cosine_in_time():
+    s = race.RaceSettings(seconds=100.0, lr=1e-3, warmup_steps=50, min_lr_ratio=0.1)
+
+    def cosine(fraction: float) -> float:
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * fraction))
+
+    assert race.learning_rate(0, 0.0, s) == pytest.approx(1e-3 / 50)
+    assert race.learning_rate(24, 0.0, s) == pytest.approx(1e-3 * 25 / 50)
+    assert race.learning_rate(49, 0.0, s) == pytest.approx(1e-3)
+    for elapsed, multiplier in ((0.0, 1.0), (25.0, cosine(0.25)), (50.0, 0.55), (100.0, 0.1)):
+        assert race.learning_rate(500, elapsed, s) == pytest.approx(1e-3 * multiplier)
+    assert race.learning_rate(500, 130.0, s) == pytest.approx(1e-4)  # a last step past the end
+    assert race.learning_rate(9, 50.0, s) == pytest.approx(1e-3 * 10 / 50 * 0.55)  # both factors
+
+
+# ------------------------------------------------------------------------------------ bpc ---
+class Uniform(nn.Module):
+    """Zero logits: every token has probability 1 / vocab, so each costs log2(vocab) bits."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab))
+
+
+@pytest.mark.parametrize("blocks", [None, 3])
+def test_bits_per_character_by_hand(race_data, blocks):
+    *_, data, _ = race_data
+    tokenizer = load_tokenizer(data["tokenizer"])
+    seq_len, vocab = 16, 4096
+    validation = ValidationSet(data["val"], seq_len, tokenizer)
+    settings = race.RaceSettings(seq_len=seq_len, batch_size=5, eval_blocks=blocks)
+    result = race.validation_bpc(Uniform(vocab), validation, settings)
+
+    tokens = TokenFile(data["val"]).tokens
+    count = (len(tokens) - 1) // seq_len  # whole blocks; block i targets tokens[iT+1 : iT+T+1]
+    # every block, or 3 spread evenly: the first, the middle (rounded half to even), the last
+    chosen = list(range(count)) if blocks is None else [0, round((count - 1) / 2), count - 1]
+    targets = [int(t) for i in chosen for t in tokens[i * seq_len + 1 : (i + 1) * seq_len + 1]]
+    text = tokenizer.decode(targets, skip_special_tokens=True)  # ASCII: no split characters
+    characters = len(text) + targets.count(tokenizer.eos_token_id)
+    assert result.tokens == len(targets) == seq_len * len(chosen)
+    assert result.characters == characters
+    assert result.bpc == pytest.approx(len(targets) * math.log2(vocab) / characters, rel=1e-6)
+
+
+# --------------------------------------------------------------------------------- a race ---
+def test_quick_race_of_two_entries_in_their_own_processes(race_data):
+    corpus, data_dir, _, works = race_data
+    settings = race.RaceSettings(seconds=2.0, batch_size=4, seq_len=32, eval_blocks=4)
+    lines: list[str] = []
+    record = race.run(["attention", "llama"], settings, corpus=corpus, data_dir=data_dir,
+                      echo=lines.append)  # fmt: skip
+    assert record["validation"] == {"works": works, "blocks": 4} and len(works) == 2
+    for name in ("attention", "llama"):
+        result = record["entries"][name]
+        assert "error" not in result, result
+        assert result["steps"] >= 1 and result["tokens"] == result["steps"] * 4 * 32
+        assert math.isfinite(result["val_bpc"]) and result["val_bpc"] > 0
+        assert math.isfinite(result["train_loss"])
+        assert result["val_tokens"] == 4 * 32
+    # the same shapes: Llama's solved feed-forward width is the twin's
+    assert record["entries"]["llama"]["params"] == record["entries"]["attention"]["params"]
+    assert len(lines) == 3 and all(line.startswith("[race]") for line in lines)
+    text = race.record_markdown(record)
+    assert "| 1 |" in text and "| 2 |" in text and "Lowest validation bpc" in text
+
+
+def test_a_failing_entry_is_reported_with_its_reason(tmp_path):
+    missing = {k: str(tmp_path / k) for k in ("train", "val", "tokenizer")}
+    out = tmp_path / "result.json"
+    assert race._worker("llama", race.RaceSettings(seconds=1.0), missing, out) == 0
+    assert "error" in json.loads(out.read_text())
+
+
+# ------------------------------------------------------------------------- saved records ---
+def entry(bpc: float, tokens_per_s: float, params: int = 1_000_000) -> dict:
+    return {"model": "m", "sizes": "s", "note": "", "params": params, "steps": 10,
+            "tokens": 20_480, "train_seconds": 1.0, "tokens_per_s": tokens_per_s,
+            "train_loss": 5.0, "val_loss": 5.1, "val_bpc": bpc, "val_tokens": 100,
+            "val_characters": 300, "date": "d"}  # fmt: skip
+
+
+def record(seconds: float, lr: float, entries: dict) -> dict:
+    settings = race.RaceSettings(seconds=seconds, lr=lr).to_dict()
+    return {"settings": settings, "date": "2000-01-01", "machine": "m", "preset": "tiny",
+            "corpus": "c", "validation": {"works": ["a", "b"], "blocks": "all"},
+            "entries": entries}  # fmt: skip
+
+
+def test_records_are_kept_per_setting_and_rendered(tmp_path):
+    path = tmp_path / "race.json"
+    first = {"hybrid": entry(2.1, 5000, 1_400_000), "attention": entry(2.2, 10000),
+             "gpt2": {"error": "RuntimeError: boom", "date": "d"}}  # fmt: skip
+    race.save_record(record(240, 1e-3, first), path)
+    race.save_record(record(120, 1e-3, {"attention": entry(2.5, 10000)}), path)
+    race.save_record(record(240, 3e-3, {"attention": entry(2.0, 10000)}), path)
+    assert len(race.load_records(path)) == 3
+    # the same settings again with one entry: that entry is replaced, the others stay
+    race.save_record(record(240, 1e-3, {"hybrid": entry(1.9, 6000, 1_400_000)}), path)
+    records = race.load_records(path)
+    assert [(r["settings"]["seconds"], r["settings"]["lr"]) for r in records] == [
+        (120, 1e-3), (240, 1e-3), (240, 3e-3)
+    ]  # fmt: skip
+    kept = records[1]["entries"]
+    assert set(kept) == {"hybrid", "attention", "gpt2"} and kept["hybrid"]["val_bpc"] == 1.9
+
+    text = race.markdown(records)
+    assert text.count("| # | entry |") == 3
+    assert "Lowest validation bpc: **hybrid** (1.900); hybrid vs its attention twin: 1.900 vs " \
+           "2.200 bpc (-0.300) at 0.60× the twin's tokens/s." in text  # fmt: skip
+    assert "| 1 | hybrid | m | s | 1,400,000 (+40.0%) |" in text
+    assert "| – | gpt2 | failed: RuntimeError: boom |" in text
+    assert text.index("| 2 | attention |") < text.index("| – | gpt2 |")
+    assert race.verdict({"gpt2": {"error": "x"}}) == "No entry finished."
+    assert "Warning" not in text  # no load recorded, no warning
+
+
+def test_a_busy_cpu_is_flagged():
+    quiet = {**record(240, 1e-3, {"attention": {**entry(2.0, 1e4), "load_average": 2.2}}),
+             "cores": 2}  # fmt: skip
+    assert race.load_warning(quiet) == ""
+    busy = {**quiet, "entries": {"attention": {**entry(2.0, 1e4), "load_average": 3.8}}}
+    assert "load average reached 3.8 on 2 cores" in race.record_markdown(busy)
+
+
+def test_command_line_settings():
+    quick = race.settings_from_args(race.parse_args(["--quick"]))
+    assert (quick.seconds, quick.eval_blocks) == (race.QUICK_SECONDS, race.QUICK_EVAL_BLOCKS)
+    args = race.parse_args(["--seconds", "120", "--lr", "3e-3", "--models", "hybrid", "gpt2"])
+    settings = race.settings_from_args(args)
+    assert (settings.seconds, settings.lr, settings.eval_blocks) == (120.0, 3e-3, None)
+    assert args.models == ["hybrid", "gpt2"]
+    assert race.RaceSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
