@@ -5,10 +5,16 @@ a few runs after a warm-up) and measures the peak extra memory of one pass, then
 with every scan's ratios to the sequential loop:
 
 * ``sequential`` — :func:`minifusion.mamba.selective_scan_sequential`, one position at a time;
-* ``chunked`` — :func:`minifusion.mamba.selective_scan_chunked` (the default on CPU);
+* ``chunked`` — :func:`minifusion.mamba.selective_scan_chunked` (pure PyTorch, chunk-parallel);
+* ``fused`` — :func:`minifusion.fused_scan.selective_scan_fused`, the compiled C++ kernel (the
+  default on CPU), where it builds;
 * ``transformers`` — the pure-PyTorch ``mamba_selective_scan`` of transformers' Mamba model
   (a loop over positions over precomputed ``exp(ΔA)`` and ``ΔBu`` tensors);
 * ``cuda`` — mamba-ssm's kernel, only on a CUDA device with mamba-ssm installed.
+
+Inputs are laid out as the Mamba mixer hands them over: ``u``, ``delta``, ``z`` are
+``(batch, d_inner, L)`` views of ``(batch, L, d_inner)`` tensors (and ``B``, ``C`` of
+``(batch, L, N)``), so each scan pays for the layout changes it makes in a model.
 
     python -m bench.scan                                    # CPU defaults
     python -m bench.scan --seq-lens 256 2048 --device cuda
@@ -25,17 +31,19 @@ from pathlib import Path
 
 import torch
 
+from minifusion.fused_scan import fused_scan_available
 from minifusion.mamba import (
     mamba_ssm_available,
     selective_scan_chunked,
     selective_scan_cuda,
+    selective_scan_fused,
     selective_scan_sequential,
 )
 
 from .memory import format_mib, format_ratio, peak_memory_bytes
 from .timing import median_seconds
 
-DEFAULT_SEQ_LENS = (256, 512, 1024, 2048, 4096, 8192)
+DEFAULT_SEQ_LENS = (128, 256, 512, 1024, 2048, 4096, 8192)
 # Loops over positions cost seconds per pass at long lengths: time them once there.
 LONG_LOOP = 4096
 # transformers' loop indexes full tensors per position, so its backward pass fills a full-size
@@ -65,6 +73,8 @@ def available_scans(device: torch.device) -> dict[str, Callable]:
         "chunked": selective_scan_chunked,
         "transformers": transformers_scan(),
     }
+    if device.type == "cpu" and fused_scan_available():
+        scans["fused"] = selective_scan_fused
     if device.type == "cuda" and mamba_ssm_available():
         scans["cuda"] = selective_scan_cuda
     return scans
@@ -76,8 +86,11 @@ def scan_inputs(
     """``u, delta, A, B, C, D, z, delta_bias`` (in that order), scaled as in a new Mamba layer."""
     generator = torch.Generator().manual_seed(0)
 
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator).to(device).requires_grad_()
+    def randn(batch: int, channels: int, length: int) -> torch.Tensor:
+        """``(batch, channels, length)``, stored as ``(batch, length, channels)``: the mixer's
+        layout (its projections produce position-major tensors that the scans see transposed)."""
+        rows = torch.randn(batch, length, channels, generator=generator).to(device)
+        return rows.transpose(1, 2).detach().requires_grad_()
 
     A = -torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)
     return {
