@@ -19,17 +19,29 @@ scores into weights with a softmax, and mixes the matching values.
   never look further back than the window, so their cache keeps only the last ``window`` keys —
   its memory stops growing once the sequence is longer than the window.
 
-Two implementations, chosen by ``config.attention_impl``: ``"sdpa"`` calls PyTorch's fused
-``F.scaled_dot_product_attention`` (and, for long sequences, computes local heads block by
-block so their cost grows with ``T · window`` instead of ``T²``); ``"eager"`` is the explicit
-matmul → mask → softmax → matmul reference. They agree to float rounding (tested).
+Two implementations, chosen by ``config.attention_impl``. ``"eager"`` is the explicit
+matmul → mask → softmax → matmul reference: it builds the whole ``T × T`` score matrix and keeps
+it for the backward pass. ``"sdpa"`` uses PyTorch's fused flash-attention kernels, which work
+tile by tile and keep only q, k, v, the output and one log-sum-exp per query row:
+
+* global heads: ``F.scaled_dot_product_attention`` with its built-in causal mask;
+* local heads (:func:`blocked_local_attention`): the sequence is cut into blocks of ``window``
+  positions; each block's queries attend to their own block (causal) and to the previous block
+  (a triangle), in two fused calls whose softmaxes are merged through their log-sum-exps. The
+  cost grows like ``T · window`` instead of ``T²``, and the memory is that of full causal
+  attention — no score matrix, no padded or repeated copies of the keys. (On the CPU without
+  dropout; elsewhere a masked block-by-block fallback.)
+
+The two implementations agree to float rounding (tested).
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .config import MiniFusionConfig
 from .rope import apply_rotary
@@ -210,24 +222,37 @@ class Attention(nn.Module):
 
         outputs = []
         g_q, g_kv = self.num_global_heads, self.num_global_kv_heads
+        q_global = q_local = q
+        k_global = k_local = k
+        v_global = v_local = v
+        if self.num_global_heads and self.num_local_heads:
+            # One split per tensor rather than two slices: the split's backward writes both
+            # parts' gradients into one tensor, where each slice would allocate its own
+            # zero-filled full-size gradient and then add them up.
+            q_global, q_local = q.split((g_q, self.num_local_heads), dim=1)
+            k_global, k_local = k.split((g_kv, self.num_kv_heads - g_kv), dim=1)
+            v_global, v_local = v.split((g_kv, self.num_kv_heads - g_kv), dim=1)
         if self.num_global_heads:
-            keys, values = k[:, :g_kv], v[:, :g_kv]
+            keys, values = k_global, v_global
             if kv_cache is not None:
                 keys, values = kv_cache.update_global(keys, values)
-            outputs.append(self._attend(q[:, :g_q], keys, values, past, 0, None, key_valid))
+            outputs.append(self._attend(q_global, keys, values, past, 0, None, key_valid))
         if self.num_local_heads:
-            keys, values, key_start = k[:, g_kv:], v[:, g_kv:], past
+            keys, values, key_start = k_local, v_local, past
             if kv_cache is not None:
                 keys, values, key_start = kv_cache.update_local(keys, values)
             local_valid = None if key_valid is None else key_valid[:, key_start:]
             outputs.append(
-                self._attend(q[:, g_q:], keys, values, past, key_start, self.window, local_valid)
+                self._attend(q_local, keys, values, past, key_start, self.window, local_valid)
             )
         if kv_cache is not None:
             kv_cache.advance(length)
 
-        out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]  # (B, H, T, D)
-        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        # (B, h, T, D) each → (B, T, H·D). The fused kernels return time-major memory, so for one
+        # kind of head the transpose + reshape is free; for both, one concatenation copies.
+        outputs = [out.transpose(1, 2) for out in outputs]  # (B, T, h, D)
+        out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+        out = out.reshape(batch, length, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
     # --------------------------------------------------------------------------- helpers ---
@@ -271,7 +296,15 @@ class Attention(nn.Module):
             return eager_attention(q, k, v, mask(), self.scaling, dropout, self.training)
 
         no_past = query_start == key_start == 0 and query_len == key_len
-        if window is not None and no_past and query_len > 2 * max(window, _MIN_BLOCK):
+        # Local heads whose window cuts something off: block by block (blocked_local_attention).
+        # On the CPU its fused route serves every length (it never builds a T × T mask); the
+        # masked fallback (CUDA, dropout) only once there are a few blocks.
+        if (
+            window is not None
+            and no_past
+            and window < query_len
+            and (_flash_blocks_apply(q, dropout) or query_len > 2 * max(window, _MIN_BLOCK))
+        ):
             return blocked_local_attention(q, k, v, window, self.scaling, dropout, key_valid)
         # Keys always end at the newest query, so a window ≥ key_len cuts nothing off.
         only_causal = key_valid is None and (window is None or window >= key_len)
@@ -308,6 +341,323 @@ def eager_attention(
     return torch.matmul(weights, v)
 
 
+# ------------------------------------------------------------------ sliding-window heads ---
+#
+# A local head at position t sees keys t − window + 1 … t. Cut the sequence into blocks of
+# exactly `window` positions. A query in block i then sees only keys of block i (those not after
+# it: plain causal attention inside the block) and keys of block i − 1 (those less than `window`
+# positions back). Row r of block i (position i·w + r) sees, of block i − 1, the keys at offsets
+# r + 1 … w − 1 — a triangle, empty for the block's last row:
+#
+#     keys:      block i − 1        block i            w = 4, query rows r = 0 … 3
+#     r = 0    . ■ ■ ■            ■ . . .
+#     r = 1    . . ■ ■            ■ ■ . .
+#     r = 2    . . . ■            ■ ■ ■ .
+#     r = 3    . . . .            ■ ■ ■ ■
+#              └─ band piece ─┘   └ diagonal piece ┘
+#
+# So each block is two small attention problems — the *diagonal* piece (w queries × w keys,
+# causal) and the *band* piece (the first w − 1 queries × the last w − 1 keys of the previous
+# block, upper triangle) — whose softmaxes are merged exactly through their log-sum-exps:
+#
+#     L = log(e^L₁ + e^L₂),   out = e^(L₁ − L)·out₁ + e^(L₂ − L)·out₂
+#
+# (each outᵢ is already normalised by its own e^Lᵢ). Both pieces run in PyTorch's fused CPU
+# flash-attention kernel (`_scaled_dot_product_flash_attention_for_cpu`), which returns the
+# log-sum-exp L and never stores a score matrix. A piece is a strided *view* of q, k, v — no
+# padded or repeated copies — and the kernel handles GQA itself (query head h reads key/value
+# head h // group). The diagonal piece uses the kernel's causal flag; only the band needs a
+# mask, the same (w − 1) × (w − 1) triangle for every block, broadcast.
+#
+# Backward: the kernel's own backward recomputes p = exp(score − L) tile by tile from q, k and
+# L, and needs rowsum(grad_out · out). Handing each piece the *merged* out and L of its rows
+# gives exactly that piece's share of the gradients (its p are the entries of the full row's
+# softmax), so the two pieces' gradients simply add up. Autograd does not differentiate through
+# L, so the whole thing is one `torch.autograd.Function` that saves q, k, v, out and L.
+
+_flash_forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_flash_backward = getattr(
+    torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None
+)
+
+# Query rows handed to the kernel per call (whole blocks, at least one). Each call returns new
+# tensors — its output, or its gradients — that are copied into place at once, so this bounds
+# the memory a call adds on top of q, k, v and their gradients (with 256 rows: under a MiB at
+# the benchmark's sizes). Bigger costs memory and gains little time.
+_ROWS_PER_CALL = 256
+_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """Rows ``start + j·stride + [0, size)`` for ``j < count`` along the time axis."""
+
+    start: int
+    count: int
+    size: int
+    stride: int
+
+    def of(self, x: torch.Tensor) -> torch.Tensor:
+        """A view ``(count, h, size, …)`` of ``x`` ``(h, T, …)`` — no copy, even where the
+        row ranges overlap (``size > stride``)."""
+        rows = x.narrow(1, self.start, (self.count - 1) * self.stride + self.size)
+        windows = rows.unfold(1, self.size, self.stride)  # (h, count, …, size)
+        return windows.movedim(-1, 2).transpose(0, 1)
+
+    def split(self) -> list["_Blocks"]:
+        """The same rows as non-overlapping pieces (``size ≤ stride``), for writing into."""
+        return [
+            _Blocks(
+                self.start + offset, self.count, min(self.stride, self.size - offset), self.stride
+            )
+            for offset in range(0, self.size, self.stride)
+        ]
+
+    def positions(self, device: torch.device) -> torch.Tensor:
+        """Absolute positions ``(count, size)``."""
+        first = self.start + self.stride * torch.arange(self.count, device=device)
+        return first[:, None] + torch.arange(self.size, device=device)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """``count`` small attention problems of the same shape: queries × keys."""
+
+    queries: _Blocks
+    keys: _Blocks
+    causal: bool  # True: the diagonal piece (queries and keys are the same rows)
+
+    def chunks(self, count: int) -> list["_Piece"]:
+        """The same problems, at most ``count`` per piece."""
+        pieces = []
+        for first in range(0, self.queries.count, count):
+            part = min(count, self.queries.count - first)
+            queries, keys = (
+                _Blocks(b.start + first * b.stride, part, b.size, b.stride)
+                for b in (self.queries, self.keys)
+            )
+            pieces.append(_Piece(queries, keys, self.causal))
+        return pieces
+
+
+def _pieces(length: int, window: int, block: int) -> list[tuple[_Piece, _Piece | None]]:
+    """The (diagonal, band) pieces covering ``length`` queries, in order of position.
+
+    Query blocks of ``block`` positions. Block ``i``'s band keys are the ``reach · block``
+    positions just before it (fewer at the start of the sequence), ``reach`` the number of
+    blocks its window reaches back into. Blocks ``0 … reach − 1`` (block 0 has no band) and a
+    last, shorter block are pieces of their own; the others are grouped ``_ROWS_PER_CALL`` rows
+    at a time.
+    """
+    reach = math.ceil((window - 1) / block)
+    full_blocks = length // block
+    per_call = max(1, _ROWS_PER_CALL // block)
+    first_full = min(reach, full_blocks)  # the first block whose band has all its keys
+    groups = [(i * block, 1, block) for i in range(first_full)]
+    groups += [
+        (start, min(per_call, full_blocks - start // block), block)
+        for start in range(first_full * block, full_blocks * block, per_call * block)
+    ]
+    if length % block:
+        groups.append((full_blocks * block, 1, length % block))
+    pieces = []
+    for start, count, size in groups:
+        rows = _Blocks(start, count, size, block)
+        band = None
+        if start > 0 and window > 1:
+            key_start = max(0, start - reach * block)
+            band = _Piece(
+                _Blocks(start, count, min(size, window - 1), block),  # row w − 1 sees no band
+                _Blocks(key_start, count, start - key_start, block),
+                causal=False,
+            )
+        pieces.append((_Piece(rows, rows, causal=True), band))
+    return pieces
+
+
+def _block_size(window: int) -> int:
+    """Query block length: the window, or ``_BLOCK`` for longer windows."""
+    return min(window, _BLOCK)
+
+
+def _band_pattern(window: int, block: int, like: torch.Tensor) -> torch.Tensor:
+    """The additive band mask of a block whose keys all exist: ``(1, 1, rows, keys)``.
+
+    Row ``r`` (position ``s + r`` of a block starting at ``s``) against key ``c`` of the
+    ``keys = reach · block`` positions before the block (position ``s − keys + c``): visible
+    where ``c > keys + r − window``. A block nearer the start has fewer keys before it — the
+    *last* columns — and a shorter last block fewer rows: both are slices of this one mask,
+    which is built once per call and broadcast over the blocks. The kernel wants a float mask of
+    the query dtype: 0 = visible, −inf = hidden.
+    """
+    rows = min(block, window - 1)
+    keys = math.ceil((window - 1) / block) * block
+    row = torch.arange(rows, device=like.device)[:, None]
+    column = torch.arange(keys, device=like.device)[None, :]
+    hidden = column <= keys + row - window
+    return like.new_zeros(rows, keys).masked_fill_(hidden, float("-inf"))[None, None]
+
+
+def _piece_mask(
+    piece: _Piece, window: int, key_valid: torch.Tensor | None, pattern: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The additive mask of a piece, ``(1 or count, 1, q_size, k_size)``, or ``None`` where the
+    kernel's causal flag says it all; and the rows that see no key ``(count, q_size)``, or
+    ``None`` where there are none (only key padding can empty a band row).
+
+    Without key padding: ``None`` for the diagonal, a slice of ``pattern`` (the shared band mask)
+    for the band. With key padding each piece gets its own mask from the definition — causal,
+    within the window, and a padding key hidden unless it is the query itself.
+    """
+    if key_valid is None:
+        if piece.causal:
+            return None, None
+        keys = pattern.shape[-1]
+        return pattern[..., : piece.queries.size, keys - piece.keys.size :], None
+    query_pos = piece.queries.positions(key_valid.device)[:, :, None]
+    key_pos = piece.keys.positions(key_valid.device)[:, None, :]
+    allowed = (key_pos <= query_pos) & (key_pos > query_pos - window)
+    allowed &= key_valid[key_pos] | (key_pos == query_pos)
+    mask = torch.zeros(allowed.shape, dtype=pattern.dtype, device=pattern.device)
+    return mask.masked_fill_(~allowed, float("-inf"))[:, None], ~allowed.any(dim=-1)
+
+
+def _merge(
+    out: torch.Tensor, lse: torch.Tensor, other_out: torch.Tensor, other_lse: torch.Tensor
+) -> None:
+    """Fold a second partial softmax ``(other_out, other_lse)`` into ``(out, lse)``, in place.
+
+    With ``L = log(e^lse + e^other_lse)`` the merged output is ``e^(lse − L)·out +
+    e^(other_lse − L)·other_out = lerp(out, other_out, sigmoid(other_lse − lse))``.
+    ``out`` ``(n, h, rows, D)``, ``lse`` ``(n, h, rows)`` fp32.
+    """
+    share = torch.sigmoid(other_lse - lse)[..., None]  # the second piece's part of each row
+    if out.dtype == torch.float32:
+        out.lerp_(other_out, share)
+    else:  # bf16/fp16: blend in fp32, round once
+        out.copy_(torch.lerp(out.float(), other_out.float(), share))
+    torch.logaddexp(lse, other_lse, out=lse)
+
+
+class _SlidingWindowAttention(torch.autograd.Function):
+    """Block-wise flash attention for local heads: saves only q, k, v, the output and the
+    per-row log-sum-exp ``(B, h, T)``; the backward pass recomputes each piece's scores."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window, scaling, key_valid):
+        batch, heads, length, head_dim = q.shape
+        # Time-major memory (B, T, h, D), like the kernel's own output: the caller's
+        # transpose(1, 2).reshape(B, T, h·D) is then free.
+        out = q.new_empty(batch, length, heads, head_dim).transpose(1, 2)
+        lse = q.new_empty(batch, length, heads, dtype=torch.float32).transpose(1, 2)
+        block = _block_size(window)
+        pieces, pattern = _pieces(length, window, block), _band_pattern(window, block, q)
+        for b in range(batch):
+            valid = None if key_valid is None else key_valid[b]
+            for diagonal, band in pieces:
+                mask, _ = _piece_mask(diagonal, window, valid, pattern)
+                block_out, block_lse = _flash_forward(
+                    diagonal.queries.of(q[b]), diagonal.keys.of(k[b]), diagonal.keys.of(v[b]),
+                    0.0, mask is None, attn_mask=mask, scale=scaling,
+                )  # fmt: skip
+                if band is not None:
+                    mask, empty = _piece_mask(band, window, valid, pattern)
+                    band_out, band_lse = _flash_forward(
+                        band.queries.of(q[b]), band.keys.of(k[b]), band.keys.of(v[b]),
+                        0.0, False, attn_mask=mask, scale=scaling,
+                    )  # fmt: skip
+                    if empty is not None:  # the kernel reports lse 0, not −inf, for such rows
+                        band_lse.masked_fill_(empty[:, None], float("-inf"))
+                    rows = band.queries.size
+                    _merge(block_out[:, :, :rows], block_lse[:, :, :rows], band_out, band_lse)
+                diagonal.queries.of(out[b]).copy_(block_out)
+                diagonal.queries.of(lse[b]).copy_(block_lse)
+        ctx.save_for_backward(q, k, v, out, lse, key_valid)
+        ctx.window, ctx.scaling = window, scaling
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, key_valid = ctx.saved_tensors
+        window, scaling = ctx.window, ctx.scaling
+        if grad_out.stride(-1) != 1:  # e.g. the expanded gradient of a .sum()
+            grad_out = grad_out.contiguous()
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        block = _block_size(window)
+        pieces, pattern = _pieces(q.shape[2], window, block), _band_pattern(window, block, q)
+        group = q.shape[1] // k.shape[1]
+        for b in range(q.shape[0]):
+            valid = None if key_valid is None else key_valid[b]
+            for diagonal, band in pieces:
+                # The diagonal pieces cover every row once: they write; the bands then add.
+                # A band's keys are `reach` blocks per query block, so it is cut into calls of
+                # at most _ROWS_PER_CALL key rows, like the diagonal.
+                work = [(diagonal, False)]
+                if band is not None:
+                    per_call = max(1, _ROWS_PER_CALL // band.keys.size)
+                    work += [(part, True) for part in band.chunks(per_call)]
+                for piece, accumulate in work:
+                    mask, _ = _piece_mask(piece, window, valid, pattern)
+                    # One key/value head (with its query heads) per call: the gradients a call
+                    # returns are new tensors, alive until added into place — half as big.
+                    for kv_head in range(k.shape[1]):
+                        heads = slice(kv_head * group, (kv_head + 1) * group)
+                        kv = slice(kv_head, kv_head + 1)
+                        _piece_backward(
+                            piece, mask, scaling, accumulate,
+                            *(x[b, heads] for x in (grad_out, q, out, lse, grad_q)),
+                            *(x[b, kv] for x in (k, v, grad_k, grad_v)),
+                        )  # fmt: skip
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+def _piece_backward(
+    piece: _Piece,
+    mask: torch.Tensor | None,
+    scaling: float,
+    accumulate: bool,
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grad_k: torch.Tensor,
+    grad_v: torch.Tensor,
+) -> None:
+    """One piece's share of the gradients, written (``accumulate=False``) or added into
+    ``grad_q, grad_k, grad_v``. Tensors of one sequence: ``(h, T, D)`` (``lse`` ``(h, T)``).
+
+    Given the *merged* out and lse of its rows, the kernel's backward yields exactly this
+    piece's share: it recomputes p = exp(score − lse) with the whole row's lse, and uses
+    rowsum(grad_out · out) of the whole row.
+    """
+    rows, keys = piece.queries, piece.keys
+    dq, dk, dv = _flash_backward(
+        rows.of(grad_out), rows.of(q), keys.of(k), keys.of(v), rows.of(out), rows.of(lse),
+        0.0, mask is None, attn_mask=mask, scale=scaling,
+    )  # fmt: skip
+    if not accumulate:
+        rows.of(grad_q).copy_(dq)
+        keys.of(grad_k).copy_(dk)
+        keys.of(grad_v).copy_(dv)
+        return
+    rows.of(grad_q).add_(dq)
+    # Consecutive blocks' band keys overlap, and an in-place add must not write one element
+    # twice: add them `stride` rows at a time.
+    for part in keys.split():
+        columns = slice(part.start - keys.start, part.start - keys.start + part.size)
+        part.of(grad_k).add_(dk[:, :, columns])
+        part.of(grad_v).add_(dv[:, :, columns])
+
+
+def _flash_blocks_apply(q: torch.Tensor, dropout: float) -> bool:
+    """Whether local heads can take the flash-block route (CPU kernel, which has no dropout)."""
+    return q.device.type == "cpu" and dropout == 0.0 and _flash_backward is not None
+
+
 def blocked_local_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -317,12 +667,51 @@ def blocked_local_attention(
     dropout: float = 0.0,
     key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sliding-window causal attention in ``O(T · window)`` time and memory.
+    """Sliding-window causal attention: ``O(T · window)`` time, the memory of full causal
+    attention.
+
+    ``q`` ``(B, h, T, D)``, ``k, v`` ``(B, h_kv, T, D)`` (``h`` a multiple of ``h_kv``) starting
+    at position 0, ``key_valid`` ``(B, T)`` (``False`` = padding; a padding query still sees
+    itself) → ``(B, h, T, D)``. Query ``t`` sees keys ``t − window + 1 … t``.
+
+    On the CPU without dropout: blocks of exactly ``window`` positions. Each block's queries
+    attend to their own block (causal) and to the previous block (a triangle) in two calls of
+    PyTorch's flash kernel, and the two softmaxes are merged through their log-sum-exps (see
+    the "sliding-window heads" comment in this module). Each call reads strided *views* of q, k, v, and for the
+    backward pass only q, k, v, the output and one log-sum-exp per row ``(B, h, T)`` are kept —
+    the scores are recomputed block by block, as FlashAttention does. That is exactly what full
+    causal flash attention keeps, so local heads need no more memory than global ones, in
+    ``T · window`` time instead of ``T²``.
+
+    The simpler way, :func:`masked_blocked_local_attention` — copy each block's keys with the
+    ``window − 1`` before it, once per query head, and hand SDPA a boolean mask — needs more
+    than twice the memory of full causal attention on the CPU, where a mask sends SDPA to a
+    kernel that keeps every block's scores for the backward pass. It remains the fallback where
+    the CPU flash kernel does not apply: on CUDA, and with dropout > 0 (which the CPU flash
+    kernel does not support).
+    """
+    if _flash_blocks_apply(q, dropout):
+        return _SlidingWindowAttention.apply(q, k, v, window, scaling, key_valid)
+    return masked_blocked_local_attention(q, k, v, window, scaling, dropout, key_valid)
+
+
+def masked_blocked_local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    scaling: float,
+    dropout: float = 0.0,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The fallback of :func:`blocked_local_attention`: padded key blocks and a boolean mask.
 
     The ``T`` queries are cut into blocks of ``c = max(window, 64)``. A block's queries can only
     see keys from ``window − 1`` positions before the block up to its end, so each block attends
-    to ``c + window − 1`` keys instead of all ``T``. ``q`` ``(B, h, T, D)``, ``k, v``
-    ``(B, h_kv, T, D)`` starting at position 0 → ``(B, h, T, D)``.
+    to ``c + window − 1`` keys instead of all ``T`` — but those key/value blocks are copies
+    (overlapping, and repeated for each query head of a GQA group), and the boolean mask sends
+    SDPA to kernels that keep every block's scores for the backward pass. ``q`` ``(B, h, T, D)``,
+    ``k, v`` ``(B, h_kv, T, D)`` starting at position 0 → ``(B, h, T, D)``.
     """
     batch, heads, length, head_dim = q.shape
     block = max(window, _MIN_BLOCK)

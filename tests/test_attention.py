@@ -5,10 +5,17 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention
 
-from minifusion.attention import Attention, build_attention_mask
+import minifusion.attention as attention_module
+from minifusion.attention import (
+    Attention,
+    blocked_local_attention,
+    build_attention_mask,
+    eager_attention,
+)
 from minifusion.config import MiniFusionConfig
 from minifusion.rope import RotaryEmbedding
 
@@ -189,6 +196,165 @@ def test_sdpa_and_eager_agree_with_gradients(mix):
         results[impl] = (out.detach(), x.grad.clone(), attention.q_proj.weight.grad.clone())
     for ours, reference in zip(results["sdpa"], results["eager"]):
         assert (ours - reference).abs().max() <= 1e-4 * max(1.0, reference.abs().max().item())
+
+
+# ---------------------------------------------------------- block-wise local attention ---
+def local_inputs(batch, heads, kv_heads, length, head_dim=16, dtype=torch.float32):
+    """q ``(B, h, T, D)``, k, v ``(B, h_kv, T, D)`` in the layer's time-major memory layout."""
+
+    def make(h):
+        return torch.randn(batch, length, h, head_dim).to(dtype).transpose(1, 2)
+
+    return make(heads), make(kv_heads), make(kv_heads)
+
+
+def padding_mask(batch, length, window):
+    """Sequence 0 left-padded for more than a window (whole band rows see only padding),
+    the last sequence with a hole of padding in the middle."""
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    valid[0, : min(length, window + 3)] = False
+    valid[-1, length // 2 : length // 2 + window // 2 + 1] = False
+    return valid
+
+
+def local_vs_eager(q, k, v, window, key_valid=None):
+    """Output and q/k/v gradients of blocked_local_attention and of the eager reference (fp32)."""
+    length, scaling = q.shape[2], q.shape[-1] ** -0.5
+    grad_out = torch.randn(q.shape)
+    mask = build_attention_mask(length, length, window=window, key_valid=key_valid)
+    results = []
+    for impl in ("blocked", "eager"):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        if impl == "blocked":
+            out = blocked_local_attention(*leaves, window, scaling, 0.0, key_valid)
+        else:
+            out = eager_attention(*(x.float() for x in leaves), mask, scaling)
+        out.backward(grad_out.to(out.dtype))
+        results.append([out.float()] + [x.grad.float() for x in leaves])
+    return results
+
+
+@pytest.mark.parametrize(
+    "length, window",
+    [(300, 64), (256, 64), (37, 5), (20, 1), (64, 64), (50, 64)],
+    ids=["T%window!=0", "T%window==0", "small-window", "window-1", "window=T", "window>T"],
+)
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["group1", "group2"])
+@pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "key-padding"])
+@pytest.mark.parametrize("rows_per_call", [None, 10], ids=["default-calls", "many-calls"])
+def test_blocked_local_attention_equals_eager_with_gradients(
+    length, window, kv_heads, padded, rows_per_call, monkeypatch
+):
+    if rows_per_call is not None:  # several groups of blocks per sequence, with their seams
+        monkeypatch.setattr(attention_module, "_ROWS_PER_CALL", rows_per_call)
+    torch.manual_seed(length + window + kv_heads)
+    q, k, v = local_inputs(2, 4, kv_heads, length)
+    key_valid = padding_mask(2, length, window) if padded else None
+    ours, reference = local_vs_eager(q, k, v, window, key_valid)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, reference):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item()), name
+
+
+def test_blocked_local_attention_bf16_is_close_to_fp32_eager():
+    torch.manual_seed(0)
+    q, k, v = local_inputs(2, 4, 2, 300, head_dim=32, dtype=torch.bfloat16)
+    ours, reference = local_vs_eager(q, k, v, 64, padding_mask(2, 300, 64))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, reference):
+        assert (a - b).abs().max() <= 3e-2 * max(1.0, b.abs().max().item()), name
+
+
+class LargestNewTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor any operation returns."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(result):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return result
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "key-padding"])
+def test_blocked_local_attention_creates_and_saves_nothing_of_size_t_squared(padded):
+    """Forward and backward create no tensor larger than the queries, and the backward pass
+    keeps only O(T) tensors — where eager attention's scores are B·h·T·T."""
+    batch, heads, kv_heads, length, window = 1, 4, 2, 1024, 64
+    q, k, v = (x.requires_grad_() for x in local_inputs(batch, heads, kv_heads, length))
+    key_valid = padding_mask(batch, length, window) if padded else None
+    scores = batch * heads * length * length  # 4 Mi elements; q has 64 Ki
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with LargestNewTensor() as forward:
+            out = blocked_local_attention(q, k, v, window, 0.25, 0.0, key_valid)
+    assert out.grad_fn.name() == "_SlidingWindowAttentionBackward"
+    with LargestNewTensor() as backward:
+        out.backward(torch.randn(out.shape))
+    assert max(forward.largest, backward.largest) <= q.numel() < scores / 32
+    assert max(saved) <= q.numel() and sum(saved) <= 4 * q.numel()  # q, k, v, out, lse
+
+    # The same probes do see eager attention's score matrix.
+    saved.clear()
+    mask = build_attention_mask(length, length, window=window, key_valid=key_valid)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with LargestNewTensor() as eager:
+            eager_attention(q, k, v, mask, 0.25)
+    assert eager.largest >= scores and max(saved) >= scores
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_a_local_layer_keeps_no_score_matrix_for_backward(impl):
+    """The whole layer with every head local: what it saves for backward is O(T · hidden)."""
+    config = make_config(4, 2, 16, impl, num_global_heads=0, sliding_window=32)
+    attention, rope = make_pair(config)
+    length = 1024
+    x = torch.randn(1, length, config.hidden_size, requires_grad=True)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run(attention, rope, x)
+    if impl == "sdpa":
+        assert max(saved) <= x.numel()
+    else:  # the reference keeps its scores: the probe would notice
+        assert max(saved) >= length * length
+
+
+def test_local_heads_with_dropout_take_the_masked_fallback():
+    """The CPU flash kernel has no dropout: training with attention dropout falls back to
+    masked blocks, which still train; in eval mode the fused blocks are back."""
+    config = make_config(4, 2, 8, num_global_heads=0, sliding_window=16, attention_dropout=0.5)
+    attention, rope = make_pair(config)
+    x = torch.randn(2, 200, config.hidden_size, requires_grad=True)
+
+    def graph_names(tensor):  # the names of every autograd node behind `tensor`
+        seen, stack = set(), [tensor.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is not None and node not in seen:
+                seen.add(node)
+                stack.extend(next_node for next_node, _ in node.next_functions)
+        return {node.name() for node in seen}
+
+    attention.train()
+    dropped = run(attention, rope, x)
+    dropped.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert "_SlidingWindowAttentionBackward" not in graph_names(dropped)
+    attention.eval()
+    kept = run(attention, rope, x)
+    assert "_SlidingWindowAttentionBackward" in graph_names(kept)
+    assert not torch.allclose(dropped, kept)
+    assert (kept - run(attention, rope, x, impl="eager")).abs().max() <= 1e-5
 
 
 # ------------------------------------------------------------------- cached decoding ---
