@@ -26,11 +26,12 @@ tile by tile and keep only q, k, v, the output and one log-sum-exp per query row
 
 * global heads: ``F.scaled_dot_product_attention`` with its built-in causal mask;
 * local heads (:func:`blocked_local_attention`): the sequence is cut into blocks of ``window``
-  positions; each block's queries attend to their own block (causal) and to the previous block
-  (a triangle), in two fused calls whose softmaxes are merged through their log-sum-exps. The
-  cost grows like ``T · window`` instead of ``T²``, and the memory is that of full causal
-  attention — no score matrix, no padded or repeated copies of the keys. (On the CPU without
-  dropout; elsewhere a masked block-by-block fallback.)
+  positions (at most 256); each block's queries attend to their own block (causal) and to the
+  keys before it that are still in the window (a triangle), in two fused calls whose softmaxes
+  are merged through their log-sum-exps. The cost grows like ``T · window`` instead of ``T²``,
+  and what is kept for the backward pass is what full causal attention keeps — no score
+  matrix, no padded or repeated copies of the keys. (On the CPU without dropout; elsewhere a
+  masked block-by-block fallback.)
 
 The two implementations agree to float rounding (tested).
 """
@@ -48,7 +49,8 @@ from .rope import apply_rotary
 
 __all__ = ["Attention", "LayerKVCache", "build_attention_mask", "repeat_kv"]
 
-# Local heads are computed block by block only when blocks can be reasonably large.
+# The masked fallback for local heads (masked_blocked_local_attention: CUDA, dropout) uses
+# query blocks of at least this many positions, and only for sequences of over two blocks.
 _MIN_BLOCK = 64
 
 
@@ -343,49 +345,59 @@ def eager_attention(
 
 # ------------------------------------------------------------------ sliding-window heads ---
 #
-# A local head at position t sees keys t − window + 1 … t. Cut the sequence into blocks of
-# exactly `window` positions. A query in block i then sees only keys of block i (those not after
-# it: plain causal attention inside the block) and keys of block i − 1 (those less than `window`
-# positions back). Row r of block i (position i·w + r) sees, of block i − 1, the keys at offsets
-# r + 1 … w − 1 — a triangle, empty for the block's last row:
+# A local head at position t sees keys t − window + 1 … t. Cut the sequence into blocks of `b`
+# positions (b = the window, at most _BLOCK). Query row r of block i (position i·b + r) sees
 #
-#     keys:      block i − 1        block i            w = 4, query rows r = 0 … 3
+# * keys of its own block up to itself — plain causal attention inside the block: the
+#   *diagonal* piece, b queries × b keys, which the kernel's causal flag handles;
+# * keys of the blocks before it, those less than `window` positions back — the *band* piece:
+#   b queries × the `reach · b` keys before the block (reach = ⌈(window − 1) / b⌉; 1 when
+#   b = window), a triangle-shaped mask, the same for every block.
+#
+#     keys:      block i − 1        block i            b = window = 4, query rows r = 0 … 3
 #     r = 0    . ■ ■ ■            ■ . . .
 #     r = 1    . . ■ ■            ■ ■ . .
 #     r = 2    . . . ■            ■ ■ ■ .
 #     r = 3    . . . .            ■ ■ ■ ■
 #              └─ band piece ─┘   └ diagonal piece ┘
 #
-# So each block is two small attention problems — the *diagonal* piece (w queries × w keys,
-# causal) and the *band* piece (the first w − 1 queries × the last w − 1 keys of the previous
-# block, upper triangle) — whose softmaxes are merged exactly through their log-sum-exps:
+# Each piece runs in PyTorch's fused CPU flash-attention kernel
+# (`_scaled_dot_product_flash_attention_for_cpu`), which works tile by tile, never stores a
+# score matrix, and returns each row's log-sum-exp L = log Σ exp(score). The two softmaxes of a
+# row are then merged exactly:
 #
 #     L = log(e^L₁ + e^L₂),   out = e^(L₁ − L)·out₁ + e^(L₂ − L)·out₂
 #
-# (each outᵢ is already normalised by its own e^Lᵢ). Both pieces run in PyTorch's fused CPU
-# flash-attention kernel (`_scaled_dot_product_flash_attention_for_cpu`), which returns the
-# log-sum-exp L and never stores a score matrix. A piece is a strided *view* of q, k, v — no
-# padded or repeated copies — and the kernel handles GQA itself (query head h reads key/value
-# head h // group). The diagonal piece uses the kernel's causal flag; only the band needs a
-# mask, the same (w − 1) × (w − 1) triangle for every block, broadcast.
+# (each outᵢ is already normalised by its own e^Lᵢ). A piece is a strided *view* of q, k, v —
+# no padded or repeated copies — and the kernel handles GQA itself (query head h reads
+# key/value head h // group).
 #
 # Backward: the kernel's own backward recomputes p = exp(score − L) tile by tile from q, k and
 # L, and needs rowsum(grad_out · out). Handing each piece the *merged* out and L of its rows
-# gives exactly that piece's share of the gradients (its p are the entries of the full row's
+# gives exactly that piece's share of the gradients (its p are entries of the whole row's
 # softmax), so the two pieces' gradients simply add up. Autograd does not differentiate through
-# L, so the whole thing is one `torch.autograd.Function` that saves q, k, v, out and L.
+# L, so the whole thing is one `torch.autograd.Function` that saves q, k, v, out and L — what
+# full causal flash attention saves too.
 
 _flash_forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _flash_backward = getattr(
     torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None
 )
 
-# Query rows handed to the kernel per call (whole blocks, at least one). Each call returns new
-# tensors — its output, or its gradients — that are copied into place at once, so this bounds
-# the memory a call adds on top of q, k, v and their gradients (with 256 rows: under a MiB at
-# the benchmark's sizes). Bigger costs memory and gains little time.
-_ROWS_PER_CALL = 256
-_BLOCK = 64
+# Longest query block. A longer window spans several blocks of keys per band; the band mask is
+# block × reach·block floats (256 KiB for a window of 256).
+_BLOCK = 256
+# Most query rows — or, for a band, key rows — per kernel call whose results are new tensors
+# then added or copied into place (every band call; diagonal calls too where they cannot be
+# one call for the whole batch: key padding, a shorter last block). This bounds the memory a
+# call adds on top of q, k, v and their gradients. Bigger calls are fewer and faster, above all
+# on a busy machine: each call is a parallel region that waits for all its threads.
+_ROWS_PER_CALL = 512
+
+
+def _block_size(window: int) -> int:
+    """Query block length: the window, at most ``_BLOCK``."""
+    return min(window, _BLOCK)
 
 
 @dataclass(frozen=True)
@@ -404,8 +416,13 @@ class _Blocks:
         windows = rows.unfold(1, self.size, self.stride)  # (h, count, …, size)
         return windows.movedim(-1, 2).transpose(0, 1)
 
+    def positions(self, device: torch.device) -> torch.Tensor:
+        """Absolute positions ``(count, size)``."""
+        first = self.start + self.stride * torch.arange(self.count, device=device)
+        return first[:, None] + torch.arange(self.size, device=device)
+
     def split(self) -> list["_Blocks"]:
-        """The same rows as non-overlapping pieces (``size ≤ stride``), for writing into."""
+        """The same rows as pieces that do not overlap (``size ≤ stride``), to write into."""
         return [
             _Blocks(
                 self.start + offset, self.count, min(self.stride, self.size - offset), self.stride
@@ -413,81 +430,74 @@ class _Blocks:
             for offset in range(0, self.size, self.stride)
         ]
 
-    def positions(self, device: torch.device) -> torch.Tensor:
-        """Absolute positions ``(count, size)``."""
-        first = self.start + self.stride * torch.arange(self.count, device=device)
-        return first[:, None] + torch.arange(self.size, device=device)
-
 
 @dataclass(frozen=True)
 class _Piece:
-    """``count`` small attention problems of the same shape: queries × keys."""
+    """``count`` small attention problems of the same shape, one per query block."""
 
     queries: _Blocks
     keys: _Blocks
-    causal: bool  # True: the diagonal piece (queries and keys are the same rows)
+    causal: bool  # True: a diagonal piece (queries and keys are the same rows)
 
-    def chunks(self, count: int) -> list["_Piece"]:
-        """The same problems, at most ``count`` per piece."""
+    def chunks(self, rows: int) -> list["_Piece"]:
+        """The same problems, as many per piece as fit in ``rows`` key rows (at least one)."""
+        per_piece = max(1, rows // self.keys.size)
         pieces = []
-        for first in range(0, self.queries.count, count):
-            part = min(count, self.queries.count - first)
+        for first in range(0, self.queries.count, per_piece):
+            count = min(per_piece, self.queries.count - first)
             queries, keys = (
-                _Blocks(b.start + first * b.stride, part, b.size, b.stride)
+                _Blocks(b.start + first * b.stride, count, b.size, b.stride)
                 for b in (self.queries, self.keys)
             )
             pieces.append(_Piece(queries, keys, self.causal))
         return pieces
 
 
-def _pieces(length: int, window: int, block: int) -> list[tuple[_Piece, _Piece | None]]:
-    """The (diagonal, band) pieces covering ``length`` queries, in order of position.
+def _plan(length: int, window: int, block: int) -> tuple[list[_Piece], list[_Piece]]:
+    """The diagonal pieces and the band pieces covering ``length`` queries.
 
-    Query blocks of ``block`` positions. Block ``i``'s band keys are the ``reach · block``
-    positions just before it (fewer at the start of the sequence), ``reach`` the number of
-    blocks its window reaches back into. Blocks ``0 … reach − 1`` (block 0 has no band) and a
-    last, shorter block are pieces of their own; the others are grouped ``_ROWS_PER_CALL`` rows
-    at a time.
+    Diagonal: every whole block as one piece, and a last, shorter block (where ``block`` does
+    not divide ``length``) as another. Band: block 0 has none; blocks ``1 … reach − 1`` have
+    fewer keys before them (the sequence starts) and are pieces of one block each; the other
+    whole blocks are one piece; the shorter last block is its own. A band has at most
+    ``window − 1`` rows: a block's row ``window − 1`` sees nothing before its block.
     """
     reach = math.ceil((window - 1) / block)
-    full_blocks = length // block
-    per_call = max(1, _ROWS_PER_CALL // block)
-    first_full = min(reach, full_blocks)  # the first block whose band has all its keys
-    groups = [(i * block, 1, block) for i in range(first_full)]
-    groups += [
-        (start, min(per_call, full_blocks - start // block), block)
-        for start in range(first_full * block, full_blocks * block, per_call * block)
-    ]
-    if length % block:
-        groups.append((full_blocks * block, 1, length % block))
-    pieces = []
-    for start, count, size in groups:
-        rows = _Blocks(start, count, size, block)
-        band = None
-        if start > 0 and window > 1:
-            key_start = max(0, start - reach * block)
-            band = _Piece(
-                _Blocks(start, count, min(size, window - 1), block),  # row w − 1 sees no band
-                _Blocks(key_start, count, start - key_start, block),
-                causal=False,
-            )
-        pieces.append((_Piece(rows, rows, causal=True), band))
-    return pieces
+    whole, last = divmod(length, block)
+    diagonal = []
+    if whole:
+        rows = _Blocks(0, whole, block, block)
+        diagonal.append(_Piece(rows, rows, causal=True))
+    if last:
+        rows = _Blocks(whole * block, 1, last, block)
+        diagonal.append(_Piece(rows, rows, causal=True))
 
+    def band(first: int, count: int, size: int) -> _Piece:  # query blocks first … first+count−1
+        key_start = max(0, (first - reach) * block)
+        return _Piece(
+            _Blocks(first * block, count, min(size, window - 1), block),
+            _Blocks(key_start, count, first * block - key_start, block),
+            causal=False,
+        )
 
-def _block_size(window: int) -> int:
-    """Query block length: the window, or ``_BLOCK`` for longer windows."""
-    return min(window, _BLOCK)
+    bands = []
+    if reach:  # window 1: every query sees only itself
+        bands += [band(i, 1, block) for i in range(1, min(reach, whole))]
+        if whole > reach:
+            bands.append(band(reach, whole - reach, block))
+        if last and whole:
+            bands.append(band(whole, 1, last))
+    return diagonal, bands
 
 
 def _band_pattern(window: int, block: int, like: torch.Tensor) -> torch.Tensor:
-    """The additive band mask of a block whose keys all exist: ``(1, 1, rows, keys)``.
+    """The additive band mask of a block with all its keys: ``(1, 1, rows, keys)``.
 
     Row ``r`` (position ``s + r`` of a block starting at ``s``) against key ``c`` of the
     ``keys = reach · block`` positions before the block (position ``s − keys + c``): visible
-    where ``c > keys + r − window``. A block nearer the start has fewer keys before it — the
+    where ``c > keys + r − window``. A block near the start has fewer keys before it — the
     *last* columns — and a shorter last block fewer rows: both are slices of this one mask,
-    which is built once per call and broadcast over the blocks. The kernel wants a float mask of
+    which is built once per pass and broadcast over the blocks. The kernel wants a float mask of
     the query dtype: 0 = visible, −inf = hidden.
     """
     rows = min(block, window - 1)
@@ -499,14 +509,14 @@ def _band_pattern(window: int, block: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def _piece_mask(
-    piece: _Piece, window: int, key_valid: torch.Tensor | None, pattern: torch.Tensor | None
+    piece: _Piece, window: int, key_valid: torch.Tensor | None, pattern: torch.Tensor
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The additive mask of a piece, ``(1 or count, 1, q_size, k_size)``, or ``None`` where the
     kernel's causal flag says it all; and the rows that see no key ``(count, q_size)``, or
     ``None`` where there are none (only key padding can empty a band row).
 
     Without key padding: ``None`` for the diagonal, a slice of ``pattern`` (the shared band mask)
-    for the band. With key padding each piece gets its own mask from the definition — causal,
+    for a band. With key padding each piece gets its own mask from the definition — causal,
     within the window, and a padding key hidden unless it is the query itself.
     """
     if key_valid is None:
@@ -539,39 +549,96 @@ def _merge(
     torch.logaddexp(lse, other_lse, out=lse)
 
 
+def _to_blocks(x: torch.Tensor, block: int) -> torch.Tensor | None:
+    """``(B, h, T, …)`` → a view ``(B·T/block, h, block, …)`` with every batch entry's blocks
+    in a row; ``None`` where ``block`` does not divide ``T`` or no such view exists."""
+    batch, length = x.shape[0], x.shape[2]
+    if length % block:
+        return None
+    blocks = x.unflatten(2, (length // block, block)).transpose(1, 2)  # (B, nb, h, block, …)
+    if batch > 1 and blocks.stride(0) != blocks.shape[1] * blocks.stride(1):
+        return None
+    return blocks.flatten(0, 1)
+
+
+def _from_blocks(blocks: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """The inverse of :func:`_to_blocks` — a view, or ``None`` where the memory layout of
+    ``blocks`` allows none."""
+    x = blocks.unflatten(0, (batch, -1)).transpose(1, 2)  # (B, h, nb, block, …)
+    if x.shape[3] > 1 and x.stride(2) != x.shape[3] * x.stride(3):
+        return None
+    return x.flatten(2, 3)
+
+
+def _alias(view: torch.Tensor) -> torch.Tensor:
+    """A tensor of its own (not a view) over ``view``'s memory, with its shape and strides."""
+    alias = view.new_empty(0)
+    return alias.set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
+
+
+def _is_dense(x: torch.Tensor) -> bool:
+    """Whether ``x``'s elements fill its memory span without gaps (then ``empty_like`` keeps
+    its layout)."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()))
+    return span == x.numel()
+
+
 class _SlidingWindowAttention(torch.autograd.Function):
-    """Block-wise flash attention for local heads: saves only q, k, v, the output and the
-    per-row log-sum-exp ``(B, h, T)``; the backward pass recomputes each piece's scores."""
+    """Block-wise flash attention for local heads (see :func:`blocked_local_attention`).
+
+    ``forward(q (B, h, T, D), k, v (B, h_kv, T, D), window, scaling, key_valid (B, T) or None)``
+    → ``(B, h, T, D)``. Saves q, k, v, the output and the per-row log-sum-exp ``(B, h, T)``;
+    the backward pass recomputes each piece's scores.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, window, scaling, key_valid):
         batch, heads, length, head_dim = q.shape
-        # Time-major memory (B, T, h, D), like the kernel's own output: the caller's
-        # transpose(1, 2).reshape(B, T, h·D) is then free.
-        out = q.new_empty(batch, length, heads, head_dim).transpose(1, 2)
-        lse = q.new_empty(batch, length, heads, dtype=torch.float32).transpose(1, 2)
         block = _block_size(window)
-        pieces, pattern = _pieces(length, window, block), _band_pattern(window, block, q)
+        diagonal, bands = _plan(length, window, block)
+        pattern = _band_pattern(window, block, q)
+        # 1. The diagonal pieces. Without key padding and with whole blocks, one kernel call
+        # for every block of every sequence: its output, viewed back, *is* out.
+        out = lse = None
+        blocks = [_to_blocks(x, block) for x in (q, k, v)]
+        if key_valid is None and all(x is not None for x in blocks):
+            block_out, block_lse = _flash_forward(*blocks, 0.0, True, scale=scaling)
+            out, lse = _from_blocks(block_out, batch), _from_blocks(block_lse, batch)
+            if out is not None:  # the same memory, as a tensor of its own rather than a view:
+                # autograd forbids in-place changes to a custom Function's outputs that are views
+                out = _alias(out)
+        if out is None or lse is None:
+            # Time-major memory (B, T, h, D), like the kernel's own output: the caller's
+            # transpose(1, 2).reshape(B, T, h·D) is then free.
+            time_major = (length * heads * head_dim, head_dim, heads * head_dim, 1)
+            out = q.new_empty_strided((batch, heads, length, head_dim), time_major)
+            lse = q.new_empty(batch, length, heads, dtype=torch.float32).transpose(1, 2)
+            for b in range(batch):
+                valid = None if key_valid is None else key_valid[b]
+                for whole in diagonal:
+                    for piece in whole.chunks(_ROWS_PER_CALL):
+                        mask, _ = _piece_mask(piece, window, valid, pattern)
+                        rows = piece.queries
+                        piece_out, piece_lse = _flash_forward(
+                            rows.of(q[b]), rows.of(k[b]), rows.of(v[b]),
+                            0.0, mask is None, attn_mask=mask, scale=scaling,
+                        )  # fmt: skip
+                        rows.of(out[b]).copy_(piece_out)
+                        rows.of(lse[b]).copy_(piece_lse)
+        # 2. The band pieces, merged into out and lse in place.
         for b in range(batch):
             valid = None if key_valid is None else key_valid[b]
-            for diagonal, band in pieces:
-                mask, _ = _piece_mask(diagonal, window, valid, pattern)
-                block_out, block_lse = _flash_forward(
-                    diagonal.queries.of(q[b]), diagonal.keys.of(k[b]), diagonal.keys.of(v[b]),
-                    0.0, mask is None, attn_mask=mask, scale=scaling,
-                )  # fmt: skip
-                if band is not None:
-                    mask, empty = _piece_mask(band, window, valid, pattern)
+            for whole in bands:
+                for piece in whole.chunks(_ROWS_PER_CALL):
+                    mask, empty = _piece_mask(piece, window, valid, pattern)
+                    rows, keys = piece.queries, piece.keys
                     band_out, band_lse = _flash_forward(
-                        band.queries.of(q[b]), band.keys.of(k[b]), band.keys.of(v[b]),
+                        rows.of(q[b]), keys.of(k[b]), keys.of(v[b]),
                         0.0, False, attn_mask=mask, scale=scaling,
                     )  # fmt: skip
                     if empty is not None:  # the kernel reports lse 0, not −inf, for such rows
                         band_lse.masked_fill_(empty[:, None], float("-inf"))
-                    rows = band.queries.size
-                    _merge(block_out[:, :, :rows], block_lse[:, :, :rows], band_out, band_lse)
-                diagonal.queries.of(out[b]).copy_(block_out)
-                diagonal.queries.of(lse[b]).copy_(block_lse)
+                    _merge(rows.of(out[b]), rows.of(lse[b]), band_out, band_lse)
         ctx.save_for_backward(q, k, v, out, lse, key_valid)
         ctx.window, ctx.scaling = window, scaling
         return out
@@ -583,74 +650,83 @@ class _SlidingWindowAttention(torch.autograd.Function):
         window, scaling = ctx.window, ctx.scaling
         if grad_out.stride(-1) != 1:  # e.g. the expanded gradient of a .sum()
             grad_out = grad_out.contiguous()
-        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        batch = q.shape[0]
         block = _block_size(window)
-        pieces, pattern = _pieces(q.shape[2], window, block), _band_pattern(window, block, q)
-        group = q.shape[1] // k.shape[1]
-        for b in range(q.shape[0]):
+        diagonal, bands = _plan(q.shape[2], window, block)
+        pattern = _band_pattern(window, block, q)
+        # 1. The diagonal pieces write the gradients. In one call where the forward pass could:
+        # the kernel returns gradients laid out like its inputs, so — when those are dense —
+        # they, viewed back, *are* grad_q, grad_k, grad_v.
+        grads = None
+        blocks = [_to_blocks(x, block) for x in (grad_out, q, k, v, out, lse)]
+        if key_valid is None and all(x is not None and _is_dense(x) for x in blocks[1:4]):
+            if all(x is not None for x in blocks):
+                block_grads = _flash_backward(*blocks, 0.0, True, scale=scaling)
+                grads = [_from_blocks(x, batch) for x in block_grads]
+        if grads is None or any(x is None for x in grads):
+            grads = [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
+            for b in range(batch):
+                valid = None if key_valid is None else key_valid[b]
+                for whole in diagonal:
+                    for piece in whole.chunks(_ROWS_PER_CALL):
+                        _piece_backward(piece, window, valid, pattern, scaling, b, grad_out,
+                                        q, k, v, out, lse, grads)  # fmt: skip
+        # 2. The band pieces add their shares.
+        for b in range(batch):
             valid = None if key_valid is None else key_valid[b]
-            for diagonal, band in pieces:
-                # The diagonal pieces cover every row once: they write; the bands then add.
-                # A band's keys are `reach` blocks per query block, so it is cut into calls of
-                # at most _ROWS_PER_CALL key rows, like the diagonal.
-                work = [(diagonal, False)]
-                if band is not None:
-                    per_call = max(1, _ROWS_PER_CALL // band.keys.size)
-                    work += [(part, True) for part in band.chunks(per_call)]
-                for piece, accumulate in work:
-                    mask, _ = _piece_mask(piece, window, valid, pattern)
-                    # One key/value head (with its query heads) per call: the gradients a call
-                    # returns are new tensors, alive until added into place — half as big.
-                    for kv_head in range(k.shape[1]):
-                        heads = slice(kv_head * group, (kv_head + 1) * group)
-                        kv = slice(kv_head, kv_head + 1)
-                        _piece_backward(
-                            piece, mask, scaling, accumulate,
-                            *(x[b, heads] for x in (grad_out, q, out, lse, grad_q)),
-                            *(x[b, kv] for x in (k, v, grad_k, grad_v)),
-                        )  # fmt: skip
-        return grad_q, grad_k, grad_v, None, None, None
+            for whole in bands:
+                for piece in whole.chunks(_ROWS_PER_CALL):
+                    _piece_backward(piece, window, valid, pattern, scaling, b, grad_out,
+                                    q, k, v, out, lse, grads)  # fmt: skip
+        return *grads, None, None, None
 
 
 def _piece_backward(
     piece: _Piece,
-    mask: torch.Tensor | None,
+    window: int,
+    key_valid: torch.Tensor | None,
+    pattern: torch.Tensor,
     scaling: float,
-    accumulate: bool,
+    b: int,
     grad_out: torch.Tensor,
     q: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    grad_q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    grad_k: torch.Tensor,
-    grad_v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grads: list[torch.Tensor],
 ) -> None:
-    """One piece's share of the gradients, written (``accumulate=False``) or added into
-    ``grad_q, grad_k, grad_v``. Tensors of one sequence: ``(h, T, D)`` (``lse`` ``(h, T)``).
+    """Batch entry ``b``'s share of the gradients from one piece: written into ``grads``
+    (``[grad_q, grad_k, grad_v]``) by a diagonal piece, added by a band piece.
 
-    Given the *merged* out and lse of its rows, the kernel's backward yields exactly this
-    piece's share: it recomputes p = exp(score − lse) with the whole row's lse, and uses
-    rowsum(grad_out · out) of the whole row.
+    One key/value head (with its query heads) per call: the gradients a call returns are new
+    tensors, alive until they are in place — this halves them with two key/value heads.
     """
+    mask, _ = _piece_mask(piece, window, key_valid, pattern)
     rows, keys = piece.queries, piece.keys
-    dq, dk, dv = _flash_backward(
-        rows.of(grad_out), rows.of(q), keys.of(k), keys.of(v), rows.of(out), rows.of(lse),
-        0.0, mask is None, attn_mask=mask, scale=scaling,
-    )  # fmt: skip
-    if not accumulate:
-        rows.of(grad_q).copy_(dq)
-        keys.of(grad_k).copy_(dk)
-        keys.of(grad_v).copy_(dv)
-        return
-    rows.of(grad_q).add_(dq)
-    # Consecutive blocks' band keys overlap, and an in-place add must not write one element
-    # twice: add them `stride` rows at a time.
-    for part in keys.split():
-        columns = slice(part.start - keys.start, part.start - keys.start + part.size)
-        part.of(grad_k).add_(dk[:, :, columns])
-        part.of(grad_v).add_(dv[:, :, columns])
+    group = q.shape[1] // k.shape[1]
+    for kv_head in range(k.shape[1]):
+        h = slice(kv_head * group, (kv_head + 1) * group)
+        kv = slice(kv_head, kv_head + 1)
+        dq, dk, dv = _flash_backward(
+            rows.of(grad_out[b, h]), rows.of(q[b, h]), keys.of(k[b, kv]), keys.of(v[b, kv]),
+            rows.of(out[b, h]), rows.of(lse[b, h]), 0.0, mask is None,
+            attn_mask=mask, scale=scaling,
+        )  # fmt: skip
+        grad_q, grad_k, grad_v = (x[b, s] for x, s in zip(grads, (h, kv, kv)))
+        if piece.causal:
+            rows.of(grad_q).copy_(dq)
+            keys.of(grad_k).copy_(dk)
+            keys.of(grad_v).copy_(dv)
+        else:
+            rows.of(grad_q).add_(dq)
+            # Consecutive blocks' band keys overlap, and an in-place add must not write one
+            # element twice: add them `stride` rows at a time.
+            for part in keys.split():
+                columns = slice(part.start - keys.start, part.start - keys.start + part.size)
+                part.of(grad_k).add_(dk[:, :, columns])
+                part.of(grad_v).add_(dv[:, :, columns])
+        del dq, dk, dv  # before the next call's arrive
 
 
 def _flash_blocks_apply(q: torch.Tensor, dropout: float) -> bool:
@@ -667,28 +743,30 @@ def blocked_local_attention(
     dropout: float = 0.0,
     key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sliding-window causal attention: ``O(T · window)`` time, the memory of full causal
-    attention.
+    """Sliding-window causal attention in ``O(T · window)`` time, keeping for the backward pass
+    only what full causal attention keeps.
 
     ``q`` ``(B, h, T, D)``, ``k, v`` ``(B, h_kv, T, D)`` (``h`` a multiple of ``h_kv``) starting
     at position 0, ``key_valid`` ``(B, T)`` (``False`` = padding; a padding query still sees
     itself) → ``(B, h, T, D)``. Query ``t`` sees keys ``t − window + 1 … t``.
 
-    On the CPU without dropout: blocks of exactly ``window`` positions. Each block's queries
-    attend to their own block (causal) and to the previous block (a triangle) in two calls of
-    PyTorch's flash kernel, and the two softmaxes are merged through their log-sum-exps (see
-    the "sliding-window heads" comment in this module). Each call reads strided *views* of q, k, v, and for the
-    backward pass only q, k, v, the output and one log-sum-exp per row ``(B, h, T)`` are kept —
-    the scores are recomputed block by block, as FlashAttention does. That is exactly what full
-    causal flash attention keeps, so local heads need no more memory than global ones, in
-    ``T · window`` time instead of ``T²``.
+    On the CPU without dropout: blocks of ``b = min(window, 256)`` positions. Each block's
+    queries attend to their own block (causal) and, separately, to the keys before the block
+    that are still in their window (a triangle-shaped band), in PyTorch's flash kernel, and the
+    two softmaxes are merged through their log-sum-exps (see the "sliding-window heads" comment
+    in this module). The kernel reads strided *views* of q, k, v, and the backward pass keeps
+    only q, k, v, the output and one log-sum-exp per row ``(B, h, T)`` — the scores are
+    recomputed block by block, as FlashAttention does. That is what full causal flash attention
+    keeps, so local heads need no more memory than global ones, in ``T · window`` time instead
+    of ``T²``.
 
-    The simpler way, :func:`masked_blocked_local_attention` — copy each block's keys with the
-    ``window − 1`` before it, once per query head, and hand SDPA a boolean mask — needs more
-    than twice the memory of full causal attention on the CPU, where a mask sends SDPA to a
-    kernel that keeps every block's scores for the backward pass. It remains the fallback where
-    the CPU flash kernel does not apply: on CUDA, and with dropout > 0 (which the CPU flash
-    kernel does not support).
+    The simpler way, :func:`masked_blocked_local_attention` — copy each block's keys and values
+    together with the ``window − 1`` positions before it (overlapping, padded, repeated for each
+    query head of a GQA group) and hand SDPA a mask of ``T × (block + window − 1)`` — keeps those
+    copies and that mask for the backward pass: more than twice the memory of full causal
+    attention at the benchmark's sizes. It remains the fallback where the CPU flash kernel does
+    not apply: on CUDA, and with dropout > 0 (the CPU flash kernel has none; SDPA then takes its
+    math path, which also keeps every block's scores).
     """
     if _flash_blocks_apply(q, dropout):
         return _SlidingWindowAttention.apply(q, k, v, window, scaling, key_valid)
@@ -709,9 +787,9 @@ def masked_blocked_local_attention(
     The ``T`` queries are cut into blocks of ``c = max(window, 64)``. A block's queries can only
     see keys from ``window − 1`` positions before the block up to its end, so each block attends
     to ``c + window − 1`` keys instead of all ``T`` — but those key/value blocks are copies
-    (overlapping, and repeated for each query head of a GQA group), and the boolean mask sends
-    SDPA to kernels that keep every block's scores for the backward pass. ``q`` ``(B, h, T, D)``,
-    ``k, v`` ``(B, h_kv, T, D)`` starting at position 0 → ``(B, h, T, D)``.
+    (overlapping, padded, and repeated for each query head of a GQA group) and the mask covers
+    every block's ``c × (c + window − 1)`` pairs, all kept for the backward pass. ``q``
+    ``(B, h, T, D)``, ``k, v`` ``(B, h_kv, T, D)`` starting at position 0 → ``(B, h, T, D)``.
     """
     batch, heads, length, head_dim = q.shape
     block = max(window, _MIN_BLOCK)

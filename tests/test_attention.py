@@ -241,12 +241,15 @@ def local_vs_eager(q, k, v, window, key_valid=None):
 )
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["group1", "group2"])
 @pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "key-padding"])
-@pytest.mark.parametrize("rows_per_call", [None, 10], ids=["default-calls", "many-calls"])
+@pytest.mark.parametrize("small_blocks", [False, True], ids=["default-blocks", "small-blocks"])
 def test_blocked_local_attention_equals_eager_with_gradients(
-    length, window, kv_heads, padded, rows_per_call, monkeypatch
+    length, window, kv_heads, padded, small_blocks, monkeypatch
 ):
-    if rows_per_call is not None:  # several groups of blocks per sequence, with their seams
-        monkeypatch.setattr(attention_module, "_ROWS_PER_CALL", rows_per_call)
+    if small_blocks:
+        # Blocks shorter than the window (bands spanning several key blocks, overlapping from
+        # one query block to the next) and many kernel calls per sequence, with their seams.
+        monkeypatch.setattr(attention_module, "_BLOCK", 4)
+        monkeypatch.setattr(attention_module, "_ROWS_PER_CALL", 10)
     torch.manual_seed(length + window + kv_heads)
     q, k, v = local_inputs(2, 4, kv_heads, length)
     key_valid = padding_mask(2, length, window) if padded else None
@@ -264,13 +267,14 @@ def test_blocked_local_attention_bf16_is_close_to_fp32_eager():
 
 
 class LargestNewTensor(TorchDispatchMode):
-    """Records the element count of the largest tensor any operation returns."""
+    """Records the element count of the largest tensor any operation returns (a dispatch mode
+    sees every ATen operation, the fused kernels' included, forward and backward)."""
 
     largest = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
-        for tensor in torch.utils._pytree.tree_leaves(result):
+        for tensor in result if isinstance(result, (tuple, list)) else (result,):
             if isinstance(tensor, torch.Tensor):
                 self.largest = max(self.largest, tensor.numel())
         return result

@@ -122,7 +122,7 @@ def test_results_have_every_section_and_read_back(tmp_path):
     assert report.read_data(tmp_path / "RESULTS.md") == stored
     # numbers in the tables and readings come from the data: 0.4 / 0.1 = 4.0× at L = 512
     assert "at L = 512 the chunked scan is 4.0× as fast as the sequential loop" in text
-    assert "| 512 | 4.0× | — | — | 1.00 | — | — | — | — |" in text
+    assert "| 512 | 4.0× | — | — | — | 1.00 | — | — | — | — | — |" in text
     # a second render of the same data is byte-identical (deterministic layout)
     report.write_results(tmp_path / "again.md", stored)
     assert (tmp_path / "again.md").read_text() == text
