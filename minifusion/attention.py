@@ -52,6 +52,8 @@ __all__ = ["Attention", "LayerKVCache", "build_attention_mask", "repeat_kv"]
 # The masked fallback for local heads (masked_blocked_local_attention: CUDA, dropout) uses
 # query blocks of at least this many positions, and only for sequences of over two blocks.
 _MIN_BLOCK = 64
+# Sequence length from which local heads go block-wise through the CPU flash kernel.
+_BLOCKWISE_FROM = 512
 
 
 def repeat_kv(states: torch.Tensor, repeats: int) -> torch.Tensor:
@@ -298,14 +300,18 @@ class Attention(nn.Module):
             return eager_attention(q, k, v, mask(), self.scaling, dropout, self.training)
 
         no_past = query_start == key_start == 0 and query_len == key_len
-        # Local heads whose window cuts something off: block by block (blocked_local_attention).
-        # On the CPU its fused route serves every length (it never builds a T × T mask); the
-        # masked fallback (CUDA, dropout) only once there are a few blocks.
+        # Local heads whose window cuts something off: block by block (blocked_local_attention)
+        # once the sequence is long enough to repay its several kernel calls — from
+        # _BLOCKWISE_FROM positions on the CPU (it never builds a T × T mask), or once there are
+        # a few blocks. Shorter sequences take one masked SDPA call: at T = 128, window 64 (the
+        # `tiny` training shape) that is about 1.35× faster than the block route, and its
+        # T × T mask is small.
+        long_enough = query_len >= _BLOCKWISE_FROM and _flash_blocks_apply(q, dropout)
         if (
             window is not None
             and no_past
             and window < query_len
-            and (_flash_blocks_apply(q, dropout) or query_len > 2 * max(window, _MIN_BLOCK))
+            and (long_enough or query_len > 2 * max(window, _MIN_BLOCK))
         ):
             return blocked_local_attention(q, k, v, window, self.scaling, dropout, key_valid)
         # Keys always end at the newest query, so a window ≥ key_len cuts nothing off.
