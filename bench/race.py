@@ -6,8 +6,9 @@ character. A slow model takes fewer steps in the time; a fast one more. Entries 
 
 * ``hybrid`` — MiniFusion's ``tiny`` preset as shipped (``configs/tiny.yaml``, read at run time,
   so the race follows the preset);
-* ``attention`` / ``mamba`` — the same preset with every mixer attention / every mixer Mamba
-  (nothing else changes; the attention twin sets the parameter target of the others below);
+* ``attention`` / ``mamba`` — the same preset with every layer attention / every layer Mamba,
+  each followed by a dense feed-forward block (width, heads, window, Mamba settings unchanged;
+  the attention twin sets the parameter target of the others below);
 * ``llama``, ``gpt2``, ``falcon_h1``, ``mamba2`` — transformers' ``LlamaForCausalLM``,
   ``GPT2LMHeadModel``, ``FalconH1ForCausalLM`` (attention ∥ Mamba-2 in every layer) and
   ``Mamba2ForCausalLM`` with the preset's width, heads, vocabulary and tied embeddings; one
@@ -15,9 +16,9 @@ character. A slow model takes fewer steps in the time; a fast one more. Entries 
   count is the closest to the attention twin's. Without ``mamba_ssm`` / ``causal_conv1d`` the
   Mamba-2 models run transformers' PyTorch path (the table says so).
 
-The hybrid (+43 %) and the Mamba twin (+21 %) are larger than the attention twin: a Mamba mixer
-holds more parameters than an attention mixer, and a hybrid layer holds both. The table gives
-every count and its gap to the twin.
+The table gives every entry's parameter count and its gap to the attention twin (``tiny``'s
+Mamba layers run at expansion 1, so the shipped hybrid is within a few percent of its twin; other
+presets, or ``tiny-parallel``'s layers that hold both mixers, can be much larger).
 
 **Recipe** (the same for every entry; flags change it for all alike): AdamW (betas 0.9/0.99,
 weight decay 0.1 on matrices, none on norms, biases, embeddings and Mamba's ``A_log``/``D`` —
@@ -172,10 +173,14 @@ def preset_config() -> MiniFusionConfig:
 
 
 def minifusion_config(mixer: str, base: MiniFusionConfig) -> MiniFusionConfig:
-    """``base`` itself for ``"hybrid"``, else ``base`` with every mixer ``mixer``."""
+    """``base`` itself for ``"hybrid"``; else ``base`` with every layer ``mixer`` followed by a
+    dense feed-forward block — a plain transformer (or Mamba stack), whatever layer plan the
+    preset has (a preset whose Mamba layers skip the feed-forward does not make its twins
+    smaller)."""
     if mixer == "hybrid":
         return base
-    return base.replaced(mixer_types=[mixer] * base.num_hidden_layers)
+    layers = base.num_hidden_layers
+    return base.replaced(mixer_types=[mixer] * layers, ffn_types=["dense"] * layers)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -203,11 +208,24 @@ def solve_width(make: Callable[[int], nn.Module], target: int) -> int:
     return max(1, round(1 + (target - first) / (second - first)))
 
 
+def layer_plan(config: MiniFusionConfig) -> str:
+    """The layer stack in a few characters: ``"A-M-A-M, Mamba expand 1, FFN 384"`` (A attention,
+    M Mamba, A∥M a parallel hybrid layer; a layer without feed-forward block is marked ``*``)."""
+    letters = {"attention": "A", "mamba": "M", "hybrid": "A∥M"}
+    plan = "-".join(
+        letters[mixer] + ("*" if ffn == "none" else "")
+        for mixer, ffn in zip(config.mixer_types, config.ffn_types)
+    )
+    parts = [plan + (" (* no FFN)" if "none" in config.ffn_types else "")]
+    if any(m in ("mamba", "hybrid") for m in config.mixer_types):
+        parts.append(f"Mamba expand {config.mamba_expand}")
+    return ", ".join([*parts, f"FFN {config.intermediate_size}"])
+
+
 def _minifusion(mixer: str) -> Builder:
     def build(base: MiniFusionConfig, settings: RaceSettings) -> tuple[nn.Module, str]:
         config = minifusion_config(mixer, base)
-        sizes = f"{mixer} ×{config.num_hidden_layers}, FFN {config.intermediate_size}"
-        return MiniFusionForCausalLM(config), sizes
+        return MiniFusionForCausalLM(config), layer_plan(config)
 
     return build
 
@@ -314,7 +332,7 @@ MAMBA_KERNELS = ("mamba_ssm", "causal_conv1d")
 ENTRIES: dict[str, Entry] = {
     entry.name: entry
     for entry in (
-        Entry("hybrid", "MiniFusion `tiny` (attention ∥ Mamba)", _minifusion("hybrid")),
+        Entry("hybrid", "MiniFusion `tiny` as shipped (hybrid)", _minifusion("hybrid")),
         Entry("attention", "MiniFusion `tiny`, attention only", _minifusion("attention")),
         Entry("mamba", "MiniFusion `tiny`, Mamba only", _minifusion("mamba")),
         Entry("llama", "transformers LlamaForCausalLM", _sized(_llama, "FFN")),
@@ -429,9 +447,19 @@ def validation_bpc(
     )
 
 
-def run_entry(name: str, settings: RaceSettings, data: dict[str, str]) -> dict[str, Any]:
-    """Build, train and score one entry in this process; its result as JSON-able data."""
+def run_entry(
+    name: str,
+    settings: RaceSettings,
+    data: dict[str, str],
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build, train and score one entry in this process; its result as JSON-able data.
+
+    ``overrides`` change the preset's model settings first (``bench.designs`` races design
+    variants of the hybrid this way; the race itself passes none)."""
     entry, base = ENTRIES[name], preset_config()
+    if overrides:
+        base = base.replaced(**overrides)
     tokenizer = load_tokenizer(data["tokenizer"])
     if len(tokenizer) > base.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {base.vocab_size}")
@@ -464,10 +492,16 @@ def run_entry(name: str, settings: RaceSettings, data: dict[str, str]) -> dict[s
     }
 
 
-def _worker(name: str, settings: RaceSettings, data: dict[str, str], out: str | Path) -> int:
+def _worker(
+    name: str,
+    settings: RaceSettings,
+    data: dict[str, str],
+    out: str | Path,
+    overrides: dict[str, Any] | None = None,
+) -> int:
     """One entry's result — or its error: the race goes on — to ``out`` as JSON."""
     try:
-        result = run_entry(name, settings, data)
+        result = run_entry(name, settings, data, overrides)
     except Exception as error:
         traceback.print_exc()
         result = {"error": f"{type(error).__name__}: {error}"}
@@ -482,7 +516,8 @@ def _worker_main(args: argparse.Namespace) -> int:
     transformers.logging.set_verbosity_error()  # the PyTorch-path notice goes in the table
     settings = RaceSettings.from_dict(json.loads(args.settings_json))
     torch.set_num_threads(settings.threads)
-    return _worker(args.worker, settings, json.loads(args.data_json), args.out)
+    overrides = json.loads(args.overrides_json) if args.overrides_json else None
+    return _worker(args.worker, settings, json.loads(args.data_json), args.out, overrides)
 
 
 # ==============================================================================================
@@ -509,9 +544,14 @@ def prepare_race_data(
 
 
 def run_worker(
-    name: str, settings: RaceSettings, data: dict[str, str], timeout: float | None = None
+    name: str,
+    settings: RaceSettings,
+    data: dict[str, str],
+    timeout: float | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One entry in a fresh ``python -m bench.race --worker`` process; its result or error."""
+    """One entry (its preset changed by ``overrides``) in a fresh ``python -m bench.race
+    --worker`` process; its result or error."""
     timeout = 2 * settings.seconds + 900 if timeout is None else timeout
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as folder:
@@ -519,7 +559,7 @@ def run_worker(
         command = [
             sys.executable, "-m", f"{__package__ or 'bench'}.race", "--worker", name,
             "--settings-json", json.dumps(settings.to_dict()), "--data-json", json.dumps(data),
-            "--out", str(out),
+            "--out", str(out), "--overrides-json", json.dumps(overrides or {}),
         ]  # fmt: skip
         try:
             done = subprocess.run(command, cwd=ROOT, env=env, timeout=timeout, check=False)
@@ -594,7 +634,9 @@ def load_records(path: str | Path = RESULTS_FILE) -> list[dict[str, Any]]:
     return json.loads(path.read_text(encoding="utf-8"))["records"]
 
 
-def save_record(record: dict[str, Any], path: str | Path = RESULTS_FILE) -> list[dict[str, Any]]:
+def save_record(
+    record: dict[str, Any], path: str | Path = RESULTS_FILE, benchmark: str = "race"
+) -> list[dict[str, Any]]:
     """Add ``record`` to the file: it replaces the record with the same key, keeping that one's
     entries this run did not race (a ``--models`` subset updates only those). Returns them all."""
     records = load_records(path)
@@ -605,7 +647,7 @@ def save_record(record: dict[str, Any], path: str | Path = RESULTS_FILE) -> list
     records = sorted([*records, record], key=record_key)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({"benchmark": "race", "records": records}, indent=1, ensure_ascii=False)
+    text = json.dumps({"benchmark": benchmark, "records": records}, indent=1, ensure_ascii=False)
     path.write_text(text + "\n", encoding="utf-8")
     return records
 
@@ -788,7 +830,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--show", action="store_true", help="print every saved record as Markdown and exit"
     )
     parser.add_argument("--results", type=Path, default=RESULTS_FILE, help=argparse.SUPPRESS)
-    for hidden in ("--worker", "--settings-json", "--data-json", "--out"):  # run_worker's process
+    # the arguments of run_worker's process
+    for hidden in ("--worker", "--settings-json", "--data-json", "--out", "--overrides-json"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 

@@ -34,14 +34,27 @@ def race_data(tmp_path_factory):
 def test_entries_are_sized_to_the_attention_twin():
     counts = race.entry_parameters()
     base = race.preset_config()
-    mixers = {m: [m] * base.num_hidden_layers for m in ("attention", "mamba")}
+    n = base.num_hidden_layers
+    plain = {
+        m: base.replaced(mixer_types=[m] * n, ffn_types=["dense"] * n)
+        for m in ("attention", "mamba")
+    }
     twin = counts["attention"]
-    assert twin == base.replaced(mixer_types=mixers["attention"]).estimate_parameters()
+    assert twin == plain["attention"].estimate_parameters()
     for name in ("llama", "gpt2", "falcon_h1", "mamba2"):
         assert abs(counts[name] / twin - 1) <= 0.10, (name, counts[name], twin)
     # the preset as shipped and its Mamba twin keep their own sizes (larger: see the docstring)
     assert counts["hybrid"] == base.estimate_parameters()
-    assert counts["mamba"] == base.replaced(mixer_types=mixers["mamba"]).estimate_parameters()
+    assert counts["mamba"] == plain["mamba"].estimate_parameters()
+
+
+def test_twins_get_a_feed_forward_block_in_every_layer():
+    base = race.preset_config().replaced(mixer_types=["mamba", "attention", "attention", "attention"],
+                                         ffn_types=["none", "dense", "dense", "dense"])  # fmt: skip
+    for mixer in ("attention", "mamba"):
+        twin = race.minifusion_config(mixer, base)
+        assert twin.mixer_types == [mixer] * 4 and twin.ffn_types == ["dense"] * 4
+    assert race.minifusion_config("hybrid", base) is base
 
 
 def test_solve_width_picks_the_closest_count():

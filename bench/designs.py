@@ -1,0 +1,212 @@
+"""Hybrid designs side by side: which way of combining Mamba and attention wins the race?
+
+Every design is the ``tiny`` preset with a few model settings changed (:data:`DESIGNS`), trained
+and scored by :mod:`bench.race`'s loop — same recipe, same batches, same wall-clock budget, one
+fresh process each — so the table answers the question chapter 10 asks: what should a hybrid
+*layer stack* look like when time is what you pay?
+
+The designs are the ones the field uses (chapter 10 explains each):
+
+* **parallel, gated** — both branches at full width in every layer, mixed by a learned low-rank
+  gate (FusionTree's block; MiniFusion's earlier default);
+* **parallel, averaged** — both branches in every layer with normalised outputs averaged, the
+  Mamba branch at expansion 1 (Hymba's recipe of attention and SSM heads side by side);
+* **interleaved** — whole layers of one kind or the other (Jamba, Samba), in two orders;
+* **a cheaper Mamba layer** — expansion 1 (the layer then has about an attention layer's
+  parameters and time), and no feed-forward block after it (a Mamba block is a gated MLP around
+  its scan; NVIDIA's Mamba-2-Hybrid keeps its MLPs as separate layers, not after every Mamba);
+* **a control** — the last plan with attention in place of Mamba, to tell what the Mamba layers
+  bring from what removing feed-forward blocks brings.
+
+The all-attention and all-Mamba stacks are the references.
+
+    python -m bench.designs                      # every design, 240 s each (~40 min on 2 cores)
+    python -m bench.designs --designs attention interleaved-AMAM --seconds 120
+    python -m bench.designs --show               # the saved records as Markdown
+
+Results go to ``bench/results/designs.json`` (one record per seconds/lr/batch/seq-len/seed, like
+the race's), which chapter 10 reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import race
+from .race import RaceSettings
+from .timing import machine_description
+
+RESULTS_FILE = race.ROOT / "bench" / "results" / "designs.json"
+A, M = "attention", "mamba"
+D, N = "dense", "none"  # feed-forward block after the mixer, or none
+
+
+@dataclass(frozen=True)
+class Design:
+    """One way to build the ``tiny`` model: what it is, where it comes from, what changes."""
+
+    description: str
+    lineage: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+DESIGNS: dict[str, Design] = {
+    "attention": Design("every layer attention + FFN (the attention twin)", "Llama", {
+        "mixer_types": [A, A, A, A], "ffn_types": [D, D, D, D]}),
+    "mamba": Design("every layer Mamba + FFN", "Mamba", {
+        "mixer_types": [M, M, M, M], "ffn_types": [D, D, D, D], "mamba_expand": 2}),
+    "parallel-gated": Design(
+        "both branches in every layer, low-rank gate", "FusionTree",
+        {"mixer_types": ["hybrid"] * 4, "ffn_types": [D, D, D, D], "fusion_gate": "lowrank",
+         "fusion_gate_rank": 16, "mamba_expand": 2}),
+    "parallel-averaged": Design(
+        "both branches in every layer, normalised and averaged, Mamba expand 1", "Hymba",
+        {"mixer_types": ["hybrid"] * 4, "ffn_types": [D, D, D, D], "fusion_gate": "average",
+         "fusion_branch_norm": True, "mamba_expand": 1}),
+    "interleaved-MAMA": Design("layers M-A-M-A, Mamba expand 2", "Jamba / Samba", {
+        "mixer_types": [M, A, M, A], "ffn_types": [D, D, D, D], "mamba_expand": 2}),
+    "interleaved-AMAM": Design("layers A-M-A-M, Mamba expand 2", "Jamba / Samba", {
+        "mixer_types": [A, M, A, M], "ffn_types": [D, D, D, D], "mamba_expand": 2}),
+    "interleaved-AMAM-e1": Design("layers A-M-A-M, Mamba expand 1", "Jamba / Samba", {
+        "mixer_types": [A, M, A, M], "ffn_types": [D, D, D, D], "mamba_expand": 1}),
+    "interleaved-AMAM-e1-noffn": Design(
+        "layers A-M-A-M, Mamba expand 1, no FFN after Mamba", "Mamba-2-Hybrid",
+        {"mixer_types": [A, M, A, M], "ffn_types": [D, N, D, N], "mamba_expand": 1}),
+    "control-AAAA-noffn": Design(
+        "control: the same plan with attention in place of Mamba (A-A*-A-A*)", "control",
+        {"mixer_types": [A, A, A, A], "ffn_types": [D, N, D, N]}),
+}  # fmt: skip
+
+
+def design_overrides(name: str) -> dict[str, Any]:
+    """The settings ``name`` changes in the preset (checked: the config must accept them)."""
+    overrides = DESIGNS[name].overrides
+    race.preset_config().replaced(**overrides)  # raises on a bad design, before any training
+    return overrides
+
+
+def run(
+    designs: Sequence[str] = tuple(DESIGNS),
+    settings: RaceSettings | None = None,
+    *,
+    corpus: str = race.CORPUS,
+    data_dir: str | Path = race.DATA_DIR,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Race ``designs`` (each as the race's ``hybrid`` entry with its overrides); their record."""
+    settings = RaceSettings() if settings is None else settings
+    for name in designs:
+        design_overrides(name)
+    data, works = race.prepare_race_data(corpus, data_dir)
+    echo(f"[designs] {len(designs)} designs × {settings.seconds:g} s, lr {settings.lr:g}, "
+         f"batch {settings.batch_size} × {settings.seq_len}; validation: {', '.join(works)}")  # fmt: skip
+    entries = {}
+    for name in designs:
+        result = race.run_worker("hybrid", settings, data, overrides=design_overrides(name))
+        result.update(date=race._now(), design=DESIGNS[name].description,
+                      lineage=DESIGNS[name].lineage, overrides=DESIGNS[name].overrides)  # fmt: skip
+        entries[name] = result
+        echo(race.entry_line(name, result).replace("[race]", "[designs]"))
+    return {
+        "settings": settings.to_dict(),
+        "date": race._now(),
+        "machine": machine_description(torch.device("cpu")),
+        "cores": len(os.sched_getaffinity(0)),
+        "preset": race.PRESET,
+        "validation": {"works": works, "blocks": settings.eval_blocks or "all"},
+        "entries": entries,
+    }
+
+
+def save_record(record: dict[str, Any], path: str | Path = RESULTS_FILE) -> list[dict[str, Any]]:
+    """As :func:`bench.race.save_record`, in the designs' file."""
+    return race.save_record(record, path, benchmark="designs")
+
+
+def record_markdown(record: dict[str, Any], level: int = 3) -> str:
+    """One record as a table sorted by validation bpc, speeds relative to the attention twin."""
+    s, entries = record["settings"], record["entries"]
+    twin = entries.get("attention", {})
+    lines = [
+        f"{'#' * level} {s['seconds']:g} s per design · lr {s['lr']:g} · batch {s['batch_size']} "
+        f"× {s['seq_len']} · seed {s['seed']}",
+        "",
+        f"{record['date']}, {record['machine']}, {s['threads']} threads.",
+        "",
+        "| # | design | from | params | steps | tokens/s (× twin) | val bpc (vs twin) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for rank, (name, r) in enumerate(race._ranked(entries), start=1):
+        if "error" in r:
+            lines.append(f"| – | {name} | failed: {r['error'][:150]} | | | | |")
+            continue
+        speed = (
+            f" ({r['tokens_per_s'] / twin['tokens_per_s']:.2f}×)" if "tokens_per_s" in twin else ""
+        )
+        gap = f" ({r['val_bpc'] - twin['val_bpc']:+.3f})" if "val_bpc" in twin else ""
+        lines.append(
+            f"| {rank} | {name}: {r['design']} | {r['lineage']} | {r['params']:,} | {r['steps']:,} "
+            f"| {r['tokens_per_s']:,.0f}{speed} | {r['val_bpc']:.3f}{gap} |"
+        )
+    warning = race.load_warning(record)
+    return "\n".join(lines + (["", warning] if warning else []))
+
+
+def markdown(records: list[dict[str, Any]], level: int = 3) -> str:
+    if not records:
+        return "No design race saved yet: `python -m bench.designs`."
+    return "\n\n".join(record_markdown(r, level) for r in records)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.designs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Race hybrid designs (the tiny preset with a few settings changed) with "
+        "bench.race's loop: same recipe, data and wall-clock budget for each; print the table "
+        f"and save it to {RESULTS_FILE.relative_to(race.ROOT)}.",
+        epilog="designs:\n" + "\n".join(
+            f"  {n:<26} {d.description} ({d.lineage})" for n, d in DESIGNS.items()),
+    )  # fmt: skip
+    d = RaceSettings()
+    parser.add_argument("--designs", nargs="+", choices=list(DESIGNS), default=list(DESIGNS),
+                        metavar="NAME", help="designs to race (default: all)")  # fmt: skip
+    parser.add_argument("--seconds", type=float, default=d.seconds,
+                        help="training seconds per design (%(default)g)")  # fmt: skip
+    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (%(default)g)")
+    parser.add_argument(
+        "--seed", type=int, default=d.seed, help="weights and batches (%(default)s)"
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke run: {race.QUICK_SECONDS:g} s per design, not saved")  # fmt: skip
+    parser.add_argument("--no-save", action="store_true", help="do not write the results file")
+    parser.add_argument("--show", action="store_true", help="print the saved records and exit")
+    parser.add_argument("--results", type=Path, default=RESULTS_FILE, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.show:
+        print(markdown(race.load_records(args.results)))
+        return 0
+    quick = race._QUICK if args.quick else {"seconds": args.seconds}
+    settings = RaceSettings(**quick, lr=args.lr, seed=args.seed)
+    record = run(args.designs, settings)
+    print()
+    print(record_markdown(record))
+    if not (args.quick or args.no_save):
+        save_record(record, args.results)
+        print(f"\n[designs] saved to {args.results}")
+    return 0 if any("error" not in r for r in record["entries"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

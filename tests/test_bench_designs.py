@@ -1,0 +1,75 @@
+"""bench/designs.py: every design is a valid preset change, a design race applies its settings in
+the worker process, records render ranked against the attention twin. No test looks at a speed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench import designs, race
+from minifusion.config import MiniFusionConfig
+from tests.conftest import write_words_corpus
+from tests.test_bench_race import entry, record
+
+
+@pytest.mark.parametrize("name", list(designs.DESIGNS))
+def test_every_design_is_a_valid_change_of_the_preset(name):
+    overrides = designs.design_overrides(name)
+    config = race.preset_config().replaced(**overrides)
+    assert isinstance(config, MiniFusionConfig) and overrides
+    assert len(config.mixer_types) == config.num_hidden_layers
+
+
+def test_the_attention_design_is_the_race_twin():
+    base = race.preset_config()
+    attention = base.replaced(**designs.design_overrides("attention"))
+    assert attention.estimate_parameters() == race.entry_parameters(["attention"])["attention"]
+
+
+def test_a_bad_design_fails_before_any_training(monkeypatch):
+    bad = designs.Design("broken", "nobody", {"mixer_types": ["mamba"]})  # wrong layer count
+    monkeypatch.setitem(designs.DESIGNS, "broken", bad)
+    with pytest.raises(ValueError):
+        designs.run(["broken"])
+
+
+def test_a_quick_design_race_applies_each_design_in_its_worker(tmp_path):
+    corpus = str(write_words_corpus(tmp_path / "corpus") / "*.txt")
+    settings = race.RaceSettings(seconds=1.0, batch_size=2, seq_len=32, eval_blocks=2)
+    lines: list[str] = []
+    result = designs.run(["mamba", "interleaved-AMAM"], settings, corpus=corpus,
+                         data_dir=tmp_path / "data", echo=lines.append)  # fmt: skip
+    base = race.preset_config()
+    for name in ("mamba", "interleaved-AMAM"):
+        r = result["entries"][name]
+        assert "error" not in r, r
+        expected = base.replaced(**designs.DESIGNS[name].overrides).estimate_parameters()
+        assert r["params"] == expected  # the worker built the design, not the preset
+        assert r["lineage"] == designs.DESIGNS[name].lineage and math.isfinite(r["val_bpc"])
+    assert len(lines) == 3 and all(line.startswith("[designs]") for line in lines)
+
+
+def test_records_render_against_the_twin(tmp_path):
+    def design(bpc: float, speed: float, name: str) -> dict:
+        return {**entry(bpc, speed), "design": designs.DESIGNS[name].description,
+                "lineage": designs.DESIGNS[name].lineage}  # fmt: skip
+
+    entries = {"attention": design(2.30, 8000, "attention"),
+               "interleaved-AMAM": design(2.25, 6000, "interleaved-AMAM"),
+               "mamba": {"error": "RuntimeError: boom"}}  # fmt: skip
+    path = tmp_path / "designs.json"
+    saved = designs.save_record(record(240, 1e-3, entries), path)
+    assert '"benchmark": "designs"' in path.read_text() and len(saved) == 1
+    text = designs.markdown(race.load_records(path))
+    assert "| 1 | interleaved-AMAM: layers A-M-A-M, Mamba expand 2 | Jamba / Samba |" in text
+    assert "| 6,000 (0.75×) | 2.250 (-0.050) |" in text
+    assert text.index("| 2 | attention:") < text.index("| – | mamba | failed: RuntimeError: boom")
+    assert designs.markdown([]).startswith("No design race saved yet")
+
+
+def test_command_line():
+    args = designs.parse_args(["--designs", "attention", "mamba", "--seconds", "60"])
+    assert args.designs == ["attention", "mamba"] and args.seconds == 60.0
+    with pytest.raises(SystemExit):
+        designs.parse_args(["--designs", "no-such-design"])
