@@ -11,7 +11,8 @@ The designs are the ones the field uses (chapter 10 explains each):
   gate (FusionTree's block; MiniFusion's earlier default);
 * **parallel, averaged** — both branches in every layer with normalised outputs averaged, the
   Mamba branch at expansion 1 (Hymba's recipe of attention and SSM heads side by side);
-* **interleaved** — whole layers of one kind or the other (Jamba, Samba), in two orders;
+* **interleaved** — whole layers of one kind or the other (Jamba, Samba), in two orders and
+  two ratios;
 * **a cheaper Mamba layer** — expansion 1 (the layer then has about an attention layer's
   parameters and time), and no feed-forward block after it (a Mamba block is a gated MLP around
   its scan; NVIDIA's Mamba-2-Hybrid keeps its MLPs as separate layers, not after every Mamba);
@@ -20,7 +21,7 @@ The designs are the ones the field uses (chapter 10 explains each):
 
 The all-attention and all-Mamba stacks are the references.
 
-    python -m bench.designs                      # every design, 240 s each (~40 min on 2 cores)
+    python -m bench.designs                      # every design, 240 s each (~45 min on 2 cores)
     python -m bench.designs --designs attention interleaved-AMAM --seconds 120
     python -m bench.designs --show               # the saved records as Markdown
 
@@ -60,8 +61,8 @@ class Design:
 DESIGNS: dict[str, Design] = {
     "attention": Design("every layer attention + FFN (the attention twin)", "Llama", {
         "mixer_types": [A, A, A, A], "ffn_types": [D, D, D, D]}),
-    "mamba": Design("every layer Mamba + FFN", "Mamba", {
-        "mixer_types": [M, M, M, M], "ffn_types": [D, D, D, D], "mamba_expand": 2}),
+    "mamba": Design("every layer Mamba (expand 1) + FFN", "Mamba", {
+        "mixer_types": [M, M, M, M], "ffn_types": [D, D, D, D], "mamba_expand": 1}),
     "parallel-gated": Design(
         "both branches in every layer, low-rank gate", "FusionTree",
         {"mixer_types": ["hybrid"] * 4, "ffn_types": [D, D, D, D], "fusion_gate": "lowrank",
@@ -70,8 +71,6 @@ DESIGNS: dict[str, Design] = {
         "both branches in every layer, normalised and averaged, Mamba expand 1", "Hymba",
         {"mixer_types": ["hybrid"] * 4, "ffn_types": [D, D, D, D], "fusion_gate": "average",
          "fusion_branch_norm": True, "mamba_expand": 1}),
-    "interleaved-MAMA": Design("layers M-A-M-A, Mamba expand 2", "Jamba / Samba", {
-        "mixer_types": [M, A, M, A], "ffn_types": [D, D, D, D], "mamba_expand": 2}),
     "interleaved-AMAM": Design("layers A-M-A-M, Mamba expand 2", "Jamba / Samba", {
         "mixer_types": [A, M, A, M], "ffn_types": [D, D, D, D], "mamba_expand": 2}),
     "interleaved-AMAM-e1": Design("layers A-M-A-M, Mamba expand 1", "Jamba / Samba", {
@@ -79,6 +78,12 @@ DESIGNS: dict[str, Design] = {
     "interleaved-AMAM-e1-noffn": Design(
         "layers A-M-A-M, Mamba expand 1, no FFN after Mamba", "Mamba-2-Hybrid",
         {"mixer_types": [A, M, A, M], "ffn_types": [D, N, D, N], "mamba_expand": 1}),
+    "interleaved-MAMA-e1-noffn": Design(
+        "layers M-A-M-A, Mamba expand 1, no FFN after Mamba", "Mamba-2-Hybrid",
+        {"mixer_types": [M, A, M, A], "ffn_types": [N, D, N, D], "mamba_expand": 1}),
+    "interleaved-AMMM-e1-noffn": Design(
+        "1 attention : 3 Mamba (A-M-M-M), Mamba expand 1, no FFN after Mamba", "Jamba ratio",
+        {"mixer_types": [A, M, M, M], "ffn_types": [D, N, N, N], "mamba_expand": 1}),
     "control-AAAA-noffn": Design(
         "control: the same plan with attention in place of Mamba (A-A*-A-A*)", "control",
         {"mixer_types": [A, A, A, A], "ffn_types": [D, N, D, N]}),

@@ -49,11 +49,13 @@ class DecodeMeasurement:
 def full_attention_config(config: MiniFusionConfig) -> MiniFusionConfig:
     """``config`` with every layer a full-attention layer (all heads global, no window).
 
-    Same hidden size, heads, KV heads and FFNs: the transformer whose KV cache a hybrid cache is
-    compared with. (Its parameter count differs where Mamba branches and gates were.)
+    Same hidden size, heads, KV heads and FFNs, and a dense FFN where ``config`` has none (a
+    Mamba layer without one): the transformer whose KV cache a hybrid cache is compared with.
+    (Its parameter count differs where Mamba branches and gates were.)
     """
     return config.replaced(
         mixer_types=["attention"] * config.num_hidden_layers,
+        ffn_types=["dense" if ffn == "none" else ffn for ffn in config.ffn_types],
         num_global_heads=config.num_attention_heads,
         sliding_window=None,
         pruned_fusion_layers=[],
