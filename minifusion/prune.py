@@ -257,7 +257,8 @@ def export_pruned(model: nn.Module, keep: dict[int, str] | PrunePlan, tokenizer,
 
 # ---------------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
-    """``python -m minifusion.prune --run runs/tiny``: plan, check and export a pruned model.
+    """``python -m minifusion.prune --run runs/tiny-parallel``: plan, check and export a pruned
+    model.
 
     Reads the run's exported model (``<run>/model``), its validation tokens (``<run>/val.bin``)
     and block size (``<run>/config.yaml``); measures the gates, proposes and checks a plan,
@@ -290,9 +291,16 @@ def main(argv: list[str] | None = None) -> int:
                          (val_file, "point --run at a run folder of minifusion.train")):  # fmt: skip
         if not needed.exists():
             parser.error(f"{needed} does not exist: {hint}.")
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if not hybrid_fusions(model):
+        parser.error(
+            f"{model_dir} has no parallel hybrid layer (mixer_types "
+            f"{model.config.mixer_types}), so there is no gate to read and no branch to prune. "
+            "Pruning applies to models with \"hybrid\" layers: train one with --config "
+            "configs/tiny-parallel.yaml (or another preset with hybrid layers)."
+        )
     block_size = yaml.safe_load((args.run / "config.yaml").read_text())["data"]["block_size"]
     tokenizer = load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     validation = ValidationSet(val_file, block_size, tokenizer)
     blocks = min(args.blocks, len(validation))
     snapshot = collect_gate_statistics(model, validation, max_blocks=blocks)

@@ -210,6 +210,20 @@ def test_command_line_prunes_a_finished_run(prepared, tmp_path, capsys):  # noqa
     assert pruned.config.pruned_fusion_layers == [0, 1]
 
 
+def test_command_line_explains_a_model_without_hybrid_layers(tmp_path, capsys):
+    from minifusion.prune import main as prune_main
+
+    run = tmp_path / "run"
+    base = small_config("everything")
+    config = base.replaced(mixer_types=["attention", "mamba"] * (base.num_hidden_layers // 2))
+    MiniFusionForCausalLM(config).save_pretrained(run / "model")
+    (run / "val.bin").write_bytes(b"")  # never read: the model is refused first
+    with pytest.raises(SystemExit):
+        prune_main(["--run", str(run)])
+    error = capsys.readouterr().err
+    assert "no parallel hybrid layer" in error and "tiny-parallel.yaml" in error
+
+
 def test_check_plan_names_non_hybrid_layers_and_pruning_keeps_dtypes():
     model = MiniFusionForCausalLM(small_config("everything"))
     with pytest.raises(ValueError, match=r"layers \[1\], which are not hybrid layers"):
