@@ -88,6 +88,7 @@ from minifusion.training import (
 )
 
 from .decode import matched_llama_config
+from .stats import mean_and_spread, wins_in_every_seed
 from .timing import machine_description
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -732,11 +733,76 @@ def record_markdown(record: dict[str, Any], level: int = 3) -> str:
     return "\n".join(lines + (["", warning] if warning else []))
 
 
+def seed_groups(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Records that share every setting but the seed, in groups of two or more (by seed)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for record in records:
+        key = tuple(record["settings"][k] for k in RECORD_KEY if k != "seed")
+        groups.setdefault(key, []).append(record)
+    return [
+        sorted(group, key=lambda r: r["settings"]["seed"])
+        for group in groups.values()
+        if len(group) > 1
+    ]
+
+
+def across_seeds(group: list[dict[str, Any]], level: int = 3) -> str:
+    """One group of :func:`seed_groups` as a table: every entry that finished in two or more of
+    its seeds, with mean ± sample sd of its bpc and tokens/s, and in how many of the seeds both
+    ran the hybrid's bpc was lower (a gap that does not hold in every seed is not a result)."""
+    s = group[0]["settings"]
+    seeds = [r["settings"]["seed"] for r in group]
+    lines = [
+        f"{'#' * level} Across seeds {', '.join(map(str, seeds))}: {s['seconds']:g} s per entry "
+        f"· lr {s['lr']:g} · batch {s['batch_size']} × {s['seq_len']}",
+        "",
+        "| entry | seeds | val bpc, mean ± sd | tokens/s, mean ± sd | hybrid's bpc lower in |",
+        "|---|---|---|---|---|",
+    ]
+    rows = []
+    for name in ENTRIES:
+        runs = {
+            r["settings"]["seed"]: r["entries"][name]
+            for r in group
+            if "val_bpc" in r["entries"].get(name, {})
+        }
+        if len(runs) < 2:
+            continue
+        hybrid = {
+            r["settings"]["seed"]: r["entries"]["hybrid"]["val_bpc"]
+            for r in group
+            if "val_bpc" in r["entries"].get("hybrid", {})
+        }
+        shared = [seed for seed in runs if seed in hybrid]
+        if name == "hybrid" or not shared:
+            against = "–"
+        else:
+            wins, _ = wins_in_every_seed(
+                [hybrid[seed] for seed in shared],
+                [runs[seed]["val_bpc"] for seed in shared],
+                higher=False,
+            )
+            against = f"{wins} of {len(shared)}"
+        bpc = mean_and_spread([run["val_bpc"] for run in runs.values()])
+        speed = mean_and_spread([run["tokens_per_s"] for run in runs.values()])
+        rows.append(
+            (
+                bpc[0],
+                f"| {name} | {', '.join(map(str, runs))} | {bpc[0]:.3f} ± {bpc[1]:.3f} "
+                f"| {speed[0]:,.0f} ± {speed[1]:,.0f} | {against} |",
+            )
+        )
+    return "\n".join(lines + [row for _, row in sorted(rows)])
+
+
 def markdown(records: list[dict[str, Any]], level: int = 3) -> str:
-    """Every record, one table each (the RESULTS.md section of ``make bench``)."""
+    """Every record, one table each, then every group of seeds summarised (the RESULTS.md section
+    of ``make bench``)."""
     if not records:
         return "No race saved yet: `python -m bench.race`."
-    return "\n\n".join(record_markdown(r, level) for r in records)
+    sections = [record_markdown(r, level) for r in records]
+    sections += [across_seeds(group, level) for group in seed_groups(records)]
+    return "\n\n".join(sections)
 
 
 def report_data(

@@ -11,7 +11,7 @@ built by :func:`minifusion.tasks.four_models` with the same width, depth and par
 
 Chapter 16 (``notebooks/16_why_hybrid.ipynb``) shows the saved results next to a smaller live run.
 
-    python -m bench.why_hybrid            # the full run: a few minutes on one CPU thread
+    python -m bench.why_hybrid            # the full run, 3 seeds: about 11 minutes on one thread
     python -m bench.why_hybrid --quick    # a smoke run of a few seconds (not saved)
 """
 
@@ -37,11 +37,13 @@ from minifusion.tasks import (
     check_equal_parameters,
     compare_lm,
     compare_on_task,
+    default_mamba_shape,
     four_models,
 )
 from minifusion.tokenizer import load_tokenizer
 from minifusion.training import ValidationSet
 
+from .stats import mean_and_spread, wins_in_every_seed
 from .timing import machine_description
 
 RESULTS_FILE = Path(__file__).resolve().parent / "results" / "why_hybrid.json"
@@ -59,6 +61,7 @@ class Settings:
     task_budget: TaskBudget
     lm_vocab_size: int
     lm_budget: LMBudget
+    seeds: tuple[int, ...] = (0,)  # every experiment is repeated with each seed (weights, data)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)  # the task and budget dataclasses become dicts too
@@ -74,6 +77,7 @@ FULL = Settings(
     lm_budget=LMBudget(
         seconds=10.0, batch_size=16, block_size=64, lr=1e-2, evals=5, eval_blocks=32
     ),
+    seeds=(0, 1, 2),
 )
 
 QUICK = Settings(
@@ -84,6 +88,7 @@ QUICK = Settings(
     task_budget=TaskBudget(steps=3, batch_size=4, lr=1e-2, warmup_steps=1, eval_batches=1),
     lm_vocab_size=300,
     lm_budget=LMBudget(seconds=0.2, batch_size=2, block_size=16, evals=1, eval_blocks=2),
+    seeds=(0, 1),
 )
 
 
@@ -115,9 +120,9 @@ def _models(vocab_size: int, settings: Settings, max_len: int) -> dict:
     )
 
 
-def _run_task(task, settings: Settings) -> dict:
+def _run_task(task, settings: Settings, seed: int) -> dict:
     configs = _models(task.vocab_size, settings, max_len=task.seq_len)
-    runs = compare_on_task(configs, task, settings.task_budget)
+    runs = compare_on_task(configs, task, dataclasses.replace(settings.task_budget, seed=seed))
     out = {"task": task.name, "seq_len": task.seq_len, "models": _model_table(configs), "runs": {}}
     for name, run in runs.items():
         record = run.to_dict()
@@ -147,24 +152,35 @@ def _lm_corpus(settings: Settings, folder: Path, quick: bool):
     )
 
 
-def _run_lm(settings: Settings, quick: bool) -> dict:
+def _run_lm(settings: Settings, quick: bool) -> list[dict]:
+    """The language-model race once per seed (one corpus and tokenizer for all of them)."""
     with tempfile.TemporaryDirectory() as folder:
         data = _lm_corpus(settings, Path(folder), quick)
         tokenizer = load_tokenizer(data.tokenizer_dir)
-        budget = settings.lm_budget
-        validation = ValidationSet(data.val_file, budget.block_size, tokenizer)
-        configs = _models(len(tokenizer), settings, max_len=budget.block_size)
-        runs = compare_lm(configs, data.train_file, validation, budget)
-    return {
-        "corpus": "tiny local text" if quick else "shakespeare",
-        "vocab_size": len(tokenizer),
-        "models": _model_table(configs),
-        "runs": {name: run.to_dict() for name, run in runs.items()},
-    }
+        block_size = settings.lm_budget.block_size
+        validation = ValidationSet(data.val_file, block_size, tokenizer)
+        configs = _models(len(tokenizer), settings, max_len=block_size)
+        results = []
+        for seed in settings.seeds:
+            budget = dataclasses.replace(settings.lm_budget, seed=seed)
+            runs = compare_lm(configs, data.train_file, validation, budget)
+            results.append(
+                {
+                    "corpus": "tiny local text" if quick else "shakespeare",
+                    "vocab_size": len(tokenizer),
+                    "models": _model_table(configs),
+                    "runs": {name: run.to_dict() for name, run in runs.items()},
+                }
+            )
+    return results
 
 
 def run(quick: bool = False) -> dict:
     """Run the benchmark (``quick``: tiny sizes, seconds) and return JSON-serialisable results.
+
+    Every experiment runs once per seed of the settings. ``tasks`` and ``lm`` hold the first
+    seed's runs in full (with their curves); ``more_seeds`` the others' (``{"seed", "tasks",
+    "lm"}`` each); :func:`scores_by_seed` gathers the final scores of all of them.
 
     The models are tiny, so each step is a few dozen small kernels: one thread runs them about as
     fast as two, and a second thread competing with other work on the machine slows every step
@@ -175,6 +191,14 @@ def run(quick: bool = False) -> dict:
     torch.set_num_threads(1)
     started = time.perf_counter()
     try:
+        tasks = [
+            {
+                "recall": _run_task(settings.recall, settings, seed),
+                "copying": _run_task(settings.copying, settings, seed),
+            }
+            for seed in settings.seeds
+        ]
+        lm = _run_lm(settings, quick)
         results = {
             "benchmark": "why_hybrid",
             "quick": quick,
@@ -182,16 +206,76 @@ def run(quick: bool = False) -> dict:
             "threads": torch.get_num_threads(),
             "date": datetime.date.today().isoformat(),
             "settings": settings.to_dict(),
-            "tasks": {
-                "recall": _run_task(settings.recall, settings),
-                "copying": _run_task(settings.copying, settings),
-            },
-            "lm": _run_lm(settings, quick),
+            "mamba_shape": default_mamba_shape(),  # what four_models gave every Mamba mixer
+            "tasks": tasks[0],
+            "lm": lm[0],
+            "more_seeds": [
+                {"seed": seed, "tasks": t, "lm": m}
+                for seed, t, m in zip(settings.seeds[1:], tasks[1:], lm[1:])
+            ],
         }
     finally:
         torch.set_num_threads(threads)
     results["seconds"] = time.perf_counter() - started
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores over seeds, and the verdict they support
+# ----------------------------------------------------------------------------------------------
+#: (key, label, higher is better) of the final scores compared across seeds.
+METRICS = (
+    ("recall", "associative recall: accuracy", True),
+    ("copying", "selective copying: accuracy", True),
+    ("lm", "language model: val bpc", False),
+)
+
+
+def scores_by_seed(results: dict) -> dict[str, dict[str, list[float]]]:
+    """``{metric key: {model: [final score of each seed]}}`` (accuracy, or bpc for ``"lm"``).
+
+    Results saved before seeds existed hold one seed: every list then has one value.
+    """
+    records = [(results["tasks"], results["lm"])]
+    records += [(more["tasks"], more["lm"]) for more in results.get("more_seeds", [])]
+    scores: dict[str, dict[str, list[float]]] = {key: {} for key, _, _ in METRICS}
+    for tasks, lm in records:
+        for key in ("recall", "copying"):
+            for name, run in tasks[key]["runs"].items():
+                scores[key].setdefault(name, []).append(run["accuracy"])
+        for name, run in lm["runs"].items():
+            scores["lm"].setdefault(name, []).append(run["final_bpc"])
+    return scores
+
+
+def verdict(results: dict) -> list[str]:
+    """One sentence per metric: the best model on average, and which others it beats in *every*
+    seed (a gap smaller than the seed-to-seed spread does not count as a win)."""
+    sentences = []
+    for key, label, higher in METRICS:
+        scores = scores_by_seed(results)[key]
+        means = {name: mean_and_spread(values)[0] for name, values in scores.items()}
+        best = (max if higher else min)(means, key=means.get)
+        mean, spread = mean_and_spread(scores[best])
+        seeds = len(scores[best])
+        always, not_always = [], []
+        for other, values in scores.items():
+            if other == best:
+                continue
+            wins, always_ahead = wins_in_every_seed(scores[best], values, higher)
+            if always_ahead:
+                always.append(other)
+            else:
+                not_always.append(f"{other} (ahead in {wins} of {seeds})")
+        sentence = (
+            f"{label} — {best} best on average ({mean:.3f} ± {spread:.3f}, {seeds} "
+            f"seed{'s' if seeds != 1 else ''}); ahead in every seed of: "
+            f"{', '.join(always) if always else 'none'}"
+        )
+        if not_always:
+            sentence += f"; not in every seed of: {', '.join(not_always)}"
+        sentences.append(sentence + ".")
+    return sentences
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,6 +326,12 @@ def markdown(results: dict) -> str:
         _row(bpc_label, [f"{lm_runs[n]['final_bpc']:.3f}" for n in names]),
         _row("language model: steps in that time", [f"{lm_runs[n]['steps']:,}" for n in names]),
     ]
+    by_seed = scores_by_seed(results)
+    seeds = len(by_seed["lm"][names[0]])
+    if seeds > 1:  # the rows above are the first seed's; these summarise all of them
+        for key, label, _ in METRICS:
+            cells = ["{:.3f} ± {:.3f}".format(*mean_and_spread(by_seed[key][n])) for n in names]
+            lines.append(_row(f"{label}, mean ± sd of {seeds} seeds", cells))
     recall = {n: tasks["recall"]["runs"][n]["accuracy"] for n in names}
     copying = {n: tasks["copying"]["runs"][n]["accuracy"] for n in names}
     bpc = {n: lm_runs[n]["final_bpc"] for n in names}
@@ -253,9 +343,12 @@ def markdown(results: dict) -> str:
         f"{lm_budget['seconds']:g} s of training each (evaluations excluded), batches of "
         f"{lm_budget['batch_size']} × {lm_budget['block_size']} tokens. "
         f"Highest recall accuracy: {_best(recall)}; highest copying accuracy: {_best(copying)}; "
-        f"lowest bpc at equal time: {_best(bpc, higher=False)}.",
+        f"lowest bpc at equal time: {_best(bpc, higher=False)}"
+        + (" (first seed)." if seeds > 1 else "."),
         "",
     ]
+    if seeds > 1:
+        lines += [f"- {sentence}" for sentence in verdict(results)] + [""]
     return "\n".join(lines)
 
 

@@ -269,6 +269,20 @@ def interleaved_mixers(num_layers: int, attention_every: int = 2) -> list[str]:
     return ["attention" if (i + 1) % attention_every == 0 else "mamba" for i in range(num_layers)]
 
 
+#: The Mamba settings :func:`four_models` copies from the shipped default preset.
+MAMBA_SHAPE_KEYS = ("mamba_expand", "mamba_d_state", "mamba_d_conv")
+
+
+def default_mamba_shape(preset: str = "tiny") -> dict[str, int]:
+    """The Mamba expansion, state size and convolution width of ``preset`` (the default, ``tiny``).
+
+    :func:`four_models` builds its Mamba mixers this way, so the comparison is about the Mamba
+    the package ships (``tiny`` runs it at expansion 1), not a wider one it does not use.
+    """
+    config = MiniFusionConfig.from_preset(preset)
+    return {key: getattr(config, key) for key in MAMBA_SHAPE_KEYS}
+
+
 def _mixer_patterns(num_layers: int, attention_every: int) -> dict[str, list[str]]:
     return {
         "attention": ["attention"] * num_layers,
@@ -301,8 +315,9 @@ def four_models(
     solved so that its total parameter count equals ``target_parameters`` (rounded to a whole
     feed-forward channel, i.e. within ``3 · hidden_size · num_layers / 2`` parameters). By default
     the target is the hybrid with ``intermediate_size = hidden_size``. The fusion gate's rank is
-    ``hidden_size // 4`` (the preset default of 96 would exceed these small widths). ``overrides``
-    go to every config (e.g. ``mamba_d_state``, ``fusion_gate_rank``).
+    ``hidden_size // 4`` (the preset default of 96 would exceed these small widths); the Mamba
+    mixers take the default preset's shape (:func:`default_mamba_shape`). ``overrides`` go to
+    every config (e.g. ``mamba_expand=2``, ``fusion_gate_rank``).
     """
     settings = dict(
         vocab_size=vocab_size,
@@ -311,6 +326,7 @@ def four_models(
         num_attention_heads=num_heads,
         max_position_embeddings=max_len,
         fusion_gate_rank=max(hidden_size // 4, 1),
+        **default_mamba_shape(),
     )
     settings.update(overrides)
     patterns = _mixer_patterns(num_layers, attention_every)

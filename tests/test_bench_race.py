@@ -188,6 +188,32 @@ def test_records_are_kept_per_setting_and_rendered(tmp_path):
     assert "Warning" not in text  # no load recorded, no warning
 
 
+def test_seeds_of_one_setting_are_summarised_together():
+    def seeded(seed, entries):
+        r = record(240, 1e-3, entries)
+        r["settings"]["seed"] = seed
+        return r
+
+    records = [
+        seeded(0, {"hybrid": entry(2.0, 8000), "mamba": entry(2.1, 7000), "attention": entry(2.2, 7500)}),
+        seeded(1, {"hybrid": entry(2.2, 8200), "mamba": entry(2.1, 7100), "attention": entry(2.3, 7400)}),
+        seeded(2, {"hybrid": entry(2.0, 7800), "mamba": entry(2.05, 6900)}),
+        record(120, 1e-3, {"hybrid": entry(2.5, 8000)}),  # another setting, one seed: no summary
+    ]  # fmt: skip
+    groups = race.seed_groups(records)
+    assert [[r["settings"]["seed"] for r in g] for g in groups] == [[0, 1, 2]]
+    text = race.across_seeds(groups[0])
+    assert text.startswith("### Across seeds 0, 1, 2: 240 s per entry · lr 0.001 · batch 16 × 128")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "entry" not in line]
+    # sorted by mean bpc: hybrid 2.067, mamba 2.083, attention 2.250 (sd of 2.0, 2.2, 2.0 = 0.115)
+    assert [row.split("|")[1].strip() for row in rows] == ["hybrid", "mamba", "attention"]
+    assert rows[0] == "| hybrid | 0, 1, 2 | 2.067 ± 0.115 | 8,000 ± 200 | – |"
+    assert rows[1].endswith("| 2 of 3 |")  # hybrid lower in seeds 0 and 2, higher in seed 1
+    assert rows[2].startswith("| attention | 0, 1 |") and rows[2].endswith("| 2 of 2 |")
+    assert "Across seeds" in race.markdown(records)
+    assert race.seed_groups(records[3:]) == []
+
+
 def test_a_busy_cpu_is_flagged():
     quiet = {**record(240, 1e-3, {"attention": {**entry(2.0, 1e4), "load_average": 2.2}}),
              "cores": 2}  # fmt: skip

@@ -264,3 +264,45 @@ def test_bench_section_names_every_model_and_the_best_ones():
     assert "Highest recall accuracy: attention (0.900)" in text
     assert "highest copying accuracy: mamba, hybrid (1.000)" in text  # ties are named together
     assert "lowest bpc at equal time: mamba, hybrid (2.000)" in text
+
+
+def test_verdict_counts_a_gap_only_where_it_holds_in_every_seed():
+    from bench.why_hybrid import mean_and_spread, scores_by_seed, verdict
+
+    def seed_result(recall, copying, bpc):
+        def task(accuracies):
+            return {"runs": {m: {"accuracy": a} for m, a in zip(MODEL_NAMES, accuracies)}}
+
+        lm = {"runs": {m: {"final_bpc": b} for m, b in zip(MODEL_NAMES, bpc)}}
+        return {"recall": task(recall), "copying": task(copying)}, lm
+
+    # MODEL_NAMES order: attention, mamba, interleaved, hybrid
+    seeds = [
+        seed_result([0.9, 0.2, 0.8, 0.5], [0.5, 0.5, 1.0, 0.9], [2.0, 2.2, 2.1, 2.3]),
+        seed_result([0.7, 0.3, 0.8, 0.6], [0.6, 0.4, 1.0, 0.9], [2.1, 2.0, 2.2, 2.3]),
+        seed_result([0.8, 0.1, 0.9, 0.7], [0.4, 0.6, 1.0, 1.0], [2.0, 2.3, 2.1, 2.4]),
+    ]
+    (tasks, lm), *more = seeds
+    results = {
+        "tasks": tasks,
+        "lm": lm,
+        "more_seeds": [{"seed": s, "tasks": t, "lm": m} for s, (t, m) in enumerate(more, 1)],
+    }
+    scores = scores_by_seed(results)
+    assert scores["recall"]["interleaved"] == [0.8, 0.8, 0.9]
+    assert scores["lm"]["mamba"] == [2.2, 2.0, 2.3]
+    mean, spread = mean_and_spread([0.8, 0.8, 0.9])
+    assert mean == pytest.approx(2.5 / 3) and spread == pytest.approx((0.01 / 3) ** 0.5)
+    assert mean_and_spread([1.5]) == (1.5, 0.0)
+    recall, copying, bpc = verdict(results)
+    # recall means: attention 0.800, interleaved 0.833; interleaved is behind attention in seed 0
+    assert recall.startswith("associative recall: accuracy — interleaved best on average (0.833")
+    assert "ahead in every seed of: mamba, hybrid;" in recall
+    assert "not in every seed of: attention (ahead in 2 of 3)." in recall
+    # copying: interleaved 1.0 in every seed; hybrid ties it in seed 2 (a tie is not a win)
+    assert "ahead in every seed of: attention, mamba;" in copying
+    assert "hybrid (ahead in 2 of 3)" in copying
+    # bpc (lower is better): attention best on average, but mamba beats it in seed 1
+    assert bpc.startswith("language model: val bpc — attention best on average (2.033")
+    assert "ahead in every seed of: interleaved, hybrid;" in bpc
+    assert "mamba (ahead in 2 of 3)" in bpc
