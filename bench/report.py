@@ -3,6 +3,7 @@
     python -m bench                        # every benchmark on the default device (CUDA if any)
     python -m bench --only training decode # some of them; the others keep their stored numbers
     python -m bench --readme-only          # regenerate the README section from RESULTS.md
+    python -m bench --saved race why_hybrid  # those two sections from their saved JSON files
 
 Every table in RESULTS.md has a CPU and a GPU column group. The numbers behind the tables are kept
 at the end of RESULTS.md as JSON inside an HTML comment (invisible when the file is rendered);
@@ -95,22 +96,55 @@ def run_decode(device: torch.device, **kwargs: Any) -> Data:
     return decode.run(device=device, **kwargs).to_dict()
 
 
-def run_why_hybrid(device: torch.device, quick: bool = False) -> Data | None:
-    """The other experiments' section, or ``None`` where ``bench/why_hybrid.py`` is absent."""
+def _saved_json(path: Path, command: str) -> dict[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist, so its section cannot be rebuilt from saved results: run "
+            f"`{command}` first (or leave out --saved to run it now)."
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def run_why_hybrid(device: torch.device, quick: bool = False, saved: bool = False) -> Data | None:
+    """The other experiments' section, or ``None`` where ``bench/why_hybrid.py`` is absent.
+
+    ``saved``: from the results ``python -m bench.why_hybrid`` saved, instead of a new run.
+    """
     module = why_hybrid_module()
     if module is None:
         return None
+    if saved:
+        results = _saved_json(module.RESULTS_FILE, "python -m bench.why_hybrid")
+        return {
+            "markdown": module.markdown(results).strip(),
+            "date": results["date"],
+            "elapsed_s": results["seconds"],
+        }
     return {"markdown": module.markdown(module.run(quick=quick)).strip()}
 
 
-def run_race(device: torch.device, **kwargs: Any) -> Data | None:
+def run_race(device: torch.device, saved: bool = False, **kwargs: Any) -> Data | None:
     """The equal-time race (``bench.race.report_data``): saved, then every saved record.
 
-    It measures CPU training (``torch.set_num_threads``), so a run on another device skips it.
+    ``saved``: every record already in ``bench/results/race.json``, without a new race. It
+    measures CPU training (``torch.set_num_threads``), so a run on another device skips it.
     """
     if device.type != "cpu":
         return None
+    if saved:
+        records = _saved_json(race.RESULTS_FILE, "python -m bench.race")["records"]
+        return {
+            "records": records,
+            "date": max(r["date"] for r in records),
+            "elapsed_s": sum(
+                e.get("train_seconds", 0.0) for r in records for e in r["entries"].values()
+            ),
+        }
     return race.report_data(**kwargs)
+
+
+#: Benchmarks whose section can be rebuilt from the results they saved (``--saved``).
+SAVED_RESULTS = ("why_hybrid", "race")
 
 
 def why_hybrid_present() -> bool:
@@ -203,8 +237,8 @@ def run_benchmarks(
         if data is None:
             print(f"[bench] {name}: not available, skipped")
             continue
-        data["elapsed_s"] = time.perf_counter() - started
-        data["date"] = _now()
+        data.setdefault("elapsed_s", time.perf_counter() - started)  # saved results keep theirs
+        data.setdefault("date", _now())
         results[name] = data
         for section in SECTIONS_BY_BENCHMARK[name]:
             print(section.detail(data) if section.detail else data.get("markdown", ""))
@@ -773,7 +807,7 @@ def headline_rows(stored: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
     headlines = list(HEADLINES)
     for preset in _training_presets(stored):
         headlines.insert(
-            len(headlines) - 2,  # before decode and cache
+            len(headlines) - 3,  # before decode, cache and race
             (f"Training `{preset}`: tokens/s (MFU vs the measured matmul peak)", "training",
              lambda d, p=preset: _headline_training(d, p)),
         )  # fmt: skip
@@ -834,6 +868,18 @@ def _headline_cache(data: Data) -> str | None:
     return f"{by_model['hybrid'] / by_model['llama']:.2f}× ({n} tokens)"
 
 
+def _headline_race(data: Data) -> str | None:
+    """The default-settings race: the hybrid's bpc against the best other entry's."""
+    default = race.record_key({"settings": _RACE.to_dict()})
+    record = next((r for r in data["records"] if race.record_key(r) == default), None)
+    finished = {n: r for n, r in (record or {}).get("entries", {}).items() if "val_bpc" in r}
+    if "hybrid" not in finished or len(finished) < 2:
+        return None
+    rival = min((n for n in finished if n != "hybrid"), key=lambda n: finished[n]["val_bpc"])
+    return f"{finished['hybrid']['val_bpc']:.3f} vs {finished[rival]['val_bpc']:.3f} ({rival})"
+
+
+_RACE = race.RaceSettings()  # the race's default settings, the record the headline reads
 # (what, benchmark, cell from that benchmark's data); training rows are added per preset.
 HEADLINES: tuple[tuple[str, str, Callable[[Data], str | None]], ...] = (
     ("Selective scan: fastest CPU scan vs sequential loop, speed-up at the longest L", "scan",
@@ -848,6 +894,8 @@ HEADLINES: tuple[tuple[str, str, Callable[[Data], str | None]], ...] = (
      _headline_decode),
     ("Cache: hybrid vs transformers Llama, bytes at the longest context", "decode",
      _headline_cache),
+    (f"Race ({_RACE.seconds:g} s, lr {_RACE.lr:g}, seed {_RACE.seed}): hybrid's val bpc vs the "
+     "best other entry", "race", _headline_race),
 )  # fmt: skip
 
 
@@ -910,14 +958,25 @@ def resolve_device(name: str) -> torch.device:
 
 
 def run_and_write(
-    device_name: str, only: list[str] | None, results_path: str | Path, *, isolate: bool = True
+    device_name: str,
+    only: list[str] | None,
+    results_path: str | Path,
+    *,
+    isolate: bool = True,
+    saved: Iterable[str] = (),
 ) -> list[str]:
-    """Run the benchmarks, merge them into ``results_path``; returns the names that failed."""
+    """Run the benchmarks, merge them into ``results_path``; returns the names that failed.
+
+    ``saved``: names from :data:`SAVED_RESULTS` whose sections come from their saved results.
+    """
     device = resolve_device(device_name)
     key = device_key(device)  # refuses a device without a column group before any work
     previous = read_data(results_path)  # and a broken results file, too
+    sizes = default_sizes(device)
+    for name in saved:
+        sizes[name] = {**sizes.get(name, {}), "saved": True}
     started = time.perf_counter()
-    results, failed = run_benchmarks(only or list(RUNNERS), device, isolate=isolate)
+    results, failed = run_benchmarks(only or list(RUNNERS), device, sizes, isolate=isolate)
     seconds = time.perf_counter() - started
     stored = merge(
         previous, key, results, machine=machine_description(device), seconds=seconds, date=_now()
@@ -933,6 +992,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     parser.add_argument("--only", nargs="+", choices=list(RUNNERS), help="run only these")
+    parser.add_argument(
+        "--saved",
+        nargs="+",
+        default=[],
+        choices=SAVED_RESULTS,
+        help="rebuild these sections from their saved results (bench/results/race.json, "
+        "why_hybrid.json) instead of running them again (the race takes about 35 minutes)",
+    )
     parser.add_argument("--results", default=str(RESULTS_PATH))
     parser.add_argument("--readme", default=str(README_PATH))
     parser.add_argument("--no-readme", action="store_true", help="leave the README alone")
@@ -947,7 +1014,9 @@ def main(argv: list[str] | None = None) -> int:
         return _child(args.child, args.device, args.child_kwargs, args.child_out)
     failed = []
     if not args.readme_only:
-        failed = run_and_write(args.device, args.only, args.results, isolate=not args.in_process)
+        failed = run_and_write(
+            args.device, args.only, args.results, isolate=not args.in_process, saved=args.saved
+        )
     if not args.no_readme:
         changed = update_readme(args.readme, args.results)
         print(f"[bench] README results section {'updated' if changed else 'unchanged'}")

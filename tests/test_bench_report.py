@@ -179,6 +179,8 @@ def test_readme_region_only_and_idempotent(tmp_path):
         "| MoE: grouped dispatch vs dense SwiGLU (same active parameters), time | 1.50× | — |"
         in text
     )
+    # the race's default record: the hybrid (2.25) against the best other entry (attention, 2.5)
+    assert "hybrid's val bpc vs the best other entry | 2.250 vs 2.500 (attention) | — |" in text
     assert report.update_readme(readme, tmp_path / "RESULTS.md") is False
     assert readme.read_text() == text
     readme.write_text("# no markers\n")
@@ -255,3 +257,23 @@ def test_cuda_run_fills_the_gpu_columns(tmp_path, monkeypatch):
     assert report.main(["--device", "cuda", "--results", str(results), "--no-readme"]) == 0
     stored = report.read_data(results)
     assert stored["cpu"]["machine"] == "cpu machine" and "training" in stored["gpu"]["benchmarks"]
+
+
+def test_saved_sections_come_from_their_files_without_a_new_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(race, "RESULTS_FILE", tmp_path / "race.json")
+    with pytest.raises(FileNotFoundError, match="run `python -m bench.race` first"):
+        report.run_race(torch.device("cpu"), saved=True)
+    entries = {"attention": {"val_bpc": 2.0, "train_seconds": 240.0}}
+    settings = race.RaceSettings().to_dict()
+    race.save_record({"settings": settings, "date": "2000-01-02 03:04 UTC", "entries": entries},
+                     tmp_path / "race.json")  # fmt: skip
+    monkeypatch.setattr(race, "report_data", lambda **kwargs: pytest.fail("the race ran again"))
+    data = report.run_race(torch.device("cpu"), saved=True)
+    assert data["records"][0]["entries"] == entries
+    assert data["date"] == "2000-01-02 03:04 UTC" and data["elapsed_s"] == 240.0
+    # run_benchmarks keeps the saved date and duration instead of stamping its own
+    results, failed = report.run_benchmarks(
+        ["race"], torch.device("cpu"), {"race": {"saved": True}}, report.RUNNERS
+    )
+    assert failed == [] and results["race"]["date"] == "2000-01-02 03:04 UTC"
+    assert report.run_race(torch.device("cuda"), saved=True) is None  # a CPU-only race
