@@ -349,14 +349,25 @@ class MiniFusionForCausalLM(MiniFusionPreTrainedModel, GenerationMixin):
         output_hidden_states: bool = False,
         logits_to_keep: int = 0,
         past_key_values: HybridCache | None = None,
+        use_cache: bool | None = None,
         **kwargs,
     ) -> MiniFusionCausalLMOutput:
-        """``cache``: a :class:`HybridCache` (``past_key_values=`` works too)."""
+        """``cache``: a :class:`HybridCache` (``past_key_values=`` works too).
+
+        ``use_cache=True`` without a cache starts a new one and returns it, so the loop every
+        transformers user writes (``out = model(ids, use_cache=True)``, then
+        ``model(next_id, past_key_values=out.past_key_values)``) continues from the prompt
+        instead of silently starting over. Without ``use_cache`` no cache is made (training).
+        """
+        cache = cache_argument(cache, past_key_values)
+        if use_cache and cache is None:
+            batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+            cache = HybridCache(self.model, batch_size=batch)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache_argument(cache, past_key_values),
+            cache=cache,
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
         )

@@ -153,3 +153,25 @@ def test_output_cache_is_readable_under_both_names():
     with pytest.raises(ValueError, match="Pass the cache once"):
         model(torch.randint(1, 61, (1, 1)), cache=cache,
               past_key_values=HybridCache(model.model, batch_size=1))  # fmt: skip
+
+
+@pytest.mark.parametrize("pattern", ["everything", "llama", "mamba", "jamba"])
+def test_a_hand_written_decoding_loop_equals_generate(pattern):
+    """The loop transformers users write: ``use_cache=True`` on the prompt returns a fresh cache,
+    which the next calls continue (before, it returned no cache and every step lost the prompt)."""
+    model = lively_model(pattern)
+    prompt = torch.randint(1, 61, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        out = model(prompt, use_cache=True)
+        cache = getattr(out, CACHE_NAME)
+        assert isinstance(cache, HybridCache) and cache.seen_tokens == prompt.shape[1]
+        tokens = prompt
+        for _ in range(8):
+            next_id = out.logits[:, -1:].argmax(-1)
+            tokens = torch.cat([tokens, next_id], 1)
+            out = model(next_id, use_cache=True, **cache_keyword(getattr(out, CACHE_NAME)))
+    assert torch.equal(tokens, expected)
+    assert getattr(out, CACHE_NAME) is cache and cache.seen_tokens == prompt.shape[1] + 8
+    with torch.no_grad():  # without use_cache nothing is kept (training)
+        assert getattr(model(prompt), CACHE_NAME) is None
