@@ -1,0 +1,147 @@
+"""``python -m minifusion.generate`` and ``python -m minifusion.evaluate`` on tiny saved models:
+what they print, that they agree with the library calls they wrap, and their error messages."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from minifusion import evaluate, generate
+from minifusion.data import TokenFile, prepare_data
+from minifusion.model import MiniFusionForCausalLM
+from minifusion.tokenizer import load_tokenizer
+
+from .conftest import write_words_corpus
+from .test_model import small_config
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A prepared corpus (tokenizer + token files) and two model folders saved with it: ours
+    and a transformers Llama (a "foreign" model for the commands)."""
+    root = tmp_path_factory.mktemp("cli")
+    corpus = write_words_corpus(root / "corpus", documents=6, words=300)
+    data = prepare_data(root / "data", source=str(corpus / "*.txt"), vocab_size=300,
+                        val_fraction=0.34, progress=False)  # fmt: skip
+    tokenizer = load_tokenizer(data.tokenizer_dir)
+    torch.manual_seed(0)
+    ours = MiniFusionForCausalLM(small_config(vocab_size=len(tokenizer), initializer_range=0.3))
+    ours.save_pretrained(root / "ours")
+    tokenizer.save_pretrained(root / "ours")
+    llama = LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                    num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=128)
+    )  # fmt: skip
+    llama.save_pretrained(root / "llama")
+    tokenizer.save_pretrained(root / "llama")
+    return {"root": root, "corpus": corpus, "data": data, "tokenizer": tokenizer, "model": ours}
+
+
+def test_generate_greedy_equals_the_library_call(saved, capsys):
+    folder = saved["root"] / "ours"
+    assert generate.main(["--model", str(folder), "--prompt", "the", "--greedy",
+                          "--max-new-tokens", "12", "--no-stream", "--device", "cpu"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out.strip()
+    tokenizer, model = saved["tokenizer"], saved["model"].eval()
+    ids = tokenizer("the", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    assert printed == tokenizer.decode(expected[0], skip_special_tokens=True)
+    assert printed.startswith("the")
+
+
+def test_generate_streams_and_batches_and_is_seeded(saved, capsys, tmp_path):
+    folder = str(saved["root"] / "ours")
+    common = ["--model", folder, "--max-new-tokens", "8", "--device", "cpu"]
+    assert generate.main([*common, "--prompt", "the", "--seed", "3"]) == 0
+    streamed = capsys.readouterr().out.strip()
+    assert generate.main([*common, "--prompt", "the", "--seed", "3", "--no-stream"]) == 0
+    assert capsys.readouterr().out.strip() == streamed  # the same text, streamed or not
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the\n\nand a\n", encoding="utf-8")  # the blank line is skipped
+    assert generate.main([*common, "--prompt-file", str(prompts)]) == 0
+    out = capsys.readouterr().out
+    assert "--- 1/2" in out and "--- 2/2" in out and "\nand a" in out
+
+
+@pytest.mark.parametrize(
+    ("folder", "message"),
+    [
+        ("missing", "does not exist"),
+        ("run", "Did you mean"),
+        ("no_tokenizer", "no tokenizer"),
+    ],
+)
+def test_generate_explains_a_folder_it_cannot_use(saved, capsys, tmp_path, folder, message):
+    path = tmp_path / folder
+    if folder == "run":  # a run folder: the model is in its model/ subfolder
+        saved["model"].save_pretrained(path / "model")
+    if folder == "no_tokenizer":
+        saved["model"].save_pretrained(path)
+    with pytest.raises(SystemExit) as stop:
+        generate.main(["--model", str(path), "--prompt", "the"])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sampling_settings_are_checked():
+    with pytest.raises(ValueError, match="--greedy"):
+        generate.SamplingSettings(temperature=0)
+    with pytest.raises(ValueError, match="top_p"):
+        generate.SamplingSettings(top_p=1.5)
+    assert generate.SamplingSettings(temperature=0, greedy=True).generate_kwargs()["do_sample"] is False
+
+
+def test_score_stream_equals_a_by_hand_loss(saved):
+    tokenizer, model = saved["tokenizer"], saved["model"].eval()
+    texts = ["the cat sat on the mat", "a second short text"]
+    ids, characters = evaluate.document_stream(tokenizer, texts)
+    # by hand: documents and end-of-text tokens in one sequence, every token after the first
+    # predicted from all before it (the stream is shorter than one block)
+    assert characters == sum(len(t) + 1 for t in texts)
+    assert ids.count(tokenizer.eos_token_id) == 2 and ids[-1] == tokenizer.eos_token_id
+    stream = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(input_ids=stream[:, :-1]).logits
+    nats = F.cross_entropy(logits[0].float(), stream[0, 1:], reduction="sum").item()
+    score = evaluate.score_stream(model, ids, characters, block_size=64, progress=False)
+    assert score.tokens == len(ids) - 1
+    assert score.nats == pytest.approx(nats, rel=1e-5)
+    assert score.bpc == pytest.approx(nats / math.log(2) / characters, rel=1e-5)
+    assert score.perplexity == pytest.approx(math.exp(nats / (len(ids) - 1)), rel=1e-5)
+    # short blocks: still every token after the first exactly once (blocks overlap by one)
+    blocked = evaluate.score_stream(model, ids, characters, block_size=3, batch_size=2,
+                                    progress=False)  # fmt: skip
+    assert blocked.tokens == len(ids) - 1 and blocked.nats > 0
+
+
+def test_a_preset_style_config_evaluates_the_documents_training_held_out(saved, tmp_path):
+    config = tmp_path / "local.yaml"
+    config.write_text(
+        f"model: {{}}\ndata:\n  source: '{saved['corpus']}/*.txt'\n  val_fraction: 0.34\n"
+    )
+    texts, description = evaluate.evaluation_documents(str(config))
+    # independent of the split code: the validation token file prepare_data wrote for training
+    val = TokenFile(saved["data"].val_file)
+    expected = saved["tokenizer"].decode(val.tokens.tolist())
+    eos = saved["tokenizer"].eos_token
+    assert expected == "".join(t + eos for t in texts)
+    assert "held-out documents" in description and len(texts) == 2
+
+
+@pytest.mark.parametrize("model_folder", ["ours", "llama"])
+def test_evaluate_prints_loss_perplexity_and_bpc(saved, capsys, model_folder):
+    folder = saved["root"] / model_folder
+    assert evaluate.main(["--model", str(folder), "--data", str(saved["corpus"] / "*.txt"),
+                          "--block-size", "32", "--no-progress", "--device", "cpu"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "6 document(s)" in out
+    bpc = float(out.split("bpc")[1].split()[0])
+    loss = float(out.split("loss")[1].split()[0])
+    assert bpc > 0 and loss > 0
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", str(folder), "--data", str(saved["corpus"] / "*.txt"),
+                       "--block-size", "4096"])  # fmt: skip
+    assert "exceeds the model's 128 positions" in capsys.readouterr().err
