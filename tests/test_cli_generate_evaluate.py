@@ -91,7 +91,10 @@ def test_sampling_settings_are_checked():
         generate.SamplingSettings(temperature=0)
     with pytest.raises(ValueError, match="top_p"):
         generate.SamplingSettings(top_p=1.5)
-    assert generate.SamplingSettings(temperature=0, greedy=True).generate_kwargs()["do_sample"] is False
+    assert (
+        generate.SamplingSettings(temperature=0, greedy=True).generate_kwargs()["do_sample"]
+        is False
+    )
 
 
 def test_score_stream_equals_a_by_hand_loss(saved):
