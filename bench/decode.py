@@ -1,22 +1,26 @@
-"""Decode speed and cache memory: MiniFusion's hybrid vs a full-attention twin vs transformers' Llama.
+"""Decode speed, prefill time and cache memory: MiniFusion's hybrid vs a full-attention twin vs
+transformers' Llama.
 
-Three models of one shape (the ``tiny`` preset's hidden size, layers, heads, KV heads, SwiGLU width
-and vocabulary, tied embeddings):
+Three models of one shape (the preset's hidden size, layers, heads, KV heads, SwiGLU width and
+vocabulary, tied embeddings):
 
-* ``hybrid`` — the preset itself: every layer Mamba ∥ attention, local + global heads;
+* ``hybrid`` — the preset itself (for ``tiny``: attention and Mamba layers taking turns, global
+  heads only where ``global_attention_layers`` puts them, local heads elsewhere);
 * ``full attention`` — :func:`minifusion.inference.full_attention_config` of it: every layer plain
-  attention, every head global (a Llama written with MiniFusion's code);
+  attention with a dense FFN, every head global (a Llama written with MiniFusion's code);
 * ``Llama`` — transformers' ``LlamaForCausalLM`` with the same sizes, the independent reference.
-  Its parameter count equals the full-attention twin's (checked); the hybrid has more (its Mamba
-  branches and gates).
+  Its parameter count equals the full-attention twin's (checked).
 
 All three go through :func:`minifusion.inference.measure_decode`: a random prompt fills a fresh
-cache, then greedy single-token steps are timed (the best of a few runs). Decode tokens/s are
-reported as ratios to Llama. The cache sweep reads what each cache holds — MiniFusion's
-:class:`~minifusion.cache.HybridCache`, transformers' ``DynamicCache`` — after 256 … 8192 tokens,
-next to what a formula from the config predicts.
+cache (that forward pass is the *prefill*, timed on its own), then greedy single-token steps are
+timed (the best of a few runs, each from a copy of the prompt's cache), at every context and
+batch size asked for. Decode tokens/s and prefill times are reported as ratios to Llama. The
+cache sweep reads what each cache holds — MiniFusion's :class:`~minifusion.cache.HybridCache`,
+transformers' ``DynamicCache`` — after 256 … 16,384 tokens, next to what the config's
+:meth:`~minifusion.config.MiniFusionConfig.cache_bytes` formula predicts.
 
     python -m bench.decode
+    python -m bench.decode --preset small --contexts 256 2048 --batch-sizes 1
     python -m bench.decode --contexts 256 --cache-lengths 256 1024 --device cuda
 """
 
@@ -29,9 +33,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from minifusion.compat import cache_keyword
 from minifusion.config import MiniFusionConfig
-from minifusion.inference import full_attention_config, measure_decode
+from minifusion.inference import full_attention_config, measure_decode, new_cache
 from minifusion.model import MiniFusionForCausalLM
 
 MODELS = ("hybrid", "full_attention", "llama")
@@ -40,8 +46,10 @@ LABELS = {
     "full_attention": "MiniFusion full attention",
     "llama": "transformers Llama",
 }
-DEFAULT_CONTEXTS = (256, 2048)
-DEFAULT_CACHE_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
+DEFAULT_CONTEXTS = (256, 2048, 8192, 16384)
+DEFAULT_BATCH_SIZES = (1, 8)
+DEFAULT_CACHE_LENGTHS = (256, 1024, 2048, 4096, 8192, 16384)
+DEFAULT_PREFILL_CONTEXT = 8192
 DEFAULT_NEW_TOKENS = 32
 # transformers' Llama of the tiny shape must have the full-attention twin's parameter count to
 # within this relative difference (they are the same architecture, so it is exact in practice).
@@ -61,6 +69,15 @@ class DecodeSpeed:
 
 
 @dataclass
+class PrefillTime:
+    """One forward pass of a ``context``-token prompt into a fresh cache (batch 1)."""
+
+    model: str
+    context: int
+    seconds: float  # best of the repeats
+
+
+@dataclass
 class CacheSize:
     """What one model's cache holds after ``tokens`` tokens (batch 1)."""
 
@@ -76,6 +93,8 @@ class DecodeResults:
     parameters: dict[str, int]  # per model, counted on the built modules
     speeds: list[DecodeSpeed] = field(default_factory=list)
     caches: list[CacheSize] = field(default_factory=list)
+    prefills: list[PrefillTime] = field(default_factory=list)
+    ops_per_token: dict[str, int] = field(default_factory=dict)  # ATen ops in one decode step
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,7 +106,12 @@ class DecodeResults:
             parameters=dict(data["parameters"]),
             speeds=[DecodeSpeed(**s) for s in data["speeds"]],
             caches=[CacheSize(**c) for c in data["caches"]],
+            prefills=[PrefillTime(**p) for p in data.get("prefills", [])],
+            ops_per_token=dict(data.get("ops_per_token", {})),
         )
+
+    def batch_sizes(self) -> list[int]:
+        return sorted({s.batch_size for s in self.speeds})
 
 
 # ----------------------------------------------------------------------------- the models ---
@@ -147,24 +171,10 @@ def parameter_mismatch(parameters: dict[str, int]) -> float:
 
 # --------------------------------------------------------------------- the cache formulas ---
 def formula_cache_bytes(config: MiniFusionConfig, tokens: int, bytes_per_value: int = 4) -> int:
-    """Bytes a :class:`~minifusion.cache.HybridCache` of ``config`` should hold after ``tokens``.
-
-    Per attention layer: keys + values of every global KV head for every token, of every local
-    KV head for the last ``sliding_window`` tokens. Per Mamba layer: the conv buffer
-    ``(d_inner, d_conv)`` and the scan state ``(d_inner, d_state)``, whatever ``tokens``.
-    With every head global this is a plain transformer's KV cache.
-    """
-    group = config.num_attention_heads // config.num_key_value_heads
-    global_kv = config.num_global_heads // group
-    local_kv = config.num_key_value_heads - global_kv
-    window = config.sliding_window or tokens
-    per_attention = 2 * config.head_dim * (global_kv * tokens + local_kv * min(tokens, window))
-    per_mamba = config.mamba_d_inner * (config.mamba_d_conv + config.mamba_d_state)
-    total = 0
-    for mixer in config.mixer_types:
-        total += per_attention if mixer in ("attention", "hybrid") else 0
-        total += per_mamba if mixer in ("mamba", "hybrid") else 0
-    return total * bytes_per_value
+    """Bytes a :class:`~minifusion.cache.HybridCache` of ``config`` should hold after ``tokens``
+    (batch 1): :meth:`MiniFusionConfig.cache_bytes`. With every head global this is a plain
+    transformer's KV cache."""
+    return config.cache_bytes(tokens, batch_size=1, bytes_per_value=bytes_per_value)
 
 
 def _formula_config(models: dict[str, nn.Module], name: str) -> MiniFusionConfig:
@@ -178,21 +188,64 @@ def measure_speeds(
     contexts: tuple[int, ...],
     *,
     new_tokens: int = DEFAULT_NEW_TOKENS,
-    batch_size: int = 1,
+    batch_sizes: tuple[int, ...] = (1,),
     repeats: int = 3,
 ) -> list[DecodeSpeed]:
-    """Decode tokens/s of every model after each prompt length in ``contexts``."""
+    """Decode tokens/s of every model after each prompt length in ``contexts``, per batch size."""
     speeds = []
-    for context in contexts:
-        for name, model in models.items():
-            m = measure_decode(
-                model, context=context, new_tokens=new_tokens, batch_size=batch_size,
-                repeats=repeats,
-            )  # fmt: skip
-            speeds.append(
-                DecodeSpeed(name, context, new_tokens, batch_size, m.seconds, m.tokens_per_s)
-            )
+    for batch_size in batch_sizes:
+        for context in contexts:
+            for name, model in models.items():
+                m = measure_decode(
+                    model, context=context, new_tokens=new_tokens, batch_size=batch_size,
+                    repeats=repeats,
+                )  # fmt: skip
+                speeds.append(
+                    DecodeSpeed(name, context, new_tokens, batch_size, m.seconds, m.tokens_per_s)
+                )
     return speeds
+
+
+def measure_prefills(
+    models: dict[str, nn.Module], context: int, repeats: int = 2
+) -> list[PrefillTime]:
+    """Seconds of one ``context``-token prompt's forward pass (batch 1), best of ``repeats``."""
+    return [
+        PrefillTime(name, context, measure_decode(
+            model, context=context, new_tokens=1, repeats=repeats, prefill_repeats=repeats
+        ).prefill_seconds)
+        for name, model in models.items()
+    ]  # fmt: skip
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operations that run (each is a kernel call and its Python overhead)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@torch.inference_mode()
+def ops_per_token(model: nn.Module, context: int = 64) -> int:
+    """ATen operations in one greedy decode step after a ``context``-token prompt (batch 1).
+
+    On a small model each operation costs about as much in dispatch as in arithmetic, so this
+    count is what decoding at short contexts pays for.
+    """
+    prompt = torch.randint(0, model.config.vocab_size, (1, context))
+    prompt = prompt.to(next(model.parameters()).device)
+    cache = new_cache(model, batch_size=1)
+    out = model(input_ids=prompt, **cache_keyword(cache), use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1:].argmax(-1)
+    model(input_ids=token, **cache_keyword(cache), use_cache=True)  # warm (first-step paths)
+    with _OpCounter() as counter:
+        model(input_ids=token, **cache_keyword(cache), use_cache=True)
+    return counter.count
 
 
 def measure_caches(models: dict[str, nn.Module], lengths: tuple[int, ...]) -> list[CacheSize]:
@@ -214,41 +267,61 @@ def run(
     preset: str | MiniFusionConfig = "tiny",
     *,
     contexts: tuple[int, ...] = DEFAULT_CONTEXTS,
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
     cache_lengths: tuple[int, ...] = DEFAULT_CACHE_LENGTHS,
+    prefill_context: int | None = DEFAULT_PREFILL_CONTEXT,
     new_tokens: int = DEFAULT_NEW_TOKENS,
     repeats: int = 3,
     device: str | torch.device = "cpu",
 ) -> DecodeResults:
-    """Decode speeds at ``contexts`` and cache sizes at ``cache_lengths`` for the three models."""
-    max_positions = max((*contexts, 0)) + new_tokens
-    max_positions = max(max_positions, *cache_lengths) if cache_lengths else max_positions
+    """Decode speeds at ``contexts`` × ``batch_sizes``, the prefill time of a
+    ``prefill_context``-token prompt (None: skipped) and cache sizes at ``cache_lengths``."""
+    lengths = [*contexts, *cache_lengths, prefill_context or 0]
+    max_positions = max(lengths) + new_tokens
     with warnings.catch_warnings():
         # transformers warns once that a model with random weights has no generation config
         warnings.simplefilter("ignore", UserWarning)
         models = build_models(preset, max_positions, device)
         name = preset if isinstance(preset, str) else "custom"
         results = DecodeResults(name, {k: parameter_count(m) for k, m in models.items()})
-        results.speeds = measure_speeds(models, contexts, new_tokens=new_tokens, repeats=repeats)
+        results.ops_per_token = {k: ops_per_token(m) for k, m in models.items()}
+        results.speeds = measure_speeds(
+            models, contexts, new_tokens=new_tokens, batch_sizes=batch_sizes, repeats=repeats
+        )
+        if prefill_context:
+            results.prefills = measure_prefills(models, prefill_context)
         results.caches = measure_caches(models, cache_lengths)
     return results
 
 
 # ---------------------------------------------------------------------------- the tables ---
 def format_speed_table(results: DecodeResults) -> str:
-    """One row per (context, model): tokens/s and the ratio to Llama."""
-    by_key = {(s.context, s.model): s for s in results.speeds}
+    """One row per (batch, context, model): tokens/s and the ratio to Llama."""
+    by_key = {(s.batch_size, s.context, s.model): s for s in results.speeds}
     lines = [
-        "| context | model | parameters | decode tokens/s | ratio to Llama |",
-        "|---|---|---|---|---|",
+        "| batch | context | model | parameters | decode tokens/s | ratio to Llama |",
+        "|---|---|---|---|---|---|",
     ]
-    for context in sorted({s.context for s in results.speeds}):
-        llama = by_key[(context, "llama")]
-        for name in MODELS:
-            s = by_key[(context, name)]
-            lines.append(
-                f"| {context} | {LABELS[name]} | {results.parameters[name]:,} "
-                f"| {s.tokens_per_s:,.1f} | {s.tokens_per_s / llama.tokens_per_s:.2f} |"
-            )
+    for batch in results.batch_sizes():
+        for context in sorted({s.context for s in results.speeds if s.batch_size == batch}):
+            llama = by_key[(batch, context, "llama")]
+            for name in MODELS:
+                s = by_key[(batch, context, name)]
+                lines.append(
+                    f"| {batch} | {context} | {LABELS[name]} | {results.parameters[name]:,} "
+                    f"| {s.tokens_per_s:,.1f} | {s.tokens_per_s / llama.tokens_per_s:.2f} |"
+                )
+    return "\n".join(lines)
+
+
+def format_prefill_table(results: DecodeResults) -> str:
+    """One row per model: prefill seconds and the ratio to Llama's."""
+    by_model = {p.model: p for p in results.prefills}
+    lines = ["| prompt tokens | model | prefill s | ratio to Llama |", "|---|---|---|---|"]
+    for name in MODELS:
+        p = by_model[name]
+        ratio = p.seconds / by_model["llama"].seconds
+        lines.append(f"| {p.context} | {LABELS[name]} | {p.seconds:.3f} | {ratio:.2f} |")
     return "\n".join(lines)
 
 
@@ -268,33 +341,49 @@ def format_cache_table(results: DecodeResults) -> str:
 
 
 def parameter_note(results: DecodeResults) -> str:
-    """How matched the models are, in one sentence."""
+    """How matched the models are, and how many operations a decode step runs."""
     p = results.parameters
-    return (
+    note = (
         f"Parameters: Llama {p['llama']:,}, MiniFusion full attention {p['full_attention']:,} "
         f"(difference {100 * parameter_mismatch(p):.2f} %), MiniFusion hybrid {p['hybrid']:,} "
-        f"({p['hybrid'] / p['llama']:.2f} × Llama's: the Mamba branches and gates)."
+        f"({p['hybrid'] / p['llama']:.2f} × Llama's)."
     )
+    if results.ops_per_token:
+        ops = results.ops_per_token
+        note += " ATen operations per decode step: " + ", ".join(
+            f"{LABELS[m]} {ops[m]}" for m in MODELS if m in ops
+        ) + "."
+    return note
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS))
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=list(DEFAULT_BATCH_SIZES)
+    )
+    parser.add_argument(
+        "--prefill-context", type=int, default=DEFAULT_PREFILL_CONTEXT,
+        help="prompt length whose prefill is timed (0: skip)",
+    )  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=DEFAULT_NEW_TOKENS)
     parser.add_argument("--cache-lengths", type=int, nargs="*", default=list(DEFAULT_CACHE_LENGTHS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     print(
-        f"Greedy decode on {args.device}, preset {args.preset!r}, batch 1: {args.new_tokens} new "
-        f"tokens after each prompt length, best of {args.repeats}; the cache read after 1 decode "
-        "step."
+        f"Greedy decode on {args.device}, preset {args.preset!r}, batch sizes "
+        f"{args.batch_sizes}: {args.new_tokens} new tokens after each prompt length, best of "
+        f"{args.repeats}; prefill of {args.prefill_context} tokens (batch 1); the cache read "
+        "after 1 decode step."
     )
     started = time.perf_counter()
     results = run(
         args.preset,
         contexts=tuple(args.contexts),
+        batch_sizes=tuple(args.batch_sizes),
+        prefill_context=args.prefill_context or None,
         cache_lengths=tuple(args.cache_lengths),
         new_tokens=args.new_tokens,
         repeats=args.repeats,
@@ -302,6 +391,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(parameter_note(results))
     print(format_speed_table(results))
+    if results.prefills:
+        print(format_prefill_table(results))
     if results.caches:
         print(format_cache_table(results))
     print(f"({time.perf_counter() - started:.0f} s)")

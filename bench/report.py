@@ -568,40 +568,55 @@ def _decode_results(data: Data) -> decode.DecodeResults:
 
 
 def decode_table(per_device: PerDevice) -> str:
-    cells: dict[str, dict[tuple[int, str], list[str]]] = {}
+    cells: dict[str, dict[tuple[int, int, str], list[str]]] = {}
     for device, data in per_device.items():
         results = _decode_results(data)
-        llama = {s.context: s.tokens_per_s for s in results.speeds if s.model == "llama"}
+        llama = {(s.batch_size, s.context): s.tokens_per_s
+                 for s in results.speeds if s.model == "llama"}  # fmt: skip
         cells[device] = {
-            (s.context, s.model): [
+            (s.batch_size, s.context, s.model): [
                 f"{s.tokens_per_s:,.1f}",
-                _ratio(s.tokens_per_s, llama[s.context]),
+                _ratio(s.tokens_per_s, llama[(s.batch_size, s.context)]),
             ]
             for s in results.speeds
         }
-    contexts = _sorted_union(per_device, lambda d: (s["context"] for s in d["speeds"]))
-    keys = [(c, m) for c in contexts for m in decode.MODELS]
+    pairs = _sorted_union(
+        per_device, lambda d: ((s["batch_size"], s["context"]) for s in d["speeds"])
+    )
+    keys = [(b, c, m) for b, c in pairs for m in decode.MODELS]
     return grouped_table(
-        "context, model", ["tokens/s", "ratio to Llama"], cells, keys,
-        label=lambda key: f"{key[0]}, {decode.LABELS[key[1]]}",
+        "batch, context, model", ["tokens/s", "ratio to Llama"], cells, keys,
+        label=lambda key: f"{key[0]}, {key[1]}, {decode.LABELS[key[2]]}",
     )  # fmt: skip
 
 
 def decode_reading(data: Data) -> str:
     results = _decode_results(data)
-    by_key = {(s.context, s.model): s.tokens_per_s for s in results.speeds}
-    parts = [
-        f"after {c} tokens the hybrid decodes at "
-        f"{by_key[(c, 'hybrid')] / by_key[(c, 'llama')]:.2f}× Llama's speed "
-        f"(full-attention twin {by_key[(c, 'full_attention')] / by_key[(c, 'llama')]:.2f}×)"
-        for c in sorted({s.context for s in results.speeds})
-    ]
-    return "; ".join(parts) + "."
+    by_key = {(s.batch_size, s.context, s.model): s.tokens_per_s for s in results.speeds}
+    sentences = []
+    for batch in results.batch_sizes():
+        contexts = sorted({s.context for s in results.speeds if s.batch_size == batch})
+        ratios = ", ".join(
+            f"{by_key[(batch, c, 'hybrid')] / by_key[(batch, c, 'llama')]:.2f}× at {c}"
+            for c in contexts
+        )
+        sentences.append(f"batch {batch}: the hybrid decodes at {ratios} Llama's speed")
+    by_model = {p.model: p for p in results.prefills}
+    if by_model:
+        hybrid, llama = by_model["hybrid"], by_model["llama"]
+        sentences.append(
+            f"prefill of {hybrid.context} tokens takes {hybrid.seconds / llama.seconds:.2f}× "
+            "Llama's time"
+        )
+    return "; ".join(sentences) + "."
 
 
 def decode_detail(data: Data) -> str:
     results = _decode_results(data)
-    return decode.parameter_note(results) + "\n\n" + decode.format_speed_table(results)
+    parts = [decode.parameter_note(results), decode.format_speed_table(results)]
+    if results.prefills:
+        parts.append(decode.format_prefill_table(results))
+    return "\n\n".join(parts)
 
 
 def cache_table(per_device: PerDevice) -> str:
@@ -703,10 +718,10 @@ SECTIONS = (
     ),
     Section(
         "Decode speed", "decode",
-        "Greedy decoding, batch 1, after a random prompt (`python -m bench.decode`), through "
-        "`minifusion.inference.measure_decode`: the tiny hybrid, its full-attention twin "
+        "Greedy decoding at batch 1 and 8 after a random prompt (`python -m bench.decode`), "
+        "through `minifusion.inference.measure_decode`: the tiny hybrid, its full-attention twin "
         "(`full_attention_config`) and transformers' `LlamaForCausalLM` of the same sizes; "
-        "ratios to Llama.",
+        "ratios to Llama, and the prefill time of a long prompt.",
         decode_table, decode_reading, decode_detail,
     ),
     Section(
@@ -854,9 +869,11 @@ def _headline_training(data: Data, preset: str) -> str | None:
 
 def _headline_decode(data: Data) -> str:
     results = _decode_results(data)
-    n = max(s.context for s in results.speeds)
-    by_model = {s.model: s.tokens_per_s for s in results.speeds if s.context == n}
-    return f"{by_model['hybrid'] / by_model['llama']:.2f}× (context {n})"
+    batch = min(results.batch_sizes())
+    n = max(s.context for s in results.speeds if s.batch_size == batch)
+    by_model = {s.model: s.tokens_per_s for s in results.speeds
+                if s.context == n and s.batch_size == batch}  # fmt: skip
+    return f"{by_model['hybrid'] / by_model['llama']:.2f}× (context {n}, batch {batch})"
 
 
 def _headline_cache(data: Data) -> str | None:

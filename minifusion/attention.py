@@ -46,6 +46,7 @@ from torch.autograd.function import once_differentiable
 
 from .config import MiniFusionConfig
 from .rope import apply_rotary
+from .utils import as_dtype
 
 __all__ = ["Attention", "LayerKVCache", "build_attention_mask", "repeat_kv"]
 
@@ -99,75 +100,162 @@ def build_attention_mask(
 class LayerKVCache:
     """Keys and values one attention layer has already computed, for incremental decoding.
 
-    Global heads keep every key: ``global_keys`` is ``(B, Hkv_global, seen_tokens, D)``. Local
-    heads keep only the last ``window`` keys — the only ones a future query can still see — so
-    ``local_keys`` is ``(B, Hkv_local, min(seen_tokens, window), D)`` and its memory is bounded.
+    Global heads keep every key, in a buffer ``(B, Hkv_global, capacity, D)`` that is filled in
+    place and, when full, replaced by one an eighth larger (at least ``_GROWTH_MIN`` positions):
+    a new token costs one write, not a copy of the whole past as ``torch.cat`` would, and the
+    buffer never holds more than about 1/8 unused. :meth:`reserve` allocates the final size at
+    once when the length is known (a ``HybridCache(..., max_length=)``).
+
+    Local heads keep only the last ``window`` keys — the only ones a future query can still see —
+    in a *ring*: ``(B, Hkv_local, window, D)``, where the key of position ``p`` sits in slot
+    ``p mod window``. One new token overwrites the oldest slot; its query sees every key in the
+    ring, and since attention sums over keys the order of the slots does not matter (RoPE was
+    applied to each key before it was stored). Several new tokens at once (a prompt, a chunk)
+    take the ordered path: the window is unrolled, the new keys appended, and the ring refilled
+    with the last ``window`` of them.
+
+    ``global_keys`` / ``local_keys`` (and the values) show what is held, oldest key first.
     """
 
     def __init__(self, window: int | None = None):
         self.window = window
-        self.global_keys: torch.Tensor | None = None
-        self.global_values: torch.Tensor | None = None
-        self.local_keys: torch.Tensor | None = None
-        self.local_values: torch.Tensor | None = None
+        self._global_k: torch.Tensor | None = None  # (B, Hkv_global, capacity, D)
+        self._global_v: torch.Tensor | None = None
+        self._ring_k: torch.Tensor | None = None  # (B, Hkv_local, window, D)
+        self._ring_v: torch.Tensor | None = None
+        self._reserved = 0  # global positions to allocate at the first write (reserve())
         self.seen_tokens = 0
+
+    # ------------------------------------------------------------------------- global ---
+    def reserve(self, total_tokens: int) -> None:
+        """Allocate room for ``total_tokens`` global keys at the first write (no growth later)."""
+        self._reserved = max(self._reserved, int(total_tokens))
 
     def update_global(
         self, keys: torch.Tensor, values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new ``(B, Hkv_global, T, D)`` keys/values; return all of them so far."""
-        if self.global_keys is not None:
-            keys = torch.cat((self.global_keys, keys), dim=2)
-            values = torch.cat((self.global_values, values), dim=2)
-        self.global_keys, self.global_values = _owned(keys), _owned(values)
-        return keys, values
+        """Write the new ``(B, Hkv_global, T, D)`` keys/values after the ones already held;
+        return views of all of them so far, ``(B, Hkv_global, seen + T, D)``."""
+        start, end = self.seen_tokens, self.seen_tokens + keys.shape[2]
+        if self._global_k is None or end > self._global_k.shape[2]:
+            self._grow_global(keys, end)
+        self._global_k[:, :, start:end] = keys
+        self._global_v[:, :, start:end] = values
+        return self._global_k[:, :, :end], self._global_v[:, :, :end]
 
+    def _grow_global(self, like: torch.Tensor, needed: int) -> None:
+        old = 0 if self._global_k is None else self._global_k.shape[2]
+        capacity = max(needed, self._reserved)
+        if old:  # growing while decoding: leave room for the tokens still to come
+            capacity = max(capacity, old + max(_GROWTH_MIN, old // 8))
+        shape = (*like.shape[:2], capacity, like.shape[3])
+        new_k, new_v = like.new_empty(shape), like.new_empty(shape)
+        if old:
+            new_k[:, :, : self.seen_tokens] = self._global_k[:, :, : self.seen_tokens]
+            new_v[:, :, : self.seen_tokens] = self._global_v[:, :, : self.seen_tokens]
+        self._global_k, self._global_v = new_k, new_v
+
+    # -------------------------------------------------------------------------- local ---
     def update_local(
         self, keys: torch.Tensor, values: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Prepend the kept window to the new keys/values, return them with the absolute
-        position of their first key, and keep only the last ``window`` for next time."""
+    ) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+        """Add the new ``(B, Hkv_local, T, D)`` keys/values to the window.
+
+        Returns ``(keys, values, first_position, in_slot_order)``. For several new tokens, or
+        while the ring is not yet full, the keys are in order, starting at absolute position
+        ``first_position``, and ``in_slot_order`` is False. For one new token with a full ring,
+        the keys are the ring itself, in slot order, every one of them inside the new query's
+        window (:meth:`slot_positions` says which position each slot holds, for padding masks).
+        """
         if self.window is None:
             raise ValueError("LayerKVCache(window=None) has no local heads to cache.")
-        first_position = self.seen_tokens
-        if self.local_keys is not None:
-            first_position -= self.local_keys.shape[2]
+        held = min(self.seen_tokens, self.window)
+        new = keys.shape[2]
+        if new == 1 and self._ring_k is not None:
+            slot = self.seen_tokens % self.window
+            self._ring_k[:, :, slot : slot + 1] = keys
+            self._ring_v[:, :, slot : slot + 1] = values
+            if held < self.window:  # not yet wrapped: slots 0 … seen are in order
+                end = held + 1
+                return self._ring_k[:, :, :end], self._ring_v[:, :, :end], 0, False
+            return self._ring_k, self._ring_v, self.seen_tokens + 1 - self.window, True
+        first_position = self.seen_tokens - held
+        if held:
             keys = torch.cat((self.local_keys, keys), dim=2)
             values = torch.cat((self.local_values, values), dim=2)
-        if keys.shape[2] > self.window:
-            # clone: a slice would keep the whole concatenated tensor alive
-            self.local_keys = keys[:, :, -self.window :].clone()
-            self.local_values = values[:, :, -self.window :].clone()
-        else:
-            self.local_keys, self.local_values = _owned(keys), _owned(values)
-        return keys, values, first_position
+        self._refill_ring(keys, values, self.seen_tokens + new)
+        return keys, values, first_position, False
+
+    def slot_positions(self, device: torch.device) -> torch.Tensor:
+        """``(window,)``: the absolute position each slot of the full ring holds, right after
+        :meth:`update_local` wrote the newest token (before :meth:`advance`)."""
+        slots = torch.arange(self.window, device=device)
+        newest = self.seen_tokens
+        return newest - (newest - slots) % self.window
+
+    def _refill_ring(self, keys: torch.Tensor, values: torch.Tensor, total: int) -> None:
+        """Store the last ``window`` of ordered ``keys`` (which end at position ``total − 1``)
+        in their slots."""
+        if self._ring_k is None:
+            shape = (*keys.shape[:2], self.window, keys.shape[3])
+            self._ring_k, self._ring_v = keys.new_zeros(shape), values.new_zeros(shape)
+        kept = min(self.window, keys.shape[2])
+        positions = torch.arange(total - kept, total, device=keys.device)
+        slots = positions % self.window
+        self._ring_k[:, :, slots] = keys[:, :, -kept:]
+        self._ring_v[:, :, slots] = values[:, :, -kept:]
+
+    # ------------------------------------------------------------------ what it holds ---
+    @property
+    def global_keys(self) -> torch.Tensor | None:
+        """``(B, Hkv_global, seen_tokens, D)``: every key of the global heads."""
+        return None if self._global_k is None else self._global_k[:, :, : self.seen_tokens]
+
+    @property
+    def global_values(self) -> torch.Tensor | None:
+        return None if self._global_v is None else self._global_v[:, :, : self.seen_tokens]
+
+    @property
+    def local_keys(self) -> torch.Tensor | None:
+        """``(B, Hkv_local, min(seen_tokens, window), D)``: the window, oldest key first."""
+        return self._ordered(self._ring_k)
+
+    @property
+    def local_values(self) -> torch.Tensor | None:
+        return self._ordered(self._ring_v)
+
+    def _ordered(self, ring: torch.Tensor | None) -> torch.Tensor | None:
+        if ring is None:
+            return None
+        held = min(self.seen_tokens, self.window)
+        if held < self.window:
+            return ring[:, :, :held]
+        oldest = self.seen_tokens % self.window  # slot of the oldest key still in the window
+        return torch.cat((ring[:, :, oldest:], ring[:, :, :oldest]), dim=2)
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The tensors this cache allocated (what :meth:`memory_bytes` counts)."""
+        tensors = (self._global_k, self._global_v, self._ring_k, self._ring_v)
+        return [t for t in tensors if t is not None]
 
     def advance(self, num_tokens: int) -> None:
         """Record that ``num_tokens`` more tokens have been processed (after both updates)."""
         self.seen_tokens += num_tokens
 
     def memory_bytes(self) -> int:
-        """Bytes held by the cached keys and values."""
-        tensors = (self.global_keys, self.global_values, self.local_keys, self.local_values)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        """Bytes allocated for keys and values (a global buffer's spare room included)."""
+        return sum(t.numel() * t.element_size() for t in self.buffers())
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """Reorder the batch (beam search keeps the best beams)."""
-        for name in ("global_keys", "global_values", "local_keys", "local_values"):
+        for name in ("_global_k", "_global_v", "_ring_k", "_ring_v"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
 
 
-def _owned(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` itself if it is all of its storage, else a copy of just its elements.
-
-    The prompt's keys are a slice of the projection of every head (local ones included);
-    keeping that slice would keep the whole projection alive, more than the cache reports.
-    """
-    if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
-        return tensor
-    return tensor.clone(memory_format=torch.contiguous_format)
+# A global buffer that runs out grows by an eighth of its size, and by at least this many positions.
+_GROWTH_MIN = 64
 
 
 class Attention(nn.Module):
@@ -187,7 +275,7 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.group_size = self.num_heads // self.num_kv_heads
-        self.num_global_heads = config.num_global_heads
+        self.num_global_heads = config.global_heads_of(layer_idx)
         self.num_local_heads = self.num_heads - self.num_global_heads
         # the config guarantees num_global_heads is a multiple of the group size
         self.num_global_kv_heads = self.num_global_heads // self.group_size
@@ -222,7 +310,7 @@ class Attention(nn.Module):
 
         q, k, v = heads(self.q_proj), heads(self.k_proj), heads(self.v_proj)
         cos, sin = position_embeddings
-        q, k = apply_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype))
+        q, k = apply_rotary(q, k, as_dtype(cos, q.dtype), as_dtype(sin, q.dtype))
 
         outputs = []
         g_q, g_kv = self.num_global_heads, self.num_global_kv_heads
@@ -242,12 +330,18 @@ class Attention(nn.Module):
                 keys, values = kv_cache.update_global(keys, values)
             outputs.append(self._attend(q_global, keys, values, past, 0, None, key_valid))
         if self.num_local_heads:
-            keys, values, key_start = k_local, v_local, past
+            keys, values, key_start, in_slot_order = k_local, v_local, past, False
             if kv_cache is not None:
-                keys, values, key_start = kv_cache.update_local(keys, values)
-            local_valid = None if key_valid is None else key_valid[:, key_start:]
+                keys, values, key_start, in_slot_order = kv_cache.update_local(keys, values)
+            window, local_valid, newest = self.window, key_valid, -1
+            if in_slot_order:  # one new token over a full ring: every slot is in its window
+                window, newest = None, past % self.window
+                if key_valid is not None:
+                    local_valid = key_valid[:, kv_cache.slot_positions(key_valid.device)]
+            elif key_valid is not None:
+                local_valid = key_valid[:, key_start:]
             outputs.append(
-                self._attend(q_local, keys, values, past, key_start, self.window, local_valid)
+                self._attend(q_local, keys, values, past, key_start, window, local_valid, newest)
             )
         if kv_cache is not None:
             kv_cache.advance(length)
@@ -285,8 +379,12 @@ class Attention(nn.Module):
         key_start: int,
         window: int | None,
         key_valid: torch.Tensor | None,
+        newest: int = -1,
     ) -> torch.Tensor:
-        """Attention of queries ``(B, h, T, D)`` over keys/values ``(B, h_kv, S, D)``."""
+        """Attention of queries ``(B, h, T, D)`` over keys/values ``(B, h_kv, S, D)``.
+
+        ``newest``: for one query, the index of its own key among the keys (the last one,
+        except in a wrapped ring of local keys)."""
         dropout = self.dropout if self.training else 0.0
         query_len, key_len = q.shape[2], k.shape[2]
 
@@ -298,6 +396,10 @@ class Attention(nn.Module):
 
         if self.impl == "eager":
             return eager_attention(q, k, v, mask(), self.scaling, dropout, self.training)
+        # A decode step: the keys end at the query (a window, if any, is already applied), so
+        # only padding can hide a key.
+        if query_len == 1 and dropout == 0.0 and (window is None or window >= key_len):
+            return single_query_attention(q, k, v, self.scaling, key_valid, newest)
 
         no_past = query_start == key_start == 0 and query_len == key_len
         # Local heads whose window cuts something off: block by block (blocked_local_attention)
@@ -324,6 +426,35 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask() if needs_mask else None, dropout_p=dropout,
             is_causal=is_causal, scale=self.scaling, enable_gqa=q.shape[1] != k.shape[1],
         )  # fmt: skip
+
+
+def single_query_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scaling: float,
+    key_valid: torch.Tensor | None = None,
+    newest: int = -1,
+) -> torch.Tensor:
+    """One query per sequence over keys it may all see — a decode step — with plain matmuls.
+
+    ``q (B, h, 1, D)``, ``k, v (B, h_kv, S, D)``; ``key_valid (B, S)`` hides padded keys, except
+    the query's own key at index ``newest`` (a padding query sees itself, as in
+    :func:`build_attention_mask`). For one query row, SDPA's fused CPU kernel spends far more
+    on setting up its blocks than on the arithmetic (about 150 µs against 10–20 µs for these
+    four operations at the ``tiny`` size), and the step runs once per layer and token.
+    """
+    batch, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
+    # query heads sharing a KV head sit next to each other: (B, h_kv, group, D)
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(grouped, k.transpose(2, 3)) * scaling  # (B, h_kv, group, S)
+    if key_valid is not None:
+        visible = key_valid.clone()
+        visible[:, newest] = True
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    weights = as_dtype(torch.softmax(scores, dim=-1, dtype=torch.float32), q.dtype)
+    return torch.matmul(weights, v).reshape(batch, heads, 1, dim)
 
 
 def eager_attention(

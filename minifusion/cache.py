@@ -3,8 +3,8 @@
 Per layer, whatever its mixer needs:
 
 * attention (and the attention branch of a hybrid layer): a :class:`~minifusion.attention.
-  LayerKVCache` — every key/value for the global heads, only the last ``sliding_window`` for the
-  local heads;
+  LayerKVCache` — every key/value for the global heads (in a buffer that grows by eighths), only
+  the last ``sliding_window`` for the local heads (in a ring of that many slots);
 * Mamba (and the Mamba branch of a hybrid layer): a :class:`~minifusion.mamba.MambaState` — the
   conv buffer and the scan state, the same size whatever the length.
 
@@ -38,8 +38,12 @@ class HybridCache:
     # cannot capture it.
     is_compileable = False
 
-    def __init__(self, model, batch_size: int):
-        """``model``: a ``MiniFusionModel`` (its layers say which states each needs)."""
+    def __init__(self, model, batch_size: int, max_length: int | None = None):
+        """``model``: a ``MiniFusionModel`` (its layers say which states each needs).
+
+        ``max_length``: the most tokens this cache will see (prompt + generated), if known:
+        the global heads' buffers are then allocated once at that size instead of growing.
+        """
         self.layers = [
             LayerCache(
                 kv=layer.attn.new_cache() if layer.attn is not None else None,
@@ -48,6 +52,10 @@ class HybridCache:
             for layer in model.layers
         ]
         self.seen_tokens = 0
+        if max_length is not None:
+            for cache in self.layers:
+                if cache.kv is not None:
+                    cache.kv.reserve(max_length)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens

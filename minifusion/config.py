@@ -117,6 +117,9 @@ class MiniFusionConfig(PreTrainedConfig):
     rope_parameters: dict | None = None
     sliding_window: int | None = None
     num_global_heads: int | None = None
+    # Layers whose first num_global_heads heads are global; every head of the other attention
+    # layers is local (as Gemma and Hymba keep full attention in only a few layers). None: all.
+    global_attention_layers: list[int] | None = None
 
     # --- layer pattern ----------------------------------------------------------------------
     mixer_types: list[str] | None = None
@@ -209,6 +212,8 @@ class MiniFusionConfig(PreTrainedConfig):
         self.mixer_types = list(self.mixer_types)
         self.ffn_types = list(self.ffn_types)
         self.pruned_fusion_layers = sorted(int(i) for i in self.pruned_fusion_layers or [])
+        if self.global_attention_layers is not None:
+            self.global_attention_layers = sorted(int(i) for i in self.global_attention_layers)
 
     # ------------------------------------------------------------------------ validation ---
     def _check_positive_sizes(self) -> None:
@@ -300,6 +305,7 @@ class MiniFusionConfig(PreTrainedConfig):
         errors += self._check_layer_list("mixer_types", MIXER_TYPES)
         errors += self._check_layer_list("ffn_types", FFN_TYPES)
         errors += self._check_pruned_layers()
+        errors += self._check_global_layers()
         if self.moe_top_k > self.moe_num_experts:
             errors.append(
                 f"moe_top_k={self.moe_top_k} exceeds moe_num_experts={self.moe_num_experts}: a "
@@ -387,6 +393,62 @@ class MiniFusionConfig(PreTrainedConfig):
                     "entry must be 'attention' or 'mamba' (minifusion.prune writes both fields)."
                 )
         return errors
+
+    def _check_global_layers(self) -> list[str]:
+        layers = self.global_attention_layers
+        if layers is None:
+            return []
+        errors = []
+        attention = [i for i, m in enumerate(self.mixer_types) if m in ("attention", "hybrid")]
+        stray = [i for i in layers if i not in attention]
+        if stray:
+            errors.append(
+                f"global_attention_layers contains {stray}, which are not attention or hybrid "
+                f"layers; the attention layers of this config are {attention}. List only those "
+                "(or None for all of them)."
+            )
+        if self.sliding_window is None and any(i not in layers for i in attention):
+            errors.append(
+                "global_attention_layers leaves some attention layers without global heads, so "
+                "every head there is local, but sliding_window is None. Set sliding_window (e.g. "
+                "256) or global_attention_layers=None."
+            )
+        if layers and self.num_global_heads == 0:
+            errors.append(
+                "global_attention_layers names layers but num_global_heads=0, so no head anywhere "
+                "is global. Set num_global_heads (how many heads are global in those layers)."
+            )
+        return errors
+
+    def global_heads_of(self, layer_idx: int) -> int:
+        """Global query heads in layer ``layer_idx``: ``num_global_heads`` in the layers of
+        ``global_attention_layers`` (all attention layers when that is None), 0 elsewhere."""
+        layers = self.global_attention_layers
+        return self.num_global_heads if layers is None or layer_idx in layers else 0
+
+    def cache_bytes(self, tokens: int, batch_size: int = 1, bytes_per_value: int = 4) -> int:
+        """Bytes a :class:`~minifusion.cache.HybridCache` holds after a ``tokens``-token prompt.
+
+        Per attention layer: keys + values of its global KV heads for every token and of its
+        local KV heads for ``sliding_window`` slots (the ring is allocated whole at the first
+        token, however short the prompt). Per Mamba
+        layer: the conv buffer ``(d_inner, d_conv)`` and the scan state ``(d_inner, d_state)``,
+        whatever ``tokens``. With every head global this is a plain transformer's KV cache.
+        (While decoding past the prompt the global buffers grow by eighths, so they may hold up
+        to about 1/8 more.)
+        """
+        group = self.num_attention_heads // self.num_key_value_heads
+        per_mamba = self.mamba_d_inner * (self.mamba_d_conv + self.mamba_d_state)
+        total = 0
+        for i, mixer in enumerate(self.mixer_types):
+            if mixer in ("attention", "hybrid"):
+                global_kv = self.global_heads_of(i) // group
+                local_kv = self.num_key_value_heads - global_kv
+                window = self.sliding_window if local_kv and tokens else 0
+                total += 2 * self.head_dim * (global_kv * tokens + local_kv * window)
+            if mixer in ("mamba", "hybrid"):
+                total += per_mamba
+        return total * batch_size * bytes_per_value
 
     @staticmethod
     def _divisors_hint(n: int) -> str:
@@ -546,12 +608,14 @@ class MiniFusionConfig(PreTrainedConfig):
         attn_proj = 2.0 * sum(self._attention_matmul_sizes())
         keys_global = _average_keys_seen(seq_len, None)
         keys_local = _average_keys_seen(seq_len, self.sliding_window)
-        scores = (
-            2
-            * 2.0
-            * self.head_dim
-            * (self.num_global_heads * keys_global + self.num_local_heads * keys_local)
-        )
+
+        def scores(layer_idx: int) -> float:  # QKᵀ and AV over the keys each query sees
+            global_heads = self.global_heads_of(layer_idx)
+            local_heads = self.num_attention_heads - global_heads
+            return 2 * 2.0 * self.head_dim * (
+                global_heads * keys_global + local_heads * keys_local
+            )
+
         di, n, r = self.mamba_d_inner, self.mamba_d_state, self.resolved_dt_rank
         mamba_proj = 2.0 * (h * 2 * di + di * (r + 2 * n) + r * di + di * h)
         mamba_conv = 2.0 * di * self.mamba_d_conv
@@ -561,7 +625,7 @@ class MiniFusionConfig(PreTrainedConfig):
         for i, (mixer, ffn) in enumerate(zip(self.mixer_types, self.ffn_types)):
             if mixer in ("attention", "hybrid"):
                 add("attention_projections", attn_proj)
-                add("attention_scores", scores)
+                add("attention_scores", scores(i))
             if mixer in ("mamba", "hybrid"):
                 add("mamba_projections", mamba_proj)
                 add("mamba_conv", mamba_conv)

@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 
 from .extensions import scan_kernel
+from .utils import as_dtype
 
-__all__ = ["fused_scan_available", "fused_state_step", "selective_scan_fused"]
+__all__ = ["fused_conv_step", "fused_scan_available", "fused_state_step", "selective_scan_fused"]
 
 
 def fused_scan_available() -> bool:
@@ -34,7 +35,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _cast(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if x is None else x.to(dtype)
+    return None if x is None else as_dtype(x, dtype)
 
 
 class _FusedScan(torch.autograd.Function):
@@ -129,7 +130,21 @@ def fused_state_step(
     """
     dtype = state.dtype
     y = scan_kernel().step(
-        state, x.to(dtype), delta.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype),
-        _cast(D, dtype), _cast(z, dtype), _cast(delta_bias, dtype), delta_softplus,
+        state, _cast(x, dtype), _cast(delta, dtype), _cast(A, dtype), _cast(B, dtype),
+        _cast(C, dtype), _cast(D, dtype), _cast(z, dtype), _cast(delta_bias, dtype),
+        delta_softplus,
     )  # fmt: skip
-    return y.to(x.dtype)
+    return as_dtype(y, x.dtype)
+
+
+def fused_conv_step(
+    conv_state: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """One decoding step of the causal depthwise conv and its SiLU, in one call.
+
+    Shifts ``conv_state (batch, d_inner, d_conv)`` left by one in place, appends
+    ``x (batch, d_inner)``, and returns ``SiLU(Σ_k conv_state[..., k] · weight[:, k] + bias)``,
+    ``(batch, d_inner)``. ``weight (d_inner, d_conv)`` and ``bias`` must have the state's dtype
+    (fp32 or fp64), ``conv_state`` must be contiguous.
+    """
+    return scan_kernel().conv_step(conv_state, x, weight, bias)

@@ -62,7 +62,8 @@ class GatedFusion(nn.Module):
     ``mamba_norm`` and ``attn_norm`` (``fusion_branch_norm``); ``fusion_proj`` ``(H, H)``.
     After each forward pass, :attr:`last_gate` holds the gate (with gradient) for the
     regularisers, and the buffers ``gate_mean``, ``gate_std`` and ``gate_channel_mean`` its
-    statistics.
+    statistics. While decoding with a cache the statistics are skipped (a few small operations
+    per token that nobody reads there) unless :attr:`record_while_decoding` is set.
 
     ``keep="attention"`` or ``"mamba"`` builds the fusion of a pruned layer: no gate, only the kept
     branch's norm and ``fusion_proj``; ``forward`` then takes ``None`` for the removed branch.
@@ -77,6 +78,7 @@ class GatedFusion(nn.Module):
         self.kind = config.fusion_gate if keep is None else "pruned"
         # A number in [0, 1] fixes the gate (1 = all Mamba); None lets it compute (chapter 15).
         self.forced_gate: float | None = None
+        self.record_while_decoding = False
         hidden, rank = config.hidden_size, config.fusion_gate_rank
         if self.kind == "lowrank":
             self.gate_up = nn.Linear(2 * hidden, rank, bias=False)
@@ -113,8 +115,13 @@ class GatedFusion(nn.Module):
         return mamba_out.new_tensor(0.5)
 
     def forward(
-        self, mamba_out: torch.Tensor | None, attn_out: torch.Tensor | None
+        self,
+        mamba_out: torch.Tensor | None,
+        attn_out: torch.Tensor | None,
+        decoding: bool = False,
     ) -> torch.Tensor:
+        """``decoding``: called with a cache (generation), where the gate statistics are
+        skipped unless :attr:`record_while_decoding`."""
         if self.keep is not None:  # a pruned layer: the kept branch, normed and projected
             kept, norm = (attn_out, self.attn_norm) if self.keep == "attention" else (
                 mamba_out, self.mamba_norm)  # fmt: skip
@@ -122,7 +129,8 @@ class GatedFusion(nn.Module):
         if self.mamba_norm is not None:
             mamba_out, attn_out = self.mamba_norm(mamba_out), self.attn_norm(attn_out)
         g = self.gate(mamba_out, attn_out)
-        self._record(g, mamba_out.shape[-1])
+        if not decoding or self.record_while_decoding:
+            self._record(g, mamba_out.shape[-1])
         self.last_gate = g
         return self.fusion_proj(g * mamba_out + (1 - g) * attn_out)
 

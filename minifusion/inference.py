@@ -18,6 +18,7 @@ the same shape with every layer a full-attention (Llama) layer.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -28,7 +29,9 @@ from .cache import HybridCache
 from .compat import cache_keyword
 from .config import MiniFusionConfig
 
-__all__ = ["DecodeMeasurement", "cache_bytes", "full_attention_config", "measure_decode"]
+__all__ = [
+    "DecodeMeasurement", "cache_bytes", "full_attention_config", "measure_decode", "new_cache",
+]  # fmt: skip
 
 
 @dataclass
@@ -40,6 +43,7 @@ class DecodeMeasurement:
     batch_size: int
     seconds: float  # best of the repeats, decode steps only (no prefill)
     cache_bytes: int  # bytes the cache holds after the prompt and the new tokens
+    prefill_seconds: float = float("nan")  # the prompt's forward pass into a fresh cache
 
     @property
     def tokens_per_s(self) -> float:
@@ -57,6 +61,7 @@ def full_attention_config(config: MiniFusionConfig) -> MiniFusionConfig:
         mixer_types=["attention"] * config.num_hidden_layers,
         ffn_types=["dense" if ffn == "none" else ffn for ffn in config.ffn_types],
         num_global_heads=config.num_attention_heads,
+        global_attention_layers=None,
         sliding_window=None,
         pruned_fusion_layers=[],
     )
@@ -75,11 +80,13 @@ def cache_bytes(cache) -> int:
     return total
 
 
-def _new_cache(model: nn.Module, batch_size: int):
+def new_cache(model: nn.Module, batch_size: int, max_length: int | None = None):
+    """An empty cache for ``model``: a :class:`HybridCache` (room for ``max_length`` tokens
+    reserved) for MiniFusion, transformers' ``DynamicCache`` for anything else."""
     from .model import MiniFusionForCausalLM
 
     if isinstance(model, MiniFusionForCausalLM):
-        return HybridCache(model.model, batch_size=batch_size)
+        return HybridCache(model.model, batch_size=batch_size, max_length=max_length)
     from transformers import DynamicCache
 
     return DynamicCache(config=model.config)
@@ -94,13 +101,18 @@ def measure_decode(
     batch_size: int = 1,
     repeats: int = 3,
     seed: int = 0,
+    prefill_repeats: int = 1,
 ) -> DecodeMeasurement:
     """Greedy-decode ``new_tokens`` tokens after a random ``context``-token prompt; time the decode.
 
-    The prompt is filled into a fresh cache (not timed), then ``new_tokens`` single-token forward
-    passes run, each feeding back its argmax. The best of ``repeats`` runs is kept (the least
-    disturbed by other work on the machine). Works for MiniFusion models and for transformers'
-    causal LMs, so both go through the same loop.
+    The prompt is run into a fresh cache (the *prefill*, timed separately), then ``new_tokens``
+    single-token forward passes run, each feeding back its argmax. Every repeat decodes from a
+    copy of the same prompt cache, so a long prompt is computed once (``prefill_repeats`` > 1
+    recomputes it in the first repeats to time it more than once). The best of the repeats is
+    kept (the least disturbed by other work on the machine). A MiniFusion cache is told the
+    final length up front, so its buffers never grow inside the timed loop; transformers'
+    ``DynamicCache`` appends as it always does. Works for MiniFusion models and for
+    transformers' causal LMs, so both go through the same loop.
     """
     if context < 1 or new_tokens < 1:
         raise ValueError(f"context and new_tokens must be ≥ 1 (got {context}, {new_tokens}).")
@@ -117,22 +129,33 @@ def measure_decode(
     prompt = torch.randint(
         0, model.config.vocab_size, (batch_size, context), generator=generator
     ).to(device)
-    best, held = float("inf"), 0
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    best = prefill = float("inf")
     try:
-        for _ in range(max(repeats, 1)):
-            cache = _new_cache(model, batch_size)
-            out = model(input_ids=prompt, **cache_keyword(cache), use_cache=True, logits_to_keep=1)
-            token = out.logits[:, -1:].argmax(-1)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+        for repeat in range(max(repeats, 1)):
+            if repeat < prefill_repeats or repeat == 0:
+                cache = new_cache(model, batch_size, context + new_tokens)
+                synchronize()
+                start = time.perf_counter()
+                out = model(input_ids=prompt, **cache_keyword(cache), use_cache=True,
+                            logits_to_keep=1)  # fmt: skip
+                synchronize()
+                prefill = min(prefill, time.perf_counter() - start)
+                prompt_cache, first = cache, out.logits[:, -1:].argmax(-1)
+            # every repeat decodes from the same prompt cache (a copy: decoding extends it)
+            cache, token = copy.deepcopy(prompt_cache), first
+            synchronize()
             start = time.perf_counter()
             for _ in range(new_tokens):
                 out = model(input_ids=token, **cache_keyword(cache), use_cache=True)
                 token = out.logits[:, -1:].argmax(-1)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize()
             best = min(best, time.perf_counter() - start)
-            held = cache_bytes(cache)
+        held = cache_bytes(cache)
     finally:
         model.train(was_training)
-    return DecodeMeasurement(context, new_tokens, batch_size, best, held)
+    return DecodeMeasurement(context, new_tokens, batch_size, best, held, prefill)

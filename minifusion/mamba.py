@@ -51,7 +51,13 @@ from torch import nn
 from transformers import initialization as init
 
 from .config import MiniFusionConfig
-from .fused_scan import fused_scan_available, fused_state_step, selective_scan_fused
+from .fused_scan import (
+    fused_conv_step,
+    fused_scan_available,
+    fused_state_step,
+    selective_scan_fused,
+)
+from .utils import as_dtype
 
 __all__ = [
     "MambaMixer",
@@ -487,6 +493,9 @@ def selective_state_update(
     return y[..., 0].to(x.dtype)
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float64)  # what the compiled kernel computes in
+
+
 @dataclass
 class MambaState:
     """What one Mamba layer remembers during generation — its size never grows.
@@ -604,7 +613,7 @@ class MambaMixer(nn.Module):
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj.bias goes into the scan as delta_bias; the weight may be kept fp32 (loading
         # with dtype=bf16 keeps the whole dt_proj in fp32), the matmul runs in the input dtype
-        return F.linear(dt, self.dt_proj.weight.to(dt.dtype)), B, C
+        return F.linear(dt, as_dtype(self.dt_proj.weight, dt.dtype)), B, C
 
     def forward(
         self,
@@ -648,30 +657,56 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))
 
     def step(self, hidden_states: torch.Tensor, state: MambaState) -> torch.Tensor:
-        """One token: ``(B, H)`` → ``(B, H)``, updating ``state`` in place (constant memory)."""
+        """One token: ``(B, H)`` → ``(B, H)``, updating ``state`` in place (constant memory).
+
+        A decode step of a small model is dominated by the number of operations, not their
+        size, so this path avoids the no-op casts and, with the compiled kernel, runs the conv
+        window and the scan step as one call each.
+        """
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, d_inner) each
-        state.conv.copy_(torch.cat([state.conv[..., 1:], x[..., None].to(state.conv.dtype)], -1))
-        x = (state.conv * self.conv1d.weight[:, 0]).sum(-1)
-        if self.conv1d.bias is not None:
-            x = x + self.conv1d.bias
-        x = F.silu(x)
+        x = self._conv_step(x, state.conv)
         dt, B, C = self._ssm_inputs(x)
+        f32 = torch.float32
         with torch.autocast(device_type=x.device.type, enabled=False):
             y = selective_state_update(
                 state.ssm,
-                x.float(),
-                dt.float(),
-                -torch.exp(self.A_log.float()),
-                B.float(),
-                C.float(),
-                D=self.D.float(),
-                z=z.float(),
-                delta_bias=self.dt_proj.bias.float(),
+                as_dtype(x, f32),
+                as_dtype(dt, f32),
+                self._A(),
+                as_dtype(B, f32),
+                as_dtype(C, f32),
+                D=self.D,  # D, A_log and dt_proj.bias are always fp32
+                z=as_dtype(z, f32),
+                delta_bias=self.dt_proj.bias,
                 delta_softplus=True,
                 impl=self.scan_impl,
             )
         state.seen += 1
-        return self.out_proj(y.to(hidden_states.dtype))
+        return self.out_proj(as_dtype(y, hidden_states.dtype))
+
+    def _conv_step(self, x: torch.Tensor, conv: torch.Tensor) -> torch.Tensor:
+        """Append ``x (B, d_inner)`` to the conv window ``conv (B, d_inner, d_conv)`` in place
+        and return SiLU of the causal conv at the new position."""
+        weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias  # (d_inner, d_conv)
+        fused = resolve_scan_impl(self.scan_impl, conv.device) == "fused"
+        same_dtype = x.dtype == conv.dtype == weight.dtype
+        if fused and conv.is_contiguous() and same_dtype and conv.dtype in _KERNEL_DTYPES:
+            return fused_conv_step(conv, x, weight, bias)
+        conv.copy_(torch.cat([conv[..., 1:], x[..., None].to(conv.dtype)], -1))
+        x = (conv * weight).sum(-1)
+        if bias is not None:
+            x = x + bias
+        return F.silu(x)
+
+    def _A(self) -> torch.Tensor:
+        """``A = −exp(A_log)`` ``(d_inner, N)``, fp32. Without gradients (decoding) it is kept
+        until ``A_log`` changes (an optimizer step or a load bumps its version)."""
+        if torch.is_grad_enabled() and self.A_log.requires_grad:
+            return -torch.exp(self.A_log.float())
+        key = (self.A_log._version, self.A_log.data_ptr())
+        if getattr(self, "_A_kept", (None,))[0] != key:
+            self._A_kept = (key, -torch.exp(self.A_log.float()))
+        return self._A_kept[1]
 
 
 def _zero_padding(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None):

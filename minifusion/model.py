@@ -135,13 +135,14 @@ class MiniFusionDecoderLayer(GradientCheckpointingLayer):
         if self.mamba is not None:
             mamba_out = self.mamba(normed, mamba_state, attention_mask)
         if self.fusion is not None:
-            mixed = self.fusion(mamba_out, attn_out)
+            mixed = self.fusion(mamba_out, attn_out, decoding=layer_cache is not None)
         else:
             mixed = attn_out if attn_out is not None else mamba_out
         hidden_states = hidden_states + self.residual_dropout(mixed)
 
         losses: dict[str, torch.Tensor] = {}
-        if self.fusion is not None:
+        if self.fusion is not None and (layer_cache is None or self.training):
+            # (generation needs no gate losses: skipping them saves a few operations per token)
             losses.update(self.fusion.regularisers())
         if self.ffn_type != "none":
             normed = self.post_attention_layernorm(hidden_states)
@@ -249,6 +250,8 @@ class MiniFusionModel(MiniFusionPreTrainedModel):
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, length = hidden_states.shape[:2]
         past = cache.seen_tokens if cache is not None else 0
+        if _nothing_padded(attention_mask, (batch, past + length)):
+            attention_mask = None  # every layer (and the positions) take the mask-free path
         if position_ids is None:
             position_ids = _positions(attention_mask, past, length, hidden_states.device)
         position_embeddings = None
@@ -278,6 +281,19 @@ class MiniFusionModel(MiniFusionPreTrainedModel):
             gate_balance_loss=totals.get("gate_balance", zero),
             gate_entropy_loss=totals.get("gate_entropy", zero),
         )
+
+
+def _nothing_padded(attention_mask: torch.Tensor | None, shape: tuple[int, int]) -> bool:
+    """A CPU mask of all ones of the expected ``(batch, past + new)`` shape (what ``generate()``
+    passes for an unpadded batch at every step): checked once per forward instead of in every
+    layer. (A mask of another shape is left to the layers, whose error names the fix; on a GPU
+    the check would wait for the device, so the layers handle the mask there.)"""
+    return (
+        attention_mask is not None
+        and attention_mask.device.type == "cpu"
+        and tuple(attention_mask.shape) == shape
+        and bool(attention_mask.all())
+    )
 
 
 def _positions(attention_mask, past: int, length: int, device) -> torch.Tensor:

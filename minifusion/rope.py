@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .config import ROPE_TYPES, MiniFusionConfig
+from .utils import as_dtype
 
 __all__ = [
     "SUPPORTED_ROPE_TYPES",
@@ -221,7 +222,7 @@ class RotaryEmbedding(nn.Module):
             self._build_table(max(high + 1, 2 * self.cached_length))
         cos = self.cos_table[position_ids]
         sin = self.sin_table[position_ids]
-        return cos.to(dtype), sin.to(dtype)
+        return as_dtype(cos, dtype), as_dtype(sin, dtype)
 
     def extra_repr(self) -> str:
         return (

@@ -411,19 +411,77 @@ def test_local_cache_memory_is_bounded_by_the_window():
     config = make_config(4, 2, 8, num_global_heads=2, sliding_window=6)
     attention, rope = make_pair(config)
     cache = attention.new_cache()
-    local_bytes = []
+    ring_storages, global_capacity = set(), []
     with torch.no_grad():
-        for t in range(50):
+        for t in range(200):
             x = torch.randn(1, 1, config.hidden_size)
             attention(x, rope(positions(1, 1, t)), kv_cache=cache)
-            local = cache.local_keys
-            local_bytes.append(local.untyped_storage().nbytes() * 2)  # keys + values
-    assert cache.seen_tokens == 50
-    assert cache.global_keys.shape == (1, 1, 50, 8)  # global heads keep everything
+            ring_storages.add(cache._ring_k.untyped_storage().data_ptr())
+            global_capacity.append(cache._global_k.shape[2])
+    assert cache.seen_tokens == 200
+    assert cache.global_keys.shape == (1, 1, 200, 8)  # global heads keep everything
     assert cache.local_keys.shape == (1, 1, 6, 8)  # local heads keep the last window
-    assert max(local_bytes[6:]) == local_bytes[6]  # the storage itself stops growing
+    assert len(ring_storages) == 1  # one ring, allocated once, written in place
+    # the global buffer grew 64 positions at a time (an eighth of its size is less), not per token
+    assert sorted(set(global_capacity)) == [1, 65, 129, 193, 257]
     per_token = 2 * 1 * 8 * 4  # K and V, one KV head, head_dim 8, fp32
-    assert cache.memory_bytes() == 50 * per_token + 6 * per_token
+    assert cache.memory_bytes() == global_capacity[-1] * per_token + 6 * per_token
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_single_query_attention_equals_eager_with_padding(kv_heads):
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 1, 8)
+    k, v = torch.randn(3, kv_heads, 10, 8), torch.randn(3, kv_heads, 10, 8)
+    valid = torch.ones(3, 10, dtype=torch.bool)
+    valid[1, :4] = False  # row 1: padded keys
+    valid[2, :] = False  # row 2: a padding query, whose own key (index 6) it still sees
+    got = attention_module.single_query_attention(q, k, v, 0.3, valid, newest=6)
+    visible = valid.clone()
+    visible[:, 6] = True
+    expected = eager_attention(q, k, v, visible[:, None, None, :], 0.3)
+    torch.testing.assert_close(got, expected)
+    plain = attention_module.single_query_attention(q, k, v, 0.3)
+    torch.testing.assert_close(plain, eager_attention(q, k, v, torch.ones(1, 1, 1, 10).bool(), 0.3))
+
+
+def test_a_reserved_cache_never_reallocates():
+    config = make_config(4, 2, 8, num_global_heads=2, sliding_window=6)
+    attention, rope = make_pair(config)
+    cache = attention.new_cache()
+    cache.reserve(30)
+    with torch.no_grad():
+        attention(torch.randn(1, 10, config.hidden_size), rope(positions(1, 10)), kv_cache=cache)
+        storage = cache._global_k.untyped_storage().data_ptr()
+        for t in range(10, 30):
+            x = torch.randn(1, 1, config.hidden_size)
+            attention(x, rope(positions(1, 1, t)), kv_cache=cache)
+            assert cache._global_k.untyped_storage().data_ptr() == storage
+    assert cache._global_k.shape[2] == 30
+
+
+@pytest.mark.parametrize("mix", ["local", "mixed"])
+def test_single_token_steps_over_a_full_ring_respect_padding_inside_the_window(mix):
+    """Row 0 is left-padded with pads that stay inside the window while the ring is full and
+    wraps: the permuted padding mask must still hide them."""
+    config, attention, rope = mixed_layer(mix, head_dim=8)  # window 5
+    length, prompt = 16, 6
+    x = torch.randn(2, length, config.hidden_size)
+    padding = torch.ones(2, length, dtype=torch.long)
+    padding[0, :4] = 0
+    position_ids = (padding.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = attention(x, rope(position_ids), attention_mask=padding)
+        cache = attention.new_cache()
+        pieces = [attention(x[:, :prompt], rope(position_ids[:, :prompt]),
+                            attention_mask=padding[:, :prompt], kv_cache=cache)]  # fmt: skip
+        for t in range(prompt, length):
+            pieces.append(
+                attention(x[:, t : t + 1], rope(position_ids[:, t : t + 1]),
+                          attention_mask=padding[:, : t + 1], kv_cache=cache)
+            )  # fmt: skip
+    real = padding.bool()
+    assert (torch.cat(pieces, dim=1) - full)[real].abs().max() <= 1e-5
 
 
 # ------------------------------------------------------------------------- causality ---

@@ -12,7 +12,12 @@ import pytest
 import torch
 
 from minifusion import extensions
-from minifusion.fused_scan import fused_scan_available, fused_state_step, selective_scan_fused
+from minifusion.fused_scan import (
+    fused_conv_step,
+    fused_scan_available,
+    fused_state_step,
+    selective_scan_fused,
+)
 from minifusion.mamba import (
     resolve_scan_impl,
     selective_scan_chunked,
@@ -136,6 +141,26 @@ def test_fused_step_equals_the_pytorch_step_and_the_scan(with_optional):
         assert_close(y_fused, y_torch, what=f"step {t}")
         assert_close(y_fused, y_scan[..., t], what=f"step {t} vs scan")
     assert_close(state_fused, last_scan, what="state")
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_conv_step_equals_the_causal_conv(with_bias):
+    """Step by step, the compiled conv window gives the causal depthwise conv + SiLU of the
+    whole sequence and leaves the last d_conv inputs in the window."""
+    torch.manual_seed(0)
+    batch, channels, kernel, length = 2, 5, 4, 9
+    x = torch.randn(batch, channels, length)
+    weight = torch.randn(channels, kernel)
+    bias = torch.randn(channels) if with_bias else None
+    padded = torch.nn.functional.pad(x, (kernel - 1, 0))
+    expected = torch.nn.functional.silu(
+        torch.nn.functional.conv1d(padded, weight[:, None], bias, groups=channels)
+    )
+    window = torch.zeros(batch, channels, kernel)
+    for t in range(length):
+        y = fused_conv_step(window, x[..., t], weight, bias)
+        assert_close(y, expected[..., t], what=f"position {t}")
+    torch.testing.assert_close(window, x[..., -kernel:], rtol=0, atol=0)
 
 
 def test_auto_picks_the_kernel_on_cpu():

@@ -508,8 +508,47 @@ torch::Tensor state_step(torch::Tensor state, torch::Tensor x, torch::Tensor del
   return y;
 }
 
+// The causal depthwise convolution for one decoding step, in place on conv_state (B, D, K):
+// shift the window left by one, append x (B, D), and return SiLU(Σ_k window[k] · weight[d, k]
+// + bias[d]) (B, D). One call instead of the ten small tensor operations it replaces.
+torch::Tensor conv_step(torch::Tensor conv_state, torch::Tensor x, torch::Tensor weight,
+                        c10::optional<torch::Tensor> bias_opt) {
+  TORCH_CHECK(conv_state.is_contiguous(), "conv_state must be contiguous");
+  TORCH_CHECK(x.scalar_type() == conv_state.scalar_type() &&
+                  weight.scalar_type() == conv_state.scalar_type(),
+              "conv_step: conv_state, x and weight must share one dtype");
+  x = x.contiguous(); weight = weight.contiguous();
+  auto bias = optional_contiguous(bias_opt);
+  TORCH_CHECK(!bias.defined() || bias.scalar_type() == conv_state.scalar_type(),
+              "conv_step: bias must have conv_state's dtype");
+  const int64_t batch = conv_state.size(0), channels = conv_state.size(1);
+  const int64_t K = conv_state.size(2);
+  auto y = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_step", [&] {
+    scalar_t* window = conv_state.data_ptr<scalar_t>();
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *w = weight.data_ptr<scalar_t>();
+    const scalar_t* b = pointer_or_null<scalar_t>(bias);
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < batch * channels; ++i) {
+      const int64_t d = i % channels;
+      scalar_t* row = window + i * K;
+      scalar_t acc = 0;
+      for (int64_t k = 0; k + 1 < K; ++k) {
+        row[k] = row[k + 1];
+        acc += row[k] * w[d * K + k];
+      }
+      row[K - 1] = xp[i];
+      acc += xp[i] * w[d * K + K - 1];
+      if (b != nullptr) acc += b[d];  // after the sum, as the PyTorch path adds it
+      yp[i] = acc * sigmoid(acc);
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &scan_forward, "fused selective scan, forward");
   m.def("backward", &scan_backward, "fused selective scan, backward");
   m.def("step", &state_step, "one recurrent step of the selective scan, in place");
+  m.def("conv_step", &conv_step, "one step of the causal depthwise conv + SiLU, in place");
 }
