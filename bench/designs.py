@@ -91,8 +91,12 @@ DESIGNS: dict[str, Design] = {
 
 
 def design_overrides(name: str) -> dict[str, Any]:
-    """The settings ``name`` changes in the preset (checked: the config must accept them)."""
-    overrides = DESIGNS[name].overrides
+    """The settings ``name`` changes in the preset (checked: the config must accept them).
+
+    Every design keeps global heads in all of its attention layers, as when the designs were
+    raced (before ``tiny`` kept them in one layer only; a layer plan that moves the attention
+    layers could not keep ``tiny``'s placement anyway)."""
+    overrides = {"global_attention_layers": None, **DESIGNS[name].overrides}
     race.preset_config().replaced(**overrides)  # raises on a bad design, before any training
     return overrides
 

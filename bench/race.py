@@ -177,11 +177,13 @@ def minifusion_config(mixer: str, base: MiniFusionConfig) -> MiniFusionConfig:
     """``base`` itself for ``"hybrid"``; else ``base`` with every layer ``mixer`` followed by a
     dense feed-forward block — a plain transformer (or Mamba stack), whatever layer plan the
     preset has (a preset whose Mamba layers skip the feed-forward does not make its twins
-    smaller)."""
+    smaller). The attention twin has the preset's global heads in every layer, whichever layers
+    the preset gives them to (the stronger twin at a short context)."""
     if mixer == "hybrid":
         return base
     layers = base.num_hidden_layers
-    return base.replaced(mixer_types=[mixer] * layers, ffn_types=["dense"] * layers)
+    return base.replaced(mixer_types=[mixer] * layers, ffn_types=["dense"] * layers,
+                         global_attention_layers=None)  # fmt: skip
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -219,7 +219,11 @@ def pruned_config(config: MiniFusionConfig, keep: dict[int, str]) -> MiniFusionC
             )
         mixer_types[layer] = branch
         pruned.add(layer)
-    return config.replaced(mixer_types=mixer_types, pruned_fusion_layers=sorted(pruned))
+    global_layers = config.global_attention_layers
+    if global_layers is not None:  # a layer pruned to Mamba has no heads left to be global
+        global_layers = [i for i in global_layers if mixer_types[i] != "mamba"]
+    return config.replaced(mixer_types=mixer_types, pruned_fusion_layers=sorted(pruned),
+                           global_attention_layers=global_layers)  # fmt: skip
 
 
 def prune_model(model: nn.Module, keep: dict[int, str] | PrunePlan) -> nn.Module:
