@@ -761,6 +761,11 @@ def across_seeds(group: list[dict[str, Any]], level: int = 3) -> str:
         "| entry | seeds | val bpc, mean ± sd | tokens/s, mean ± sd | hybrid's bpc lower in |",
         "|---|---|---|---|---|",
     ]
+    hybrid = {
+        r["settings"]["seed"]: r["entries"]["hybrid"]["val_bpc"]
+        for r in group
+        if "val_bpc" in r["entries"].get("hybrid", {})
+    }
     rows = []
     for name in ENTRIES:
         runs = {
@@ -770,11 +775,6 @@ def across_seeds(group: list[dict[str, Any]], level: int = 3) -> str:
         }
         if len(runs) < 2:
             continue
-        hybrid = {
-            r["settings"]["seed"]: r["entries"]["hybrid"]["val_bpc"]
-            for r in group
-            if "val_bpc" in r["entries"].get("hybrid", {})
-        }
         shared = [seed for seed in runs if seed in hybrid]
         if name == "hybrid" or not shared:
             against = "–"

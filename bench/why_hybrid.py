@@ -252,8 +252,9 @@ def verdict(results: dict) -> list[str]:
     """One sentence per metric: the best model on average, and which others it beats in *every*
     seed (a gap smaller than the seed-to-seed spread does not count as a win)."""
     sentences = []
+    by_seed = scores_by_seed(results)
     for key, label, higher in METRICS:
-        scores = scores_by_seed(results)[key]
+        scores = by_seed[key]
         means = {name: mean_and_spread(values)[0] for name, values in scores.items()}
         best = (max if higher else min)(means, key=means.get)
         mean, spread = mean_and_spread(scores[best])
