@@ -6,6 +6,7 @@ from bench.decode import (
     DecodeResults,
     build_models,
     format_cache_table,
+    format_prefill_table,
     format_speed_table,
     main,
     parameter_count,
@@ -33,22 +34,29 @@ def test_llama_twin_matches_the_full_attention_model():
 
 def test_tiny_run_measures_every_model_and_caches_match_the_formula():
     # 80 tokens > the tiny preset's 64-token window: the local heads' cache is capped
-    results = run("tiny", contexts=(8,), cache_lengths=(8, 80), new_tokens=2, repeats=1)
-    assert [s.model for s in results.speeds] == list(MODELS)
+    results = run("tiny", contexts=(8,), batch_sizes=(1, 2), cache_lengths=(8, 80),
+                  prefill_context=16, new_tokens=2, repeats=1)  # fmt: skip
+    assert [(s.batch_size, s.model) for s in results.speeds] == [
+        (b, m) for b in (1, 2) for m in MODELS
+    ]
     assert all(s.tokens_per_s > 0 and s.new_tokens == 2 for s in results.speeds)
+    assert [(p.model, p.context) for p in results.prefills] == [(m, 16) for m in MODELS]
+    assert all(p.seconds > 0 for p in results.prefills)
+    assert set(results.ops_per_token) == set(MODELS)
     assert {(c.model, c.tokens) for c in results.caches} == {
         (m, n) for m in MODELS for n in (8, 80)
     }
     assert all(c.bytes == c.formula_bytes for c in results.caches)
     assert DecodeResults.from_dict(results.to_dict()) == results
     speed_rows = format_speed_table(results).splitlines()
-    assert speed_rows[-1].startswith("| 8 | transformers Llama |") and speed_rows[-1].endswith(
-        "| 1.00 |"
-    )
+    assert speed_rows[-1].startswith("| 2 | 8 | transformers Llama |")
+    assert speed_rows[-1].endswith("| 1.00 |")
+    assert format_prefill_table(results).splitlines()[-1].startswith("| 16 | transformers Llama")
     assert format_cache_table(results).splitlines()[-1].startswith("| 80 |")
 
 
 def test_command_line(capsys):
-    main(["--contexts", "4", "--new-tokens", "1", "--cache-lengths", "8", "--repeats", "1"])
+    main(["--contexts", "4", "--batch-sizes", "1", "--prefill-context", "8", "--new-tokens", "1",
+          "--cache-lengths", "8", "--repeats", "1"])  # fmt: skip
     out = capsys.readouterr().out
     assert "ratio to Llama" in out and "hybrid / Llama" in out and "Parameters: Llama" in out

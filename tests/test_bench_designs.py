@@ -44,7 +44,7 @@ def test_a_quick_design_race_applies_each_design_in_its_worker(tmp_path):
     for name in ("mamba", "interleaved-AMAM"):
         r = result["entries"][name]
         assert "error" not in r, r
-        expected = base.replaced(**designs.DESIGNS[name].overrides).estimate_parameters()
+        expected = base.replaced(**designs.design_overrides(name)).estimate_parameters()
         assert r["params"] == expected  # the worker built the design, not the preset
         assert r["lineage"] == designs.DESIGNS[name].lineage and math.isfinite(r["val_bpc"])
     assert len(lines) == 3 and all(line.startswith("[designs]") for line in lines)

@@ -36,7 +36,8 @@ def test_entries_are_sized_to_the_attention_twin():
     base = race.preset_config()
     n = base.num_hidden_layers
     plain = {
-        m: base.replaced(mixer_types=[m] * n, ffn_types=["dense"] * n)
+        m: base.replaced(mixer_types=[m] * n, ffn_types=["dense"] * n,
+                         global_attention_layers=None)  # fmt: skip
         for m in ("attention", "mamba")
     }
     twin = counts["attention"]
