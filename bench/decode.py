@@ -340,6 +340,35 @@ def format_cache_table(results: DecodeResults) -> str:
     return "\n".join(lines)
 
 
+FORMULA_PRESETS = ("tiny", "tiny-parallel", "small", "fusiontree-1.5b")
+FORMULA_TOKENS = (2048, 8192, 16384, 32768)
+
+
+def preset_cache_table(
+    presets: tuple[str, ...] = FORMULA_PRESETS, tokens: tuple[int, ...] = FORMULA_TOKENS
+) -> str:
+    """The cache formula of every preset (computed from the configs, not measured): what it
+    holds whatever the length, what each token adds, and its size relative to the same shape
+    with every layer full attention (a Llama's cache), fp32, batch 1."""
+    head = " | ".join(f"÷ full attention at {n:,}" for n in tokens)
+    lines = [
+        f"| preset | layers with global heads | fixed bytes | bytes per token | {head} |",
+        "|---|---|---|---|" + "---|" * len(tokens),
+    ]
+    for name in presets:
+        config = MiniFusionConfig.from_preset(name)
+        full = full_attention_config(config)
+        per_token = config.cache_bytes(2) - config.cache_bytes(1)  # it is linear from 1 token
+        fixed = config.cache_bytes(1) - per_token
+        attention = [i for i, m in enumerate(config.mixer_types) if m in ("attention", "hybrid")]
+        placed = [i for i in attention if config.global_heads_of(i)]
+        ratios = " | ".join(f"{config.cache_bytes(n) / full.cache_bytes(n):.3f}" for n in tokens)
+        lines.append(
+            f"| {name} | {len(placed)} of {len(attention)} | {fixed:,} | {per_token:,} | {ratios} |"
+        )
+    return "\n".join(lines)
+
+
 def parameter_note(results: DecodeResults) -> str:
     """How matched the models are, and how many operations a decode step runs."""
     p = results.parameters
@@ -395,6 +424,8 @@ def main(argv: list[str] | None = None) -> None:
         print(format_prefill_table(results))
     if results.caches:
         print(format_cache_table(results))
+    print("The cache formula per preset (MiniFusionConfig.cache_bytes, fp32, batch 1):")
+    print(preset_cache_table())
     print(f"({time.perf_counter() - started:.0f} s)")
 
 

@@ -653,7 +653,11 @@ def cache_reading(data: Data) -> str:
 
 def cache_detail(data: Data) -> str:
     results = _decode_results(data)
-    return decode.format_cache_table(results) if results.caches else "not measured"
+    measured = decode.format_cache_table(results) if results.caches else "not measured"
+    return (
+        f"{measured}\n\nThe cache formula of every preset (`MiniFusionConfig.cache_bytes`, "
+        f"computed from the configs, fp32, batch 1):\n\n{decode.preset_cache_table()}"
+    )
 
 
 # ---------------------------------------------------------------------------- why hybrid ---

@@ -11,6 +11,7 @@ from bench.decode import (
     main,
     parameter_count,
     parameter_mismatch,
+    preset_cache_table,
     run,
 )
 from minifusion.config import MiniFusionConfig
@@ -60,3 +61,16 @@ def test_command_line(capsys):
           "--cache-lengths", "8", "--repeats", "1"])  # fmt: skip
     out = capsys.readouterr().out
     assert "ratio to Llama" in out and "hybrid / Llama" in out and "Parameters: Llama" in out
+
+
+def test_preset_cache_table_is_the_config_formula():
+    table = preset_cache_table(presets=("tiny", "tiny-parallel"), tokens=(1000, 16384)).splitlines()
+    assert len(table) == 4
+    tiny = MiniFusionConfig.from_preset("tiny")
+    per_token = tiny.cache_bytes(1001) - tiny.cache_bytes(1000)
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert cells[:2] == ["tiny", "1 of 2"]
+    assert int(cells[3].replace(",", "")) == per_token
+    assert int(cells[2].replace(",", "")) + 1000 * per_token == tiny.cache_bytes(1000)
+    assert float(cells[5]) <= 0.15  # the target for the default preset at 16,384 tokens
+    assert table[3].startswith("| tiny-parallel | 4 of 4 |")
