@@ -19,6 +19,7 @@ import contextlib
 import functools
 import os
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -83,6 +84,25 @@ def check_build_locks(root: str | Path | None = None, now: float | None = None) 
                 )
 
 
+@contextlib.contextmanager
+def _environment_tools_first():
+    """Put this interpreter's ``bin`` folder first on ``PATH`` while building.
+
+    The build tool is ``ninja`` from ``PATH``. The environment installs its own (``make`` puts
+    ``.venv/bin`` first), a system may have another version, and the two keep different build
+    logs: a process started by ``make`` and one started as ``.venv/bin/python …`` from a plain
+    shell would then each rebuild the extension the other built (half a minute every time).
+    Always using the environment's own tools makes every process agree.
+    """
+    tools = str(Path(sys.executable).parent)
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = tools + os.pathsep + old
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
 def _compiler_flags() -> list[str]:
     """-O3 and OpenMP; no floating-point traps, so branches of exp/log/softplus can be computed
     for every lane and selected (vectorised) without changing any result; on x86-64 also the
@@ -106,13 +126,14 @@ def scan_kernel() -> ModuleType | None:
     from torch.utils.cpp_extension import load
 
     try:
-        return load(
-            name="minifusion_selective_scan",
-            sources=[str(SCAN_SOURCE)],
-            extra_cflags=_compiler_flags(),
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        with _environment_tools_first():
+            return load(
+                name="minifusion_selective_scan",
+                sources=[str(SCAN_SOURCE)],
+                extra_cflags=_compiler_flags(),
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
     except (OSError, RuntimeError, ImportError) as error:  # no compiler, no OpenMP, no ninja
         reason = _first_error_line(str(error)) or type(error).__name__
         warnings.warn(
@@ -148,4 +169,5 @@ def build_extensions() -> None:
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is not None and builder.is_compatible():
-        builder.load(verbose=False)
+        with _environment_tools_first():
+            builder.load(verbose=False)
