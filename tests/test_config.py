@@ -293,7 +293,10 @@ def test_sliding_window_caps_attention_flops():
 
 def test_replaced_returns_a_checked_copy_and_leaves_the_original():
     config = MiniFusionConfig.from_preset("tiny")
-    mamba = config.replaced(mixer_types=["mamba"] * 4, ffn_types=["none"] * 4)
+    mamba = config.replaced(mixer_types=["mamba"] * 4, ffn_types=["none"] * 4,
+                            global_attention_layers=None)  # tiny's layer 2 is no longer attention
+    with pytest.raises(ValueError, match="global_attention_layers contains"):
+        config.replaced(mixer_types=["mamba"] * 4, ffn_types=["none"] * 4)
     original = ["attention", "mamba", "attention", "mamba"]  # configs/tiny.yaml
     assert mamba.mixer_types == ["mamba"] * 4 and config.mixer_types == original
     assert mamba.hidden_size == config.hidden_size and mamba.sliding_window == 64
