@@ -3,6 +3,8 @@
     python -m minifusion.evaluate --model runs/tiny/model --data tiny          # tiny's held-out plays
     python -m minifusion.evaluate --model runs/tiny/model --data "texts/*.txt" --block-size 512
     python -m minifusion.evaluate --model path/to/any-transformers-lm --data tiny
+    python -m minifusion.evaluate --model runs/tiny/model --data tiny --block-size 1024 \
+        --per-position runs/tiny/loss_by_position.csv     # does the loss rise past 256 tokens?
 
 ``--data`` is either a preset name or config file (its ``data`` section: the documents that
 training held out for validation), or text files (``.txt``: one document each; ``.jsonl``: one
@@ -15,6 +17,11 @@ end-of-text token (where it has one; it counts as one character, a document brea
 documents form one stream, cut into blocks of ``--block-size`` + 1 tokens that overlap by one, so
 every token after the first is predicted exactly once, from up to ``--block-size`` tokens before
 it within its block.
+
+``--per-position FILE`` also writes the mean loss at every position of non-overlapping blocks
+(:func:`minifusion.long_context.per_position_loss`) as CSV, and prints it by spans of the block:
+with a block longer than the training blocks, it shows whether the model keeps predicting well
+past the length it was trained on (chapter 15).
 """
 
 from __future__ import annotations
@@ -163,6 +170,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
                         help="tokens of context per block (256; at most the model's positions)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (8)")
     parser.add_argument("--max-blocks", type=int, help="score only the first N blocks (quick look)")
+    parser.add_argument("--per-position", type=Path, metavar="CSV",
+                        help="also write the mean loss at every position of a block to CSV")  # fmt: skip
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser, parser.parse_args(argv)
@@ -200,7 +209,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loss        {score.loss:.4f} nats/token")
     print(f"perplexity  {score.perplexity:.2f} (per token: depends on the tokenizer)")
     print(f"bpc         {score.bpc:.4f} bits/character (comparable across tokenizers)")
+    if args.per_position is not None:
+        _write_per_position(model, ids, args)
     return 0
+
+
+def _write_per_position(model: nn.Module, ids: list[int], args: argparse.Namespace) -> None:
+    """The ``--per-position`` report: a CSV of every position and a summary by spans."""
+    from .long_context import mean_by_span, per_position_loss
+
+    losses = per_position_loss(model, ids, args.block_size, batch_size=args.batch_size,
+                               max_blocks=args.max_blocks)  # fmt: skip
+    args.per_position.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["position,loss_nats"] + [f"{t},{loss:.6f}" for t, loss in enumerate(losses.tolist())]
+    args.per_position.write_text("\n".join(lines) + "\n")
+    edges = sorted({0, *(args.block_size * k // 8 for k in range(1, 9))})
+    spans = mean_by_span(losses, edges)
+    print(f"loss by position (nats/token), written to {args.per_position}:")
+    for first, last, loss in zip(edges[:-1], edges[1:], spans):
+        print(f"  positions {first:>6,}-{last - 1:<6,} {loss:.4f}")
 
 
 if __name__ == "__main__":

@@ -148,3 +148,19 @@ def test_evaluate_prints_loss_perplexity_and_bpc(saved, capsys, model_folder):
         evaluate.main(["--model", str(folder), "--data", str(saved["corpus"] / "*.txt"),
                        "--block-size", "4096"])  # fmt: skip
     assert "exceeds the model's 128 positions" in capsys.readouterr().err
+
+
+def test_evaluate_per_position_writes_the_loss_at_every_position(saved, capsys, tmp_path):
+    """The CSV's mean over positions equals the loss the command prints (same blocks: the stream
+    splits into whole blocks plus a remainder, and only whole blocks enter the CSV)."""
+    folder, out = saved["root"] / "ours", tmp_path / "positions.csv"
+    assert evaluate.main(["--model", str(folder), "--data", str(saved["corpus"] / "*.txt"),
+                          "--block-size", "16", "--max-blocks", "5", "--no-progress",
+                          "--device", "cpu", "--per-position", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    rows = out.read_text().splitlines()
+    assert rows[0] == "position,loss_nats" and len(rows) == 17
+    losses = [float(row.split(",")[1]) for row in rows[1:]]
+    loss = float(printed.split("loss ")[1].split()[0])  # 5 whole blocks of 16: the same tokens
+    assert sum(losses) / len(losses) == pytest.approx(loss, abs=1e-4)
+    assert "positions      0-1" in printed and "positions     14-15" in printed
