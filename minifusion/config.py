@@ -53,6 +53,8 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Constants of the FLOP model (see ``flops_breakdown``): per channel and state, one selective-scan
 # step costs Δ·A, Δ·B·u (2), Ā·h + B̄u (2) and the read-out C·h (2): seven floating-point ops.
 SCAN_FLOPS_PER_STATE = 7
+#: Bytes per value of a Mamba layer's scan state in a cache: fp32 whatever the model's dtype.
+SCAN_STATE_BYTES = 4
 
 
 def swiglu_intermediate_size(hidden_size: int, multiple_of: int = 64) -> int:
@@ -431,24 +433,26 @@ class MiniFusionConfig(PreTrainedConfig):
 
         Per attention layer: keys + values of its global KV heads for every token and of its
         local KV heads for ``sliding_window`` slots (the ring is allocated whole at the first
-        token, however short the prompt). Per Mamba
-        layer: the conv buffer ``(d_inner, d_conv)`` and the scan state ``(d_inner, d_state)``,
+        token, however short the prompt). Per Mamba layer: the conv buffer ``(d_inner, d_conv)``
+        in the model's dtype (``bytes_per_value``) and the scan state ``(d_inner, d_state)``,
+        which is always fp32 (:data:`SCAN_STATE_BYTES`: the recurrence accumulates in fp32),
         whatever ``tokens``. With every head global this is a plain transformer's KV cache.
         (While decoding past the prompt the global buffers grow by eighths, so they may hold up
         to about 1/8 more.)
         """
         group = self.num_attention_heads // self.num_key_value_heads
-        per_mamba = self.mamba_d_inner * (self.mamba_d_conv + self.mamba_d_state)
+        state_bytes = self.mamba_d_inner * self.mamba_d_state * SCAN_STATE_BYTES
         total = 0
         for i, mixer in enumerate(self.mixer_types):
             if mixer in ("attention", "hybrid"):
                 global_kv = self.global_heads_of(i) // group
                 local_kv = self.num_key_value_heads - global_kv
                 window = self.sliding_window if local_kv and tokens else 0
-                total += 2 * self.head_dim * (global_kv * tokens + local_kv * window)
+                values = 2 * self.head_dim * (global_kv * tokens + local_kv * window)
+                total += values * bytes_per_value
             if mixer in ("mamba", "hybrid"):
-                total += per_mamba
-        return total * batch_size * bytes_per_value
+                total += self.mamba_d_inner * self.mamba_d_conv * bytes_per_value + state_bytes
+        return total * batch_size
 
     @staticmethod
     def _divisors_hint(n: int) -> str:

@@ -57,6 +57,13 @@ def test_cache_formula_equals_the_bytes_held_after_a_prompt(tokens, placement):
         buffers = [t for layer in cache.layers if layer.kv for t in layer.kv.buffers()]
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in buffers}
         assert sum(storages.values()) == cache.memory_bytes()["kv"]  # nothing held unreported
+    # in bf16 the keys, values and conv buffers halve; the scan state stays fp32
+    model = model.to(torch.bfloat16)
+    cache = HybridCache(model.model, batch_size=2)
+    with torch.no_grad():
+        model(torch.randint(1, 61, (2, tokens)), past_key_values=cache)
+    held = sum(cache.memory_bytes().values())
+    assert held == model.config.cache_bytes(tokens, batch_size=2, bytes_per_value=2)
 
 
 def test_fewer_global_layers_give_a_cache_that_grows_more_slowly():
