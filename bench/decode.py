@@ -1,15 +1,17 @@
 """Decode speed, prefill time and cache memory: MiniFusion's hybrid vs a full-attention twin vs
 transformers' Llama.
 
-Three models of one shape (the preset's hidden size, layers, heads, KV heads, SwiGLU width and
-vocabulary, tied embeddings):
+Three models (the preset's hidden size, layers, heads, KV heads and vocabulary, tied embeddings):
 
 * ``hybrid`` — the preset itself (for ``tiny``: attention and Mamba layers taking turns, global
   heads only where ``global_attention_layers`` puts them, local heads elsewhere);
 * ``full attention`` — :func:`minifusion.inference.full_attention_config` of it: every layer plain
   attention with a dense FFN, every head global (a Llama written with MiniFusion's code);
-* ``Llama`` — transformers' ``LlamaForCausalLM`` with the same sizes, the independent reference.
-  Its parameter count equals the full-attention twin's (checked).
+* ``Llama`` — transformers' ``LlamaForCausalLM`` of the same sizes, the independent reference, with
+  its SwiGLU width solved so that its parameter count equals the hybrid's *active* parameter count
+  (:func:`llama_matched_to`; checked to within :data:`PARAMETER_TOLERANCE`). The hybrid's Mamba
+  layers have no feed-forward block, so a Llama of the same shape would be larger than the hybrid
+  (the full-attention twin is that model).
 
 All three go through :func:`minifusion.inference.measure_decode`: a random prompt fills a fresh
 cache (that forward pass is the *prefill*, timed on its own), then greedy single-token steps are
@@ -51,9 +53,9 @@ DEFAULT_BATCH_SIZES = (1, 8)
 DEFAULT_CACHE_LENGTHS = (256, 1024, 2048, 4096, 8192, 16384)
 DEFAULT_PREFILL_CONTEXT = 8192
 DEFAULT_NEW_TOKENS = 32
-# transformers' Llama of the tiny shape must have the full-attention twin's parameter count to
-# within this relative difference (they are the same architecture, so it is exact in practice).
-PARAMETER_TOLERANCE = 0.001
+# transformers' Llama must have the hybrid's active parameter count to within this relative
+# difference (its SwiGLU width moves the count in steps of 3 · hidden · layers parameters).
+PARAMETER_TOLERANCE = 0.005
 
 
 @dataclass
@@ -136,6 +138,24 @@ def matched_llama_config(config: MiniFusionConfig):
     )
 
 
+def llama_matched_to(config: MiniFusionConfig):
+    """Llama of ``config``'s sizes whose parameter count equals ``config``'s active parameters: the
+    full-attention shape of ``config`` with the SwiGLU width solved (every Llama layer has one; a
+    channel of it costs ``3 · hidden_size`` parameters per layer)."""
+    layers = config.num_hidden_layers
+    # every layer attention with a dense SwiGLU (where the preset has MoE, Llama has dense layers)
+    full = full_attention_config(config).replaced(ffn_types=["dense"] * layers)
+    per_channel = 3 * full.hidden_size * layers
+    without_ffn = full.replaced(intermediate_size=1).estimate_parameters() - per_channel
+    intermediate = round((config.estimate_active_parameters() - without_ffn) / per_channel)
+    if intermediate < 1:
+        raise ValueError(
+            f"{config.estimate_active_parameters():,} active parameters leave no room for a "
+            f"feed-forward block in a Llama of this shape ({without_ffn:,} without one)."
+        )
+    return matched_llama_config(full.replaced(intermediate_size=intermediate))
+
+
 def build_models(
     preset: str | MiniFusionConfig, max_positions: int, device: str | torch.device = "cpu"
 ) -> dict[str, nn.Module]:
@@ -147,7 +167,7 @@ def build_models(
     models = {
         "hybrid": MiniFusionForCausalLM(config),
         "full_attention": MiniFusionForCausalLM(full_attention_config(config)),
-        "llama": LlamaForCausalLM(matched_llama_config(config)),
+        "llama": LlamaForCausalLM(llama_matched_to(config)),
     }
     return {name: model.to(device).eval() for name, model in models.items()}
 
@@ -165,8 +185,10 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def parameter_mismatch(parameters: dict[str, int]) -> float:
-    """Relative difference of Llama's count from the full-attention twin's."""
-    return abs(parameters["llama"] - parameters["full_attention"]) / parameters["full_attention"]
+    """Relative difference of Llama's count from the hybrid's active count (``hybrid_active``,
+    or the hybrid's whole count in results saved without it)."""
+    target = parameters.get("hybrid_active", parameters["hybrid"])
+    return abs(parameters["llama"] - target) / target
 
 
 # --------------------------------------------------------------------- the cache formulas ---
@@ -284,6 +306,7 @@ def run(
         models = build_models(preset, max_positions, device)
         name = preset if isinstance(preset, str) else "custom"
         results = DecodeResults(name, {k: parameter_count(m) for k, m in models.items()})
+        results.parameters["hybrid_active"] = models["hybrid"].config.estimate_active_parameters()
         results.ops_per_token = {k: ops_per_token(m) for k, m in models.items()}
         results.speeds = measure_speeds(
             models, contexts, new_tokens=new_tokens, batch_sizes=batch_sizes, repeats=repeats
@@ -372,10 +395,12 @@ def preset_cache_table(
 def parameter_note(results: DecodeResults) -> str:
     """How matched the models are, and how many operations a decode step runs."""
     p = results.parameters
+    active = p.get("hybrid_active", p["hybrid"])
     note = (
-        f"Parameters: Llama {p['llama']:,}, MiniFusion full attention {p['full_attention']:,} "
-        f"(difference {100 * parameter_mismatch(p):.2f} %), MiniFusion hybrid {p['hybrid']:,} "
-        f"({p['hybrid'] / p['llama']:.2f} × Llama's)."
+        f"Parameters: MiniFusion hybrid {p['hybrid']:,} ({active:,} active), transformers Llama "
+        f"{p['llama']:,} (its SwiGLU width solved to the hybrid's active count: difference "
+        f"{100 * parameter_mismatch(p):.2f} %), MiniFusion full attention {p['full_attention']:,} "
+        "(the hybrid's shape with every layer attention)."
     )
     if results.ops_per_token:
         ops = results.ops_per_token

@@ -724,8 +724,9 @@ SECTIONS = (
         "Decode speed", "decode",
         "Greedy decoding at batch 1 and 8 after a random prompt (`python -m bench.decode`), "
         "through `minifusion.inference.measure_decode`: the tiny hybrid, its full-attention twin "
-        "(`full_attention_config`) and transformers' `LlamaForCausalLM` of the same sizes; "
-        "ratios to Llama, and the prefill time of a long prompt.",
+        "(`full_attention_config`) and transformers' `LlamaForCausalLM` of the same sizes with its "
+        "SwiGLU width solved to the hybrid's active parameter count; ratios to Llama, and the "
+        "prefill time of a long prompt.",
         decode_table, decode_reading, decode_detail,
     ),
     Section(

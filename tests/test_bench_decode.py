@@ -8,6 +8,7 @@ from bench.decode import (
     format_cache_table,
     format_prefill_table,
     format_speed_table,
+    llama_matched_to,
     main,
     parameter_count,
     parameter_mismatch,
@@ -18,19 +19,28 @@ from minifusion.config import MiniFusionConfig
 from minifusion.inference import full_attention_config
 
 
-def test_llama_twin_matches_the_full_attention_model():
+def test_llama_matches_the_hybrids_active_parameters_and_the_twin_its_shape():
     models = build_models("tiny", max_positions=64)
     counts = {name: parameter_count(model) for name, model in models.items()}
-    assert parameter_mismatch(counts) <= PARAMETER_TOLERANCE
     tiny = MiniFusionConfig.from_preset("tiny")
-    assert counts["full_attention"] == full_attention_config(tiny).estimate_parameters()
     assert counts["hybrid"] == tiny.estimate_parameters()
+    assert counts["full_attention"] == full_attention_config(tiny).estimate_parameters()
+    assert abs(counts["llama"] / counts["hybrid"] - 1) <= PARAMETER_TOLERANCE
+    assert parameter_mismatch({**counts, "hybrid_active": counts["hybrid"]}) <= PARAMETER_TOLERANCE
     llama = models["llama"].config
     assert (llama.hidden_size, llama.num_hidden_layers, llama.num_attention_heads,
-            llama.num_key_value_heads, llama.intermediate_size, llama.vocab_size) == (
+            llama.num_key_value_heads, llama.vocab_size) == (
         tiny.hidden_size, tiny.num_hidden_layers, tiny.num_attention_heads,
-        tiny.num_key_value_heads, tiny.intermediate_size, tiny.vocab_size)  # fmt: skip
+        tiny.num_key_value_heads, tiny.vocab_size)  # fmt: skip
+    assert llama.intermediate_size < tiny.intermediate_size  # Mamba layers have no FFN to match
     assert llama.tie_word_embeddings
+    # with MoE the target is the active count: a Llama of the small preset's shape and width
+    small = MiniFusionConfig.from_preset("small", vocab_size=512)
+    from transformers import LlamaForCausalLM
+
+    matched = parameter_count(LlamaForCausalLM(llama_matched_to(small)))
+    assert abs(matched / small.estimate_active_parameters() - 1) <= PARAMETER_TOLERANCE
+    assert small.estimate_active_parameters() < small.estimate_parameters()
 
 
 def test_tiny_run_measures_every_model_and_caches_match_the_formula():
@@ -60,7 +70,7 @@ def test_command_line(capsys):
     main(["--contexts", "4", "--batch-sizes", "1", "--prefill-context", "8", "--new-tokens", "1",
           "--cache-lengths", "8", "--repeats", "1"])  # fmt: skip
     out = capsys.readouterr().out
-    assert "ratio to Llama" in out and "hybrid / Llama" in out and "Parameters: Llama" in out
+    assert "ratio to Llama" in out and "hybrid / Llama" in out and "transformers Llama" in out
 
 
 def test_preset_cache_table_is_the_config_formula():
