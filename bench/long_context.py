@@ -10,7 +10,7 @@
 
 Chapter 15 plots the saved results next to a smaller live run.
 
-    python -m bench.long_context            # 3 seeds: about 15 minutes on one thread
+    python -m bench.long_context            # 3 seeds: about 11 minutes on one thread
     python -m bench.long_context --quick    # a smoke run of a few seconds (not saved)
 """
 
