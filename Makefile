@@ -33,12 +33,12 @@ $(STAMP): $(LOCK) pyproject.toml
 	@$(BIN)/python -m pip install $(PIP) --no-deps -e .
 	@touch $(STAMP)
 
-# Resolve pyproject.toml's ranges (+ the dev extra, + requirements/constraints.in) to the newest
+# Resolve pyproject.toml's ranges (+ the dev and finetune extras, + requirements/constraints.in) to the newest
 # releases that fit, with pip-tools in a throwaway environment. Commit the result.
 lock:  ## regenerate requirements/lock.txt from pyproject.toml
 	@test -x .venv-lock/bin/python || $(PYTHON) -m venv .venv-lock
 	@.venv-lock/bin/python -m pip install $(PIP) "pip-tools==7.6.2"
-	.venv-lock/bin/pip-compile --quiet --upgrade --extra dev --strip-extras --allow-unsafe \
+	.venv-lock/bin/pip-compile --quiet --upgrade --extra dev --extra finetune --strip-extras --allow-unsafe \
 	  --no-emit-index-url --no-emit-find-links --constraint requirements/constraints.in \
 	  --output-file $(LOCK) pyproject.toml
 	@# A local build label (+cpu) would stop a GPU machine from taking the CUDA wheel.

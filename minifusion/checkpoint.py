@@ -395,12 +395,17 @@ class ExportInfo:
     files: list[str]
 
 
-def export_pretrained(model, tokenizer, directory: str | Path) -> ExportInfo:
+def export_pretrained(
+    model, tokenizer, directory: str | Path, training: dict[str, str] | None = None
+) -> ExportInfo:
     """Write ``config.json`` + ``model.safetensors`` + the tokenizer into ``directory``.
 
-    ``AutoModelForCausalLM.from_pretrained(directory)`` (after ``import minifusion``) loads it.
-    Like checkpoints, the folder is built under a temporary name and swapped in whole, so an
-    interrupted export leaves the previous export intact.
+    A MiniFusion model also writes its modelling code and a model card (``README.md``, with
+    ``training``'s facts as a table; see ``hub.py``): ``AutoModelForCausalLM.from_pretrained(
+    directory, trust_remote_code=True)`` loads it without this package, and plain
+    ``from_pretrained(directory)`` after ``import minifusion``. Like checkpoints, the folder is
+    built under a temporary name and swapped in whole, so an interrupted export leaves the
+    previous export intact.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -410,6 +415,10 @@ def export_pretrained(model, tokenizer, directory: str | Path) -> ExportInfo:
         model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    if training is not None and (tmp / "README.md").is_file():  # a MiniFusion model's card
+        from .hub import write_model_card
+
+        write_model_card(tmp, model.config, model.num_parameters(), training)
     for path in tmp.iterdir():
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())

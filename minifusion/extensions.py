@@ -36,7 +36,10 @@ __all__ = [
     "scan_kernel",
 ]
 
-SCAN_SOURCE = Path(__file__).resolve().parent / "csrc" / "selective_scan.cpp"
+SCAN_SOURCE = Path(__file__).resolve().parent / "csrc" / "selective_scan.cpp"  # hub: embedded source
+# A saved model's copy of this file builds under another name (hub.py), so the two builds, from
+# two source paths, never replace each other in the cache.
+SCAN_EXTENSION = "minifusion_selective_scan"  # hub: embedded source
 # Set to 0 to run without the compiled scan (the chunked PyTorch scan takes its place).
 DISABLE_VARIABLE = "MINIFUSION_FUSED_SCAN"
 
@@ -128,7 +131,7 @@ def scan_kernel() -> ModuleType | None:
     try:
         with _environment_tools_first():
             return load(
-                name="minifusion_selective_scan",
+                name=SCAN_EXTENSION,
                 sources=[str(SCAN_SOURCE)],
                 extra_cflags=_compiler_flags(),
                 extra_ldflags=["-fopenmp"],
@@ -165,7 +168,10 @@ def build_extensions() -> None:
     if torch.cuda.is_available():
         return
     check_build_locks()
-    from deepspeed.accelerator import get_accelerator
+    try:  # a dependency of the package; absent where a saved model's copy of this file runs
+        from deepspeed.accelerator import get_accelerator
+    except ImportError:
+        return
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is not None and builder.is_compatible():

@@ -396,7 +396,12 @@ def selective_scan_cuda(
             f"scan_impl='cuda' needs CUDA tensors; these are on {u.device}. "
             "Use scan_impl='auto' or 'chunked' on this device."
         )
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    # In a try: a saved model's copy of this file must load where the optional extra is absent
+    # (transformers refuses remote code whose plain imports are not installed).
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError as error:  # installed but broken (a CUDA/torch mismatch, say)
+        raise RuntimeError(f"mamba-ssm is installed but does not import: {error}") from error
 
     return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 

@@ -168,6 +168,17 @@ class MiniFusionPreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules_strict = ["A_log", "D", "dt_proj"]
     _is_stateful = True
 
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' ``save_pretrained``, plus this package's modelling code and a model
+        card: the folder then loads with ``AutoModelForCausalLM.from_pretrained(folder,
+        trust_remote_code=True)`` in a Python that never imports MiniFusion (see ``hub.py``)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            from .hub import write_model_card, write_remote_code
+
+            write_remote_code(save_directory)
+            write_model_card(save_directory, self.config, self.num_parameters())
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -453,5 +464,8 @@ def parameter_breakdown_of(model: nn.Module) -> dict[str, int]:
     return totals
 
 
-AutoConfig.register("minifusion", MiniFusionConfig, exist_ok=True)
-AutoModelForCausalLM.register(MiniFusionConfig, MiniFusionForCausalLM, exist_ok=True)
+# In this Python, AutoModelForCausalLM.from_pretrained knows model_type "minifusion". A saved
+# folder carries its own copy of this code without these two lines (hub.py): there the class
+# is found through config.json's auto_map instead.
+AutoConfig.register("minifusion", MiniFusionConfig, exist_ok=True)  # hub: package only
+AutoModelForCausalLM.register(MiniFusionConfig, MiniFusionForCausalLM, exist_ok=True)  # hub: package only

@@ -569,7 +569,7 @@ def validation_sums(
         if chunk:
             nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
             total_nats += nats.item()
-            total_tokens += targets.numel()
+            total_tokens += int((targets != -100).sum())  # -100: not scored (fine-tuning prompts)
             total_chars += validation.characters_of(chunk)
     model.train(was_training)
     return total_nats, total_tokens, total_chars
@@ -764,7 +764,11 @@ class Trainer:
         config: the training settings.
         out_dir: the run folder.
         batches: where training batches come from instead of ``train_file`` (which may then be
-            ``None``) — a :class:`StreamingBatches` for a streamed corpus.
+            ``None``) — a :class:`StreamingBatches` for a streamed corpus, instruction examples
+            for fine-tuning (``minifusion.instruct``).
+        validation: what the evaluations score instead of ``val_file`` (which may then be
+            ``None``): anything with :class:`ValidationSet`'s ``blocks``/``indices``/
+            ``characters_of``; targets of ``-100`` are not scored.
         progress: show a tqdm progress bar.
         verbose: print one line per evaluation (no timings, so notebook output is repeatable).
     """
@@ -774,7 +778,7 @@ class Trainer:
         model: nn.Module,
         tokenizer,
         train_file: str | Path | None,
-        val_file: str | Path,
+        val_file: str | Path | None,
         config: TrainConfig,
         out_dir: str | Path,
         *,
@@ -782,6 +786,7 @@ class Trainer:
         progress: bool = True,
         verbose: bool = True,
         batches: BatchStream | StreamingBatches | None = None,
+        validation: ValidationSet | None = None,
     ):
         config.validate()
         self.config, self.tokenizer = config, tokenizer
@@ -803,8 +808,10 @@ class Trainer:
                 train_tokens, config.block_size, config.batch_size, seed=config.seed
             )
         self.batches = batches
-        val_tokens = TokenFile(val_file, expected_tokenizer_hash=self.tokenizer_hash)
-        self.validation = ValidationSet(val_tokens, config.block_size, tokenizer)
+        if validation is None:
+            val_tokens = TokenFile(val_file, expected_tokenizer_hash=self.tokenizer_hash)
+            validation = ValidationSet(val_tokens, config.block_size, tokenizer)
+        self.validation = validation
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
@@ -1123,7 +1130,7 @@ class Trainer:
                 writer.close()
         exported = None
         if export and stopped_by == "max_steps":
-            exported = self.export(self.out_dir / "model")
+            exported = self.export(self.out_dir / "model", final_eval)
         return TrainResult(
             step=self.step,
             tokens=self.tokens_seen,
@@ -1140,9 +1147,29 @@ class Trainer:
         """The signal that asks this run to stop, if any (distributed runs agree across ranks)."""
         return stop.signal_name
 
-    def export(self, directory: str | Path) -> Path:
-        """Write the model as a Hugging Face folder (safetensors) into ``directory``."""
-        return export_pretrained(self.model, self.tokenizer, directory).path
+    def export(self, directory: str | Path, final_eval: EvalResult | None = None) -> Path:
+        """Write the model as a Hugging Face folder (safetensors, its code, a model card with
+        this run's settings and ``final_eval``) into ``directory``."""
+        return export_pretrained(
+            self.model, self.tokenizer, directory, training=self.card_facts(final_eval)
+        ).path
+
+    def card_facts(self, final_eval: EvalResult | None = None) -> dict[str, str]:
+        """What the model card says about this run (``hub.write_model_card``)."""
+        config = self.config
+        facts = {
+            "steps": f"{self.step:,}",
+            "tokens seen": f"{self.tokens_seen:,}",
+            "sequence length": str(config.block_size),
+            "sequences per step": f"{config.batch_size} × {config.grad_accum_steps} accumulation",
+            "optimizer": f"AdamW, peak lr {config.lr:g}, {config.warmup_steps} warm-up steps, "
+            f"weight decay {config.weight_decay:g}",
+            "precision": str(self.compute_dtype).removeprefix("torch."),
+        }
+        if final_eval is not None:
+            facts["validation loss"] = f"{final_eval.loss:.4f} nats per token"
+            facts["validation bits per character"] = f"{final_eval.bpc:.4f}"
+        return facts
 
     def _train_record(self, numbers: dict[str, Any], tokens_per_s: float) -> dict[str, Any]:
         record = {

@@ -21,7 +21,7 @@ except ModuleNotFoundError:  # Python 3.10: pip vendors the same parser
     from pip._vendor import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
-EXTRAS = ("dev",)
+EXTRAS = ("dev", "finetune")
 
 
 def lift_cap(requirement: str) -> str:

@@ -1,0 +1,261 @@
+"""Chapter 17 — the fine-tuning script: instruction tuning, fully or with LoRA, resumable.
+::
+
+    python -m minifusion.finetune --base runs/tiny/model --out runs/tiny-sft
+    python -m minifusion.finetune --base runs/tiny/model --out runs/tiny-lora --lora
+    python -m minifusion.finetune --base runs/tiny/model --out runs/tiny-lora --lora \\
+        --lora-targets q_proj,v_proj --lora-rank 4
+
+The base model answers the questions of :mod:`minifusion.instruct`, built from the plays it
+was pretrained on; the test questions come from the plays it was *not* trained on (the same
+split as pretraining). Training is the pretraining loop (``minifusion.training.Trainer``) with
+instruction batches whose prompt tokens are labelled ``-100``: the same checkpoints, the same
+resume (rerun the command), the same stop on Ctrl-C/SIGTERM. At the end ``<out>`` holds
+
+* ``model/`` — the fine-tuned model (LoRA merged into it), Hub-ready, tokenizer with its chat
+  template;
+* ``adapter/`` — with ``--lora``, the adapter alone (a few KB), for ``PeftModel.from_pretrained``;
+* ``eval.json`` — exact match on the held-out plays before and after, per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from .checkpoint import CheckpointError, export_pretrained
+from .instruct import (
+    TASKS,
+    Example,
+    InstructionBatches,
+    InstructionValidation,
+    build_examples,
+    exact_match,
+    split_by_play,
+    with_chat_template,
+)
+from .training import TrainConfig, Trainer, TrainingDivergedError
+
+__all__ = ["DEFAULT_LORA_TARGETS", "FineTuner", "InstructionData", "add_lora", "main"]
+
+# Every projection that reads or writes the residual stream in attention and Mamba layers.
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "loss_curve.png", "samples.txt",
+               "model", "adapter", "eval.json", "gate_heatmaps.png")  # fmt: skip
+
+
+@dataclass
+class InstructionData:
+    train: list[Example]
+    test: list[Example]
+
+    @classmethod
+    def from_corpus(
+        cls,
+        source: str = "shakespeare",
+        *,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        seed: int = 0,
+        test_per_task: int = 200,
+        tasks: Sequence[str] = TASKS,
+    ) -> InstructionData:
+        """Training examples from the pretraining split's training plays, test examples
+        (``test_per_task`` of each task) from its held-out plays."""
+        from .data import load_documents
+
+        unknown = sorted(set(tasks) - set(TASKS))
+        if unknown:
+            raise ValueError(f"Unknown task(s) {unknown}; choose from {list(TASKS)}.")
+        train_docs, test_docs = split_by_play(load_documents(source), val_fraction, split_seed)
+        train = [e for e in build_examples(train_docs, seed=seed) if e.task in tasks]
+        test = build_examples(test_docs, seed=seed + 1, max_per_task=test_per_task)
+        test = [e for e in test if e.task in tasks]
+        if not train or not test:
+            raise ValueError(
+                f"The corpus {source!r} gave {len(train)} training and {len(test)} test examples: "
+                "the instruction tasks need plays (speaker lines such as 'Romeo.' above speech)."
+            )
+        return cls(train, test)
+
+
+def add_lora(
+    model: nn.Module,
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    targets: Sequence[str] = DEFAULT_LORA_TARGETS,
+):
+    """``model`` wrapped by peft with LoRA adapters on the linear layers named ``targets``:
+    only the adapters train (``W x + (alpha / rank) · B A x``, ``B`` starting at zero, so the
+    wrapped model starts equal to the base)."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {
+        name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
+    missing = sorted(set(targets) - present)
+    if missing:
+        raise ValueError(
+            f"LoRA targets {missing} are not linear layers of this model; it has {sorted(present)}."
+        )
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                        bias="none", task_type="CAUSAL_LM")  # fmt: skip
+    return get_peft_model(model, config)
+
+
+class FineTuner(Trainer):
+    """The pretraining :class:`~minifusion.training.Trainer` on instruction data; its export
+    merges LoRA adapters into the model (and saves the adapter on its own too)."""
+
+    def export(self, directory: str | Path, final_eval=None) -> Path:
+        directory = Path(directory)
+        facts = self.card_facts(final_eval)
+        facts["fine-tuning"] = "LoRA (merged)" if _is_peft(self.model) else "full"
+        if _is_peft(self.model):
+            self.model.save_pretrained(directory.parent / "adapter")
+            merged = copy.deepcopy(self.model).merge_and_unload()
+        else:
+            merged = self.model
+        return export_pretrained(merged, self.tokenizer, directory, training=facts).path
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (shared weights once)."""
+    seen, trainable, total = set(), 0, 0
+    for parameter in model.parameters():
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+        trainable += parameter.numel() if parameter.requires_grad else 0
+    return trainable, total
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m minifusion.finetune",
+        description="Instruction-tune a saved MiniFusion model (fully or with LoRA) on "
+        "questions about the plays; rerun the same command to resume.",
+    )
+    parser.add_argument("--base", required=True, help="a saved model folder, e.g. runs/tiny/model")
+    parser.add_argument("--out", required=True, help="run folder (checkpoints, logs, model/)")
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters, not every weight")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-alpha", type=float, default=16.0)
+    parser.add_argument("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS),
+                        help="comma-separated linear layer names (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--tasks", default=",".join(TASKS), help="default: %(default)s")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
+    parser.add_argument("--lr", type=float, help="peak lr (default: 1e-3 full, 3e-3 LoRA)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--corpus", default="shakespeare", help="plays to build the tasks from")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="plays held out, as in pretraining (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--split-seed", type=int, default=0, help="as in pretraining")
+    parser.add_argument("--test-per-task", type=int, default=200)
+    parser.add_argument("--fresh", action="store_true", help="delete this run's outputs first")
+    parser.add_argument("--stop-at", type=int, metavar="STEP",
+                        help="pause after this step: save a checkpoint and exit (rerun to go on)")  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (CheckpointError, TrainingDivergedError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def _start_fresh(out_dir: Path) -> None:
+    import shutil
+
+    for name in RUN_OUTPUTS:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .model_folder import load_model_folder
+    from .utils import seed_everything
+
+    out_dir = Path(args.out)
+    model, tokenizer = load_model_folder(args.base)
+    if getattr(model.config, "model_type", None) != "minifusion":
+        raise ValueError(
+            f"{args.base} holds a {model.config.model_type!r} model; minifusion.finetune trains "
+            "MiniFusion models (its loop adds their auxiliary losses)."
+        )
+    tokenizer = with_chat_template(tokenizer)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    data = InstructionData.from_corpus(args.corpus, val_fraction=args.val_fraction,
+                                       split_seed=args.split_seed, seed=args.seed,
+                                       test_per_task=args.test_per_task, tasks=tasks)  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.fresh:
+        _start_fresh(out_dir)
+    before = None
+    eval_path = out_dir / "eval.json"
+    if eval_path.is_file():  # a resumed run measured its base already
+        before = json.loads(eval_path.read_text(encoding="utf-8")).get("base")
+    if before is None:
+        before = exact_match(model, tokenizer, data.test)
+        eval_path.write_text(json.dumps({"base": before}, indent=2) + "\n", encoding="utf-8")
+
+    seed_everything(args.seed)
+    if args.lora:
+        targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+        model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, targets=targets)
+    lr = args.lr if args.lr is not None else (3e-3 if args.lora else 1e-3)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": data.test[0].prompt}],
+                                           add_generation_prompt=True, tokenize=False)  # fmt: skip
+    config = TrainConfig(
+        batch_size=args.batch_size, block_size=512, max_steps=args.steps, lr=lr,
+        warmup_steps=min(20, max(args.steps // 10, 1)), eval_every=max(args.steps // 4, 1),
+        save_every=max(args.steps // 4, 1), eval_batches=4, seed=args.seed,
+        sample_prompt=prompt, sample_tokens=8, sample_temperature=0.5,
+    )  # fmt: skip
+    batches = InstructionBatches(tokenizer, data.train, args.batch_size, seed=args.seed)
+    trainer = FineTuner(model, tokenizer, None, None, config, out_dir, batches=batches,
+                        validation=InstructionValidation(tokenizer, data.test),
+                        progress=not args.no_progress)  # fmt: skip
+    trainable, total = trainable_parameters(trainer.model)
+    kind = f"LoRA rank {args.lora_rank} on {args.lora_targets}" if args.lora else "every weight"
+    print(f"[1/3] {len(data.train):,} training examples, {len(data.test):,} held-out "
+          f"({', '.join(tasks)}); training {kind}: {trainable:,} of {total:,} parameters")  # fmt: skip
+    if trainer.resumed_from is not None:
+        print(f"      resuming from {trainer.resumed_from} (step {trainer.step:,})")
+    print("[2/3] fine-tuning (Ctrl-C or SIGTERM: finish the step, save, exit)")
+    result = trainer.fit(stop_at=args.stop_at)
+    if result.stopped_by != "max_steps":
+        print(f"[3/3] stopped by {result.stopped_by} at step {trainer.step}; rerun to go on")
+        return 0
+    after = exact_match(trainer.model, tokenizer, data.test)
+    eval_path.write_text(json.dumps({"base": before, "finetuned": after}, indent=2) + "\n",
+                         encoding="utf-8")  # fmt: skip
+    print(f"[3/3] exact match on the held-out plays ({len(data.test)} questions):")
+    print(f"      {'task':<14} {'base':>6} {'tuned':>6}")
+    for task in [*tasks, "all"]:
+        print(f"      {task:<14} {before.get(task, float('nan')):>6.3f} {after[task]:>6.3f}")
+    print(f"      model → {result.export}")
+    if args.lora:
+        print(f"      adapter → {out_dir / 'adapter'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
