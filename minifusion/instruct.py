@@ -5,6 +5,9 @@ Fine-tuning teaches that format with examples of (prompt, answer) pairs. Ours ar
 the corpus itself, reproducibly and held out by play, so "did fine-tuning help?" is asked of
 plays the model has never seen in either stage:
 
+* ``is_question`` — a line with its last punctuation mark removed: "Is this a question?",
+  yes or no (as many of each, so chance is one half);
+* ``last_word`` — a line without its last word: "Finish the line", the word;
 * ``next_speaker`` — four turns of dialogue, then "Who speaks next?"; the answer is a name
   that appears in the four turns (people in a scene take turns, so this rewards reading the
   context).
@@ -39,15 +42,19 @@ __all__ = [
     "InstructionValidation",
     "Turn",
     "build_examples",
+    "candidates",
+    "choice_accuracy",
     "encode_example",
     "exact_match",
+    "first_of_each_task",
     "play_turns",
     "split_by_play",
     "with_chat_template",
 ]
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: these positions add no loss
-TASKS = ("next_speaker", "who_said")
+TASKS = ("is_question", "last_word", "next_speaker", "who_said")
+_PUNCTUATION = ".,;:!?'\"-()"
 CONTEXT_TURNS = 4
 MAX_LINE_WORDS = 12
 
@@ -74,6 +81,7 @@ class Turn:
 
     speaker: str
     line: str
+    complete: bool = True  # False when the line was cut to 12 words
 
 
 @dataclass(frozen=True)
@@ -106,8 +114,8 @@ def play_turns(text: str) -> list[Turn]:
         spoken = [line for line in lines[1:] if line and not line.startswith("[")]
         if not spoken:
             continue
-        words = spoken[0].split()[:MAX_LINE_WORDS]
-        turns.append(Turn(speaker, " ".join(words)))
+        words = spoken[0].split()
+        turns.append(Turn(speaker, " ".join(words[:MAX_LINE_WORDS]), len(words) <= MAX_LINE_WORDS))
     return turns
 
 
@@ -118,6 +126,23 @@ def _context(turns: Sequence[Turn]) -> str:
 def _examples_of_play(turns: list[Turn], play: str, rng: random.Random) -> list[Example]:
     examples = []
     k = CONTEXT_TURNS
+    for turn in turns:
+        words = turn.line.split()
+        answer = words[-1].strip(_PUNCTUATION) if words else ""
+        if turn.complete and len(words) >= 4 and answer.isalpha():
+            examples.append(
+                Example("last_word", f'Finish the line: "{" ".join(words[:-1])}"', answer, play)
+            )
+    questions = [t.line for t in turns if t.complete and t.line.endswith("?")]
+    statements = [t.line for t in turns if t.complete and t.line[-1:] in ".!"]
+    count = min(len(questions), len(statements))  # as many of each: chance is one half
+    for line, answer in [(q, "yes") for q in rng.sample(questions, count)] + [
+        (s, "no") for s in rng.sample(statements, count)
+    ]:
+        if len(line.split()) >= 3:
+            examples.append(
+                Example("is_question", f'Is this a question? "{line[:-1]}"', answer, play)
+            )
     for start in range(0, len(turns) - k, k):  # windows that do not overlap
         window = turns[start : start + k]
         speakers = {turn.speaker for turn in window}
@@ -155,14 +180,17 @@ def build_examples(
     for document in documents:
         examples += _examples_of_play(play_turns(document["text"]), document["source"], rng)
     rng.shuffle(examples)
-    if max_per_task is not None:
-        kept, counts = [], dict.fromkeys(TASKS, 0)
-        for example in examples:
-            if counts[example.task] < max_per_task:
-                kept.append(example)
-                counts[example.task] += 1
-        examples = kept
-    return examples
+    return examples if max_per_task is None else first_of_each_task(examples, max_per_task)
+
+
+def first_of_each_task(examples: Sequence[Example], count: int) -> list[Example]:
+    """The first ``count`` examples of every task, in their order."""
+    kept, counts = [], dict.fromkeys(TASKS, 0)
+    for example in examples:
+        if counts[example.task] < count:
+            kept.append(example)
+            counts[example.task] += 1
+    return kept
 
 
 def split_by_play(documents, val_fraction: float = 0.1, seed: int = 0):
@@ -220,11 +248,12 @@ class InstructionBatches:
                  seed: int = 0, position: int = 0, rank: int = 0, world_size: int = 1):  # fmt: skip
         if not examples:
             raise ValueError("No instruction examples to train on: is the corpus made of plays?")
-        self.rows = [encode_example(tokenizer, example) for example in examples]
+        self.tokenizer, self.examples = tokenizer, list(examples)
+        self._rows: dict[int, tuple[list[int], list[int]]] = {}  # encoded on first use
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.batch_size, self.seed = batch_size, seed
         self.position, self.rank, self.world_size = position, rank, world_size
-        self.examples_per_epoch = len(self.rows)
+        self.examples_per_epoch = len(self.examples)
         self._order: tuple[int, np.ndarray] | None = None
 
     def _index(self, k: int) -> int:
@@ -234,10 +263,15 @@ class InstructionBatches:
             self._order = (epoch, rng.permutation(self.examples_per_epoch))
         return int(self._order[1][i])
 
+    def _row(self, i: int) -> tuple[list[int], list[int]]:
+        if i not in self._rows:
+            self._rows[i] = encode_example(self.tokenizer, self.examples[i])
+        return self._rows[i]
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(inputs, targets)``, each ``(batch_size, longest − 1)`` int64."""
         start = self.position + self.rank * self.batch_size
-        rows = [self.rows[self._index(k)] for k in range(start, start + self.batch_size)]
+        rows = [self._row(self._index(k)) for k in range(start, start + self.batch_size)]
         self.position += self.batch_size * self.world_size
         return _pad(rows, self.pad_id)
 
@@ -267,6 +301,51 @@ class InstructionValidation:
 
     def characters_of(self, indices: list[int]) -> int:
         return sum(self._characters[i] for i in indices)
+
+
+def candidates(example: Example) -> list[str]:
+    """The answers an example chooses between (for :func:`choice_accuracy`): yes/no, or the
+    speakers of its context; ``[]`` for ``last_word`` (any word may follow)."""
+    if example.task == "is_question":
+        return ["no", "yes"]
+    if example.task in ("next_speaker", "who_said"):
+        context = example.prompt.split("\n")[:-1]
+        return sorted({line.split(": ", 1)[0] for line in context})
+    return []
+
+
+@torch.no_grad()
+def choice_accuracy(model: nn.Module, tokenizer, examples: Sequence[Example]) -> dict[str, float]:
+    """Share of examples where the right answer is the *most likely* of :func:`candidates`
+    (summed log-probability of its tokens, as lm-evaluation-harness scores a choice), per
+    task and ``"all"``.
+
+    Exact match asks the model to write the answer in the format; this asks only which answer
+    it prefers, so a base model that never learnt the format is measured fairly: chance is
+    one over the number of candidates.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    hits: dict[str, list[bool]] = {}
+    for example in examples:
+        options = candidates(example)
+        if not options:
+            continue
+        rows = [encode_example(tokenizer, Example(example.task, example.prompt, option, ""))
+                for option in options]  # fmt: skip
+        inputs, targets = _pad(rows, tokenizer.pad_token_id or 0)
+        logits = model(input_ids=inputs.to(device)).logits.float().cpu()
+        scored = (targets != IGNORE_INDEX) & (targets != tokenizer.eos_token_id)  # answer only
+        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[..., None])
+        totals = (log_probs[..., 0] * scored).sum(dim=1)
+        hits.setdefault(example.task, []).append(options[int(totals.argmax())] == example.answer)
+    model.train(was_training)
+    scores = {task: float(np.mean(values)) for task, values in hits.items()}
+    scores["all"] = (
+        float(np.mean([h for values in hits.values() for h in values])) if hits else float("nan")
+    )
+    return scores
 
 
 @torch.no_grad()

@@ -77,3 +77,23 @@ def small_tokenizer():
     from minifusion.tokenizer import train_tokenizer
 
     return train_tokenizer(SAMPLE_DOCUMENTS * 3, vocab_size=400)
+
+
+def write_plays(folder, plays: int = 6, turns: int = 80, seed: int = 0):
+    """``plays`` .txt files shaped like the corpus's plays (a speaker line such as ``Romeo.``
+    above each speech, stage directions in brackets, act headings); returns ``folder``."""
+    import random
+
+    rng = random.Random(seed)
+    words = " ".join(SAMPLE_DOCUMENTS[:2]).replace(".", "").replace(",", "").split()
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in range(plays):
+        names = ("Romeo", "Juliet", "Nurse", "Tybalt", "Paris", "Mercutio", "Benvolio", "Friar")
+        cast = [names[(p + k) % len(names)] for k in range(4)]
+        paragraphs = [f"THE PLAY NUMBER {p}", "ACT I.", "[Enter all.]"]
+        for _ in range(turns):
+            lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 9))) + rng.choice("?.!,")
+                     for _ in range(rng.randint(1, 3))]  # fmt: skip
+            paragraphs.append("\n".join([f"{rng.choice(cast)}.", *lines]))
+        (folder / f"play{p}.txt").write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    return folder

@@ -7,7 +7,8 @@ holds out), so no hub download is needed and a model is scored on text it never 
 
 * ``minifusion_next_line`` — a cloze: four turns of dialogue, then which of four lines comes
   next (the true one and three others from the same play), scored by log-likelihood;
-* ``minifusion_next_speaker`` and ``minifusion_who_said`` — chapter 17's instruction tasks,
+* ``minifusion_is_question``, ``minifusion_next_speaker`` and ``minifusion_who_said`` —
+  chapter 17's instruction tasks,
   asked in its chat format and scored by exact match of the generated answer.
 """
 

@@ -49,6 +49,10 @@ def next_speaker(**_) -> dict[str, Dataset]:
     return _instruction_task("next_speaker")
 
 
+def is_question(**_) -> dict[str, Dataset]:
+    return _instruction_task("is_question")
+
+
 def who_said(**_) -> dict[str, Dataset]:
     return _instruction_task("who_said")
 
