@@ -104,7 +104,8 @@ notebooks-kernels: extensions
 	ATEN_CPU_CAPABILITY=$(KERNELS) $(NBVAL) $(NBVAL_KERNELS)
 
 # A second environment with the newest releases beyond pyproject.toml's caps (next major
-# version; torch stays at the locked build), running the unit tests that need no torchrun.
+# version; torch stays at the locked build), running the unit tests that need no torchrun and
+# are not marked slow (long training runs and subprocess round trips: `make unit` runs those).
 # It tells the day an upstream release breaks us; fix minifusion/compat.py, then raise the cap.
 LATEST := .venv-latest
 test-latest:  ## unit tests against the newest releases of every dependency
@@ -115,7 +116,7 @@ test-latest:  ## unit tests against the newest releases of every dependency
 	@$(LATEST)/bin/python -m pip install $(PIP) --no-deps -e .
 	@$(LATEST)/bin/python -m minifusion
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg TORCH_EXTENSIONS_DIR=$(abspath $(LATEST))/torch_extensions \
-	  $(LATEST)/bin/python -m pytest -n 2 --dist loadscope -p no:cacheprovider -m "not distributed" tests
+	  $(LATEST)/bin/python -m pytest -n 2 --dist loadscope -p no:cacheprovider -m "not distributed and not slow" tests
 
 # Scans, attention, MoE dispatch, training MFU, decode and cache memory (+ bench/why_hybrid.py
 # where present), on CUDA if there is a GPU; the other device's columns in RESULTS.md are kept.

@@ -55,6 +55,7 @@ __all__ = [
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: these positions add no loss
 TASKS = ("is_question", "last_word", "next_speaker", "who_said")
 _PUNCTUATION = ".,;:!?'\"-()"
+_BALANCED = {"is_question"}  # tasks whose answers are kept half and half
 CONTEXT_TURNS = 4
 MAX_LINE_WORDS = 12
 
@@ -133,16 +134,14 @@ def _examples_of_play(turns: list[Turn], play: str, rng: random.Random) -> list[
             examples.append(
                 Example("last_word", f'Finish the line: "{" ".join(words[:-1])}"', answer, play)
             )
-    questions = [t.line for t in turns if t.complete and t.line.endswith("?")]
-    statements = [t.line for t in turns if t.complete and t.line[-1:] in ".!"]
+    usable = [t.line for t in turns if t.complete and len(t.line.split()) >= 3]
+    questions = [line for line in usable if line.endswith("?")]
+    statements = [line for line in usable if line[-1:] in ".!"]
     count = min(len(questions), len(statements))  # as many of each: chance is one half
     for line, answer in [(q, "yes") for q in rng.sample(questions, count)] + [
         (s, "no") for s in rng.sample(statements, count)
     ]:
-        if len(line.split()) >= 3:
-            examples.append(
-                Example("is_question", f'Is this a question? "{line[:-1]}"', answer, play)
-            )
+        examples.append(Example("is_question", f'Is this a question? "{line[:-1]}"', answer, play))
     for start in range(0, len(turns) - k, k):  # windows that do not overlap
         window = turns[start : start + k]
         speakers = {turn.speaker for turn in window}
@@ -184,12 +183,16 @@ def build_examples(
 
 
 def first_of_each_task(examples: Sequence[Example], count: int) -> list[Example]:
-    """The first ``count`` examples of every task, in their order."""
-    kept, counts = [], dict.fromkeys(TASKS, 0)
+    """The first ``count`` examples of every task, in their order; for ``is_question`` half of
+    them with each answer, so that always answering one way still scores one half."""
+    kept, counts = [], {}
     for example in examples:
-        if counts[example.task] < count:
+        balanced = example.task in _BALANCED
+        key = (example.task, example.answer) if balanced else example.task
+        share = (count + (example.answer == "yes")) // 2 if balanced else count
+        if counts.get(key, 0) < share:
             kept.append(example)
-            counts[example.task] += 1
+            counts[key] = counts.get(key, 0) + 1
     return kept
 
 

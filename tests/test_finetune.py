@@ -48,6 +48,7 @@ def _train_losses(run):
     return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_an_interrupted_fine_tuning_resumes_to_the_same_result(base, tmp_path, lora):
     extra = ["--lora", "--lora-rank", "2"] if lora else []
@@ -74,9 +75,12 @@ def test_an_interrupted_fine_tuning_resumes_to_the_same_result(base, tmp_path, l
 
 def test_lora_trains_rank_times_in_plus_out_per_target_and_merges_to_the_same_model():
     model = _small_model(300).eval()
-    wrapped = add_lora(model, rank=4, targets=["q_proj", "in_proj"])
+    gains = sum(p.numel() for name, p in model.named_parameters() if "norm" in name)
+    with_norms, _ = trainable_parameters(add_lora(_small_model(300), rank=4, targets=["q_proj"]))
+    wrapped = add_lora(model, rank=4, targets=["q_proj", "in_proj"], train_norms=False)
     trainable, total = trainable_parameters(wrapped)
     attention, mamba = model.model.layers[0].attn, model.model.layers[1].mamba
+    assert with_norms == 4 * (32 + 32) + gains  # q_proj is 32 → 32 here
     expected = sum(4 * (layer.in_features + layer.out_features)
                    for layer in (attention.q_proj.base_layer, mamba.in_proj.base_layer))  # fmt: skip
     assert trainable == expected

@@ -61,7 +61,6 @@ def _small_model(seed: int = 0) -> MiniFusionForCausalLM:
     return MiniFusionForCausalLM(config).eval()
 
 
-@pytest.mark.slow
 def test_saved_model_loads_and_computes_the_same_logits_without_minifusion(
     tmp_path, small_tokenizer
 ):
