@@ -372,6 +372,17 @@ def check_compatible(
         )
 
 
+def remove_run_outputs(out_dir: str | Path, names: tuple[str, ...]) -> None:
+    """Delete the files and folders ``names`` of a run folder (a run started over with
+    ``--fresh``); anything else there — prepared data, a tokenizer — stays."""
+    for name in names:
+        path = Path(out_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # The finished model: a Hugging Face folder with safetensors
 # ----------------------------------------------------------------------------------------------

@@ -355,11 +355,13 @@ class DeepSpeedTrainer(Trainer):
             }  # fmt: skip
         return state
 
-    def export(self, directory: str | Path) -> Path:
-        """Rank 0 rebuilds full fp32 weights from the newest checkpoint and exports them."""
+    def export(self, directory: str | Path, final_eval=None) -> Path:
+        """Rank 0 rebuilds full fp32 weights from the newest checkpoint and exports them, with
+        a model card stating this run's settings and ``final_eval``."""
         checkpoint = latest_checkpoint(self.checkpoint_dir)
         if self.is_main:
-            export_zero_checkpoint(checkpoint, self.model.config, self.tokenizer, directory)
+            export_zero_checkpoint(checkpoint, self.model.config, self.tokenizer, directory,
+                                   training=self.card_facts(final_eval))  # fmt: skip
         dist.barrier()
         return Path(directory)
 
@@ -405,10 +407,14 @@ def model_from_zero_checkpoint(checkpoint: str | Path, model_config):
     return model
 
 
-def export_zero_checkpoint(checkpoint: str | Path, model_config, tokenizer, directory) -> Path:
-    """A Hugging Face folder (safetensors) from a DeepSpeed checkpoint of any ZeRO stage."""
+def export_zero_checkpoint(
+    checkpoint: str | Path, model_config, tokenizer, directory,
+    training: dict[str, str] | None = None,
+) -> Path:  # fmt: skip
+    """A Hugging Face folder (safetensors) from a DeepSpeed checkpoint of any ZeRO stage;
+    ``training`` is the model card's table of run facts (see ``export_pretrained``)."""
     model = model_from_zero_checkpoint(checkpoint, model_config)
-    return export_pretrained(model, tokenizer, directory).path
+    return export_pretrained(model, tokenizer, directory, training=training).path
 
 
 def universal_checkpoint(checkpoint: str | Path) -> Path:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import CheckpointError, export_pretrained
+from .checkpoint import CheckpointError, export_pretrained, remove_run_outputs
 from .instruct import (
     TASKS,
     Example,
@@ -192,8 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base", required=True, help="a saved model folder, e.g. runs/tiny/model")
     parser.add_argument("--out", required=True, help="run folder (checkpoints, logs, model/)")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters, not every weight")
-    parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--lora-alpha", type=float, default=32.0)
+    parser.add_argument("--lora-rank", type=int, default=16, help="default: %(default)s")
+    parser.add_argument("--lora-alpha", type=float, default=32.0,
+                        help="LoRA scale alpha / rank (default: %(default)s)")  # fmt: skip
     parser.add_argument("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS),
                         help="comma-separated linear layer names (default: %(default)s)")  # fmt: skip
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
@@ -219,17 +220,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _start_fresh(out_dir: Path) -> None:
-    import shutil
-
-    for name in RUN_OUTPUTS:
-        path = out_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-
-
 def run(args: argparse.Namespace) -> int:
     from .model_folder import load_model_folder
     from .utils import seed_everything
@@ -248,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
                                        test_per_task=args.test_per_task, tasks=tasks)  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.fresh:
-        _start_fresh(out_dir)
+        remove_run_outputs(out_dir, RUN_OUTPUTS)
     before = None
     eval_path = out_dir / "eval.json"
     if eval_path.is_file():  # a resumed run measured its base already

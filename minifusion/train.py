@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import builtins
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, remove_run_outputs
 from .config import MiniFusionConfig
 from .data import PreparedStream, preparation_for
 from .distributed import StaleBuildLockError
@@ -45,12 +44,7 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "loss_curve.png", 
 
 def start_fresh(out_dir: Path) -> None:
     """Delete a run's checkpoints and logs; keep the prepared tokenizer and token files."""
-    for name in RUN_OUTPUTS:
-        path = out_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+    remove_run_outputs(out_dir, RUN_OUTPUTS)
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:
