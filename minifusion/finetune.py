@@ -192,22 +192,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base", required=True, help="a saved model folder, e.g. runs/tiny/model")
     parser.add_argument("--out", required=True, help="run folder (checkpoints, logs, model/)")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters, not every weight")
-    parser.add_argument("--lora-rank", type=int, default=16, help="default: %(default)s")
+    parser.add_argument("--lora-rank", type=int, default=16, help="adapter rank r (default: %(default)s)")
     parser.add_argument("--lora-alpha", type=float, default=32.0,
-                        help="LoRA scale alpha / rank (default: %(default)s)")  # fmt: skip
+                        help="adapter updates are scaled by alpha / rank (default: %(default)s)")  # fmt: skip
     parser.add_argument("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS),
                         help="comma-separated linear layer names (default: %(default)s)")  # fmt: skip
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                         help=f"comma-separated, from {', '.join(TASKS)} (default: %(default)s)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps (default: 400)")
     parser.add_argument("--lr", type=float, help="peak lr (default: 1e-3 full, 5e-3 LoRA)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--corpus", default="shakespeare", help="plays to build the tasks from")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="examples per step (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the questions drawn, the adapters' initial values and the batch order "
+                        "(default: %(default)s)")  # fmt: skip
+    parser.add_argument("--corpus", default="shakespeare",
+                        help="plays to build the tasks from: 'shakespeare' or a path/glob of "
+                        ".txt or .jsonl files (default: %(default)s)")  # fmt: skip
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="plays held out, as in pretraining (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--split-seed", type=int, default=0, help="as in pretraining")
-    parser.add_argument("--test-per-task", type=int, default=200)
+    parser.add_argument("--split-seed", type=int, default=0, help="as in pretraining (default: %(default)s)")
+    parser.add_argument("--test-per-task", type=int, default=200,
+                        help="held-out questions scored per task (default: %(default)s)")  # fmt: skip
     parser.add_argument("--fresh", action="store_true", help="delete this run's outputs first")
     parser.add_argument("--stop-at", type=int, metavar="STEP",
                         help="pause after this step: save a checkpoint and exit (rerun to go on)")  # fmt: skip
