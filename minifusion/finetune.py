@@ -23,14 +23,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, export_pretrained, remove_run_outputs
@@ -232,10 +230,6 @@ def run(args: argparse.Namespace) -> int:
     from .model_folder import load_model_folder
     from .utils import seed_everything
 
-    # transformers' save_pretrained imports DeepSpeed where it is installed, which then logs a
-    # timestamped "Setting accelerator to CPU" on machines without CUDA. Fine-tuning runs in
-    # one process without DeepSpeed, so naming the accelerator changes nothing but the log.
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(args.out)
     model, tokenizer = load_model_folder(args.base)
     if getattr(model.config, "model_type", None) != "minifusion":

@@ -29,6 +29,8 @@ term is returned on its own in :class:`MiniFusionCausalLMOutput`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 
 import torch
@@ -159,6 +161,28 @@ class MiniFusionDecoderLayer(GradientCheckpointingLayer):
 _RESIDUAL_PROJECTIONS = ("o_proj", "out_proj", "fusion_proj", "down_proj")
 
 
+class _DeepSpeedCpuNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Setting accelerator to CPU" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_deepspeed_cpu_notice():
+    """Drop DeepSpeed's "Setting accelerator to CPU" notice while the block runs.
+
+    Where accelerate is installed, transformers' ``save_pretrained`` imports DeepSpeed, whose
+    first accelerator lookup prints that timestamped line on stdout on every machine without a
+    GPU: noise in each export's log and in notebook outputs. Training with DeepSpeed (chapter 14)
+    looks the accelerator up itself and still reports it.
+    """
+    logger, notice = logging.getLogger("DeepSpeed"), _DeepSpeedCpuNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 class MiniFusionPreTrainedModel(PreTrainedModel):
     config_class = MiniFusionConfig
     config: MiniFusionConfig
@@ -172,7 +196,8 @@ class MiniFusionPreTrainedModel(PreTrainedModel):
         """transformers' ``save_pretrained``, plus this package's modelling code and a model
         card: the folder then loads with ``AutoModelForCausalLM.from_pretrained(folder,
         trust_remote_code=True)`` in a Python that never imports MiniFusion (see ``hub.py``)."""
-        super().save_pretrained(save_directory, *args, **kwargs)
+        with _without_deepspeed_cpu_notice():
+            super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             from .hub import write_model_card, write_remote_code
 
