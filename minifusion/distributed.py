@@ -128,6 +128,18 @@ class DeepSpeedTrainer(Trainer):
                          resume=False, progress=progress and self.rank == 0,
                          verbose=verbose and self.rank == 0, batches=batches)  # fmt: skip
         self.is_main = self.rank == 0
+        if self.dtype == torch.float16:
+            # DeepSpeed's torch_autocast scales the loss only without ZeRO; fp16 under ZeRO would
+            # lose small gradients silently. `auto` on a GPU without bf16 trains in fp32 here.
+            if config.precision == "fp16":
+                raise ValueError(
+                    "train.precision=fp16 is for single-process training: DeepSpeed's ZeRO "
+                    "stages do not scale an autocast loss. Use train.precision=bf16 (Ampere GPUs "
+                    "and newer) or fp32 under torchrun."
+                )
+            self.dtype, self.scaler = None, None
+            if self.is_main:
+                print("this GPU has no bf16: DeepSpeed runs train in fp32 (precision=auto)")
         self.batches.rank, self.batches.world_size = self.rank, self.world_size
         self.gate_monitor.reduce = dist.all_reduce  # gate sums over every rank's tokens
         self.ds_config = deepspeed_config(

@@ -5,6 +5,8 @@
     python -m minifusion.train --config configs/tiny.yaml --out runs/tiny
     python -m minifusion.train --config configs/tiny.yaml --out runs/tiny --set train.max_steps=400
     python -m minifusion.train --config configs/tiny.yaml --out runs/tiny --fresh
+    python -m minifusion.train --config configs/fusiontree-1.5b.yaml --out runs/ft --dry-run \
+        --deepspeed configs/deepspeed/zero2.json --gpus 8
 
 A preset has three sections: ``model:`` (any ``MiniFusionConfig`` field), ``data:`` (corpus,
 validation share, block size; ``streaming: true`` to read a corpus too big for the disk lazily,
@@ -15,18 +17,23 @@ section.name=value`` overrides one entry, converted by the type of the field it 
 
 Running the same command again continues from the newest checkpoint in ``<out>``; ``--fresh``
 deletes the run's checkpoints and logs first (the prepared data is kept and reused).
+``--dry-run`` prints the resolved settings and the memory each GPU will need, then exits: no
+data, no model, nothing written.
 """
 
 from __future__ import annotations
 
 import argparse
 import builtins
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .checkpoint import CheckpointError, remove_run_outputs
@@ -75,13 +82,79 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--deepspeed", metavar="JSON",
                         help="train with DeepSpeed ZeRO (configs/deepspeed/zero{1,2,3}.json); "
                         "launch with torchrun --nproc_per_node=N")  # fmt: skip
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved settings and the memory per GPU, then exit "
+                        "(allocates no model, writes nothing)")  # fmt: skip
+    parser.add_argument("--gpus", type=int, metavar="N",
+                        help="GPUs that --dry-run plans for (default: $WORLD_SIZE, else 1)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
+        if args.dry_run:
+            return dry_run(args)
         return run(args)
     except (CheckpointError, StaleBuildLockError, TrainingDivergedError, ValueError,
             FileNotFoundError) as error:  # fmt: skip
         print(f"error: {error}", file=sys.stderr)
         return 1
+
+
+def _precision_name(dtype) -> str:
+    """How ``[2/4]`` names the precision a trainer computes in."""
+    if dtype is None:
+        return "fp32"
+    return "fp16 autocast, loss scaling" if dtype == torch.float16 else "bf16 autocast"
+
+
+def dry_run(args: argparse.Namespace) -> int:
+    """Print what a run of ``args`` would train and the memory per GPU, without starting it.
+
+    The model's parameters are counted from its config; only the activations are measured, on
+    one layer of each kind at ≤ 512 tokens (``minifusion.zero.activation_bytes_per_token``).
+    """
+    from .zero import activation_bytes_per_token, memory_per_gpu
+
+    settings = load_settings(args.config, args.overrides)
+    train_config = TrainConfig.from_dict(settings["train"])
+    with tempfile.TemporaryDirectory() as folder:  # the same validation as a real run
+        path = Path(folder) / "config.yaml"
+        path.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
+        model_config = MiniFusionConfig.from_yaml(path)
+    gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "1"))
+    if gpus < 1:
+        raise ValueError(f"--gpus must be ≥ 1 (got {gpus}).")
+    stage = 0
+    if args.deepspeed:
+        from .zero import deepspeed_config
+
+        stage = deepspeed_config(args.deepspeed, train_config, world_size=gpus,
+                                 autocast_dtype=None)["zero_optimization"]["stage"]  # fmt: skip
+    print(f"# {args.config}, resolved ({len(args.overrides)} override(s)); a run writes this "
+          f"to {Path(args.out) / 'config.yaml'}")  # fmt: skip
+    print(yaml.safe_dump(settings, sort_keys=False).rstrip())
+    total, active = model_config.estimate_parameters(), model_config.estimate_active_parameters()
+    tokens = train_config.tokens_per_step * gpus
+    print(f"# model: {total:,} parameters ({active:,} active per token), counted from the "
+          "config: nothing allocated")  # fmt: skip
+    print(f"# one step: {train_config.batch_size} sequences × {train_config.block_size:,} tokens "
+          f"× {train_config.grad_accum_steps} accumulation × {gpus} GPU(s) = {tokens:,} tokens; "
+          f"{train_config.max_steps:,} steps = {tokens * train_config.max_steps:,} tokens")  # fmt: skip
+    per_token = activation_bytes_per_token(model_config,
+                                           seq_len=min(train_config.block_size, 512))  # fmt: skip
+    estimate = memory_per_gpu(
+        model_config, stage=stage, gpus=gpus, batch_size=train_config.batch_size,
+        seq_len=train_config.block_size,
+        activation_checkpointing=train_config.gradient_checkpointing,
+        activation_bytes=per_token * model_config.num_hidden_layers,
+    )  # fmt: skip
+    gib = 2**30
+    setup = f"ZeRO-{stage}" if args.deepspeed else "no DeepSpeed (plain loop, ZeRO-0 figures)"
+    print(f"# memory per GPU, {setup} on {gpus} GPU(s), activation checkpointing "
+          f"{'on' if train_config.gradient_checkpointing else 'off'}:")  # fmt: skip
+    for name in ("parameters", "gradients", "master", "optimizer", "activations"):
+        print(f"#   {name:<12} {getattr(estimate, name) / gib:8.2f} GiB")
+    print(f"#   {'total':<12} {estimate.total / gib:8.2f} GiB  (+10–20 % for buffers and "
+          "fragmentation; activations measured on one layer of each kind)")  # fmt: skip
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -143,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     count = sum(p.numel() for p in model.parameters())
     print(
         f"[2/4] model: {count:,} parameters on {trainer.device}"
-        f" ({'bf16 autocast' if trainer.compute_dtype else 'fp32'}); "
+        f" ({_precision_name(trainer.compute_dtype)}); "
         f"{train_config.tokens_per_step * (world_size if args.deepspeed else 1):,} tokens per "
         f"step, {train_config.max_steps:,} steps"
     )

@@ -242,3 +242,12 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(preset, tmp_path):
     first_bad = next(r for r in records if not math.isfinite(r["loss"]))
     assert first_bad["skipped_steps"] == 1  # skipped and counted, not crashed
     assert first_bad["lr"] < records[0]["lr"]  # the schedule moved on (cosine from step 0)
+
+
+def test_fp16_is_refused_under_deepspeed_with_the_fix(preset, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    command = _command(preset, tmp_path / "run", 1, 2, "--set", "train.precision=fp16")
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "train.precision=fp16 is for single-process training" in done.stderr
+    assert "Use train.precision=bf16" in done.stderr

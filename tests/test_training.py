@@ -515,3 +515,93 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(prepared, tmp_path):
     state, meta = load_checkpoint(checkpoint)
     assert meta["step"] >= 1 and state["step"] == meta["step"]
     assert not (out / "model").exists()  # no export for an unfinished run
+
+
+# ------------------------------------------------------------------------ fp16 and TF32 ----
+def test_auto_precision_picks_fp16_with_a_scaler_on_gpus_without_bf16(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert training.autocast_dtype("auto", cuda) == torch.float16  # T4, V100
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert training.autocast_dtype("auto", cuda) == torch.bfloat16  # A100, H100
+    assert training.autocast_dtype("auto", cpu) is None
+    assert training.autocast_dtype("fp16", cpu) == torch.float16
+    assert training.grad_scaler(torch.float16, cpu) is not None
+    assert training.grad_scaler(torch.bfloat16, cpu) is None and training.grad_scaler(None, cpu) is None
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp16, fp32"):
+        TrainConfig(precision="fp8").validate()
+
+
+def test_fp16_loss_scaling_skips_overflowing_steps_and_recovers(prepared, tmp_path):
+    trainer = _trainer(prepared, tmp_path, pattern="hybrid-dense", precision="fp16",
+                       max_steps=40, eval_every=40, save_every=40, lr=1e-2)  # fmt: skip
+    # A scale far too large: the fp16 backward overflows to inf until it has been halved enough.
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**32, growth_interval=5)
+    result = trainer.fit(export=False)
+    train = [r for r in result.records if r["kind"] == "train"]
+    skipped = [r["step"] for r, before in zip(train, [{"skipped_steps": 0}, *train])
+               if r["skipped_steps"] > before["skipped_steps"]]  # fmt: skip
+    first = next(k for k in range(len(skipped) + 1) if k == len(skipped) or skipped[k] != k + 1)
+    assert first >= 3  # the opening steps overflow, one after another ...
+    scales = [r["loss_scale"] for r in train]
+    assert scales[:first] == [2.0 ** (32 - k) for k in range(1, first + 1)]  # ... halving each time
+    assert len(skipped) - first <= 8  # then the scale fits and most steps apply
+    assert max(scales[first:]) > min(scales)  # and it grows again after 5 good steps in a row
+    assert result.skipped_steps == len(skipped) and result.step == 40  # no divergence error
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    untrained = sum(r["loss"] for r in train[:first]) / first  # skipped steps leave the weights
+    assert sum(r["loss"] for r in train[-5:]) / 5 < 0.9 * untrained  # it learns once steps apply
+
+
+def test_fp16_resume_restores_the_loss_scale_exactly(prepared, tmp_path):
+    settings = dict(pattern="hybrid-dense", precision="fp16")
+    straight = _trainer(prepared, tmp_path / "straight", **settings).fit(export=False)
+    _trainer(prepared, tmp_path / "resumed", **settings).fit(stop_at=4, export=False)
+    resumed = _trainer(prepared, tmp_path / "resumed", seed=7, **settings)
+    assert resumed.resumed_from.name == "step_000004"
+    result = resumed.fit(export=False)
+
+    def trace(run):
+        return [(r["step"], r["loss"], r["loss_scale"]) for r in run.records if r["kind"] == "train"]
+
+    assert trace(result) == trace(straight)
+    state, _ = load_checkpoint(straight.checkpoint)
+    assert state["grad_scaler"]["scale"] == trace(straight)[-1][2]
+
+
+def test_tf32_switches_cuda_matmuls_to_tensor_cores(prepared, tmp_path):
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        _trainer(prepared, tmp_path, pattern="llama", tf32=True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_dry_run_plans_the_reference_run_without_building_it(tmp_path, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("--dry-run built a model")
+
+    monkeypatch.setattr(MiniFusionForCausalLM, "__init__", refuse)
+    out = tmp_path / "run"
+    code = main(["--config", str(REPO / "configs/fusiontree-1.5b.yaml"), "--out", str(out),
+                 "--deepspeed", str(REPO / "configs/deepspeed/zero2.json"), "--gpus", "8",
+                 "--dry-run"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0 and not out.exists()  # nothing written
+    import yaml
+
+    resolved = yaml.safe_load(printed)  # the settings print as YAML, the rest as comments
+    assert resolved["train"] == {**resolved["train"], "batch_size": 4, "grad_accum_steps": 2,
+                                 "gradient_checkpointing": True, "block_size": 1024}  # fmt: skip
+    assert "4 sequences × 1,024 tokens × 2 accumulation × 8 GPU(s) = 65,536 tokens" in printed
+    assert "ZeRO-2 on 8 GPU(s), activation checkpointing on" in printed
+    # model states: 16 bytes per parameter of ZeRO-2's table, ZeRO-2's shards of 8
+    from minifusion.config import MiniFusionConfig
+    from minifusion.zero import bytes_per_parameter
+
+    n = MiniFusionConfig.from_preset("fusiontree-1.5b").estimate_parameters()
+    expected = {k: n * v / 2**30 for k, v in bytes_per_parameter(2, 8).items()}
+    for name, gib in expected.items():
+        assert f"#   {name:<12} {gib:8.2f} GiB" in printed
+
