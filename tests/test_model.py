@@ -154,7 +154,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model.train()
     plain = gradients()
     assert len(calls) == 1
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     checkpointed = gradients()
     assert len(calls) == 3  # the checkpointed layer ran again during the backward pass
     assert plain.keys() == checkpointed.keys()
