@@ -115,6 +115,10 @@ class TrainConfig:
     # fp32 on CPU (measured in chapter 12) | bf16 | fp16 | fp32
     precision: str = "auto"
     tf32: bool = False  # fp32 matmuls on CUDA tensor cores (Ampere and newer): ~10-bit mantissa
+    # torch.compile the model (nn.Module.compile: state-dict names unchanged); the first step
+    # compiles for a while. Mamba layers run slower compiled on CPU today: the fused scan is a
+    # pybind call, where the compiled graph breaks into pieces.
+    compile: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     gradient_checkpointing: bool = (
         False  # recompute activations in backward: less memory, ~⅓ more compute
@@ -830,6 +834,8 @@ class Trainer:
         if config.tf32:
             use_tf32(True)
         self.model = model.to(self.device).train()
+        if config.compile:
+            self.model.compile()
         if config.gradient_checkpointing:
             # Non-reentrant checkpointing works with inputs that need no grad (our token ids).
             self.model.activation_checkpointing_enable({"use_reentrant": False})

@@ -605,3 +605,14 @@ def test_dry_run_plans_the_reference_run_without_building_it(tmp_path, capsys, m
     for name, gib in expected.items():
         assert f"#   {name:<12} {gib:8.2f} GiB" in printed
 
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_like_the_eager_one(prepared, tmp_path):
+    runs = {}
+    for compiled in (False, True):
+        trainer = _trainer(prepared, tmp_path / str(compiled), pattern="llama", compile=compiled,
+                           max_steps=3, eval_every=3, save_every=3)  # fmt: skip
+        result = trainer.fit(export=False)
+        runs[compiled] = [r["loss"] for r in result.records if r["kind"] == "train"]
+    assert runs[True] == pytest.approx(runs[False], abs=1e-4)
