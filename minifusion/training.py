@@ -891,7 +891,8 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "rng": capture_rng_state(),
             "gate_monitor": self.gate_monitor.state_dict(),
-            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            # fp16's loss scale (only then: other checkpoints keep their layout)
+            **({"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }
 
     def _meta(self) -> dict[str, Any]:
