@@ -682,13 +682,19 @@ class MiniFusionConfig(PreTrainedConfig):
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "MiniFusionConfig":
         """Read a preset: the file's ``model:`` section (or the whole file if it has none)."""
         document = _read_yaml(path)
-        section = document.get("model", document)
+        return cls.from_section(document.get("model", document), where=str(path), **overrides)
+
+    @classmethod
+    def from_section(
+        cls, section: Any, *, where: str = "the model section", **overrides: Any
+    ) -> "MiniFusionConfig":
+        """A preset's ``model:`` mapping, checked field by field (``where`` names it in errors)."""
         if not isinstance(section, dict):
-            raise ValueError(f"{path}: the 'model' section must be a mapping of field: value.")
+            raise ValueError(f"{where}: the 'model' section must be a mapping of field: value.")
         unknown = sorted(set(section) - _OWN_FIELDS - _BASE_FIELDS - _ACCEPTED_ALIASES)
         if unknown:
             raise ValueError(
-                f"{path}: unknown model field(s) {unknown}. Check the spelling against "
+                f"{where}: unknown model field(s) {unknown}. Check the spelling against "
                 "MiniFusionConfig's fields (chapter 01 lists them all)."
             )
         return cls(**_coerce_numeric_strings({**section, **overrides}))

@@ -27,7 +27,6 @@ import argparse
 import builtins
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -115,10 +114,7 @@ def dry_run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config, args.overrides)
     train_config = TrainConfig.from_dict(settings["train"])
-    with tempfile.TemporaryDirectory() as folder:  # the same validation as a real run
-        path = Path(folder) / "config.yaml"
-        path.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
-        model_config = MiniFusionConfig.from_yaml(path)
+    model_config = MiniFusionConfig.from_section(settings["model"], where=str(args.config))
     gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "1"))
     if gpus < 1:
         raise ValueError(f"--gpus must be ≥ 1 (got {gpus}).")

@@ -1007,7 +1007,8 @@ class Trainer:
             self.bad_steps_in_row = 0
         else:
             self.skipped_steps += 1
-            self.bad_steps_in_row += 1 if (self.scaler is None or not loss_finite) else 0
+            if self.scaler is None or not loss_finite:  # not a mere fp16 gradient overflow
+                self.bad_steps_in_row += 1
         self._update_moe_balance(apply_bias=finite)
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # after only skipped steps torch warns about the order
