@@ -309,8 +309,8 @@ class Attention(nn.Module):
             return projection(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.q_proj), heads(self.k_proj), heads(self.v_proj)
-        cos, sin = position_embeddings
-        q, k = apply_rotary(q, k, as_dtype(cos, q.dtype), as_dtype(sin, q.dtype))
+        # (cos, sin), or XPos's (cos_q, sin_q, cos_k, sin_k)
+        q, k = apply_rotary(q, k, *(as_dtype(table, q.dtype) for table in position_embeddings))
 
         outputs = []
         g_q, g_kv = self.num_global_heads, self.num_global_kv_heads

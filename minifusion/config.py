@@ -46,6 +46,10 @@ ATTENTION_IMPLS = ("sdpa", "eager")
 ROUTER_SCORINGS = ("softmax", "sigmoid")
 BALANCE_LOSSES = ("global", "sequence")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+SRTE_TYPES = (None, "sinusoidal", "learned")
+# XPos's largest scale factor is (1/ζ_0)^(max_position_embeddings / 2 / scale_base) with
+# 1/ζ_0 = 3.5; an exponent of 8 gives 2.3e4, inside fp16's range (6.5e4).
+XPOS_MAX_EXPONENT = 8
 
 #: Where the YAML presets live (``configs/`` at the repository root).
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -117,6 +121,8 @@ class MiniFusionConfig(PreTrainedConfig):
     attention_dropout: float | int = 0.0
     attention_impl: str = "sdpa"
     rope_parameters: dict | None = None
+    # XPos (chapter 05): rotary pairs also decay with distance, pair i by ζ_i^((n−m)/scale_base)
+    xpos_scale_base: int | None = None
     sliding_window: int | None = None
     num_global_heads: int | None = None
     # Layers whose first num_global_heads heads are global; every head of the other attention
@@ -148,6 +154,12 @@ class MiniFusionConfig(PreTrainedConfig):
     mamba_scan_impl: str = "auto"
     mamba_chunk_size: int = 64
 
+    # --- block variants (chapter 11): how each sublayer's output joins the residual stream ----
+    parallel_residual: bool = False
+    deepnorm: bool = False
+    layer_scale_init: float | int | None = None
+    drop_path_rate: float | int = 0.0
+
     # --- fusion of the two branches ---------------------------------------------------------
     fusion_gate: str = "lowrank"
     fusion_gate_rank: int = 96
@@ -155,6 +167,9 @@ class MiniFusionConfig(PreTrainedConfig):
     gate_balance_coef: float | int = 0.05
     gate_balance_target: float | int = 0.5
     gate_entropy_coef: float | int = 3e-4
+    # SRTE (chapter 10): one time encoding shared by every layer, added to the Mamba branch's
+    # input. None (off), "sinusoidal" (fixed) or "learned" (a table, started at the sinusoid).
+    srte: str | None = None
 
     # --- Mixture-of-Experts -----------------------------------------------------------------
     moe_num_experts: int = 8
@@ -239,6 +254,7 @@ class MiniFusionConfig(PreTrainedConfig):
             "head_dim",
             "intermediate_size",
             "moe_intermediate_size",
+            "xpos_scale_base",
         ]
         bad = [name for name in sizes if getattr(self, name) <= 0]
         bad += [
@@ -345,8 +361,54 @@ class MiniFusionConfig(PreTrainedConfig):
                 f"moe_capacity_factor={self.moe_capacity_factor} must be positive, or None for "
                 "dropless routing."
             )
+        errors += self._check_block_variants()
         if errors:
             raise ValueError("Invalid MiniFusionConfig:\n  - " + "\n  - ".join(errors))
+
+    def _check_block_variants(self) -> list[str]:
+        errors = []
+        if not 0 <= self.drop_path_rate < 1:
+            errors.append(
+                f"drop_path_rate={self.drop_path_rate} must be in [0, 1): it is the chance that "
+                "the deepest layer's sublayers are skipped for a sample (0 turns DropPath off)."
+            )
+        if self.layer_scale_init is not None and self.layer_scale_init <= 0:
+            errors.append(
+                f"layer_scale_init={self.layer_scale_init} must be positive (CaiT uses 0.1 up to "
+                "18 layers, 1e-5 at 24, 1e-6 deeper), or None for no LayerScale."
+            )
+        if self.deepnorm and self.parallel_residual:
+            errors.append(
+                "deepnorm and parallel_residual are both on. DeepNorm normalises after each "
+                "sublayer's residual addition (post-norm), which needs the sublayers in sequence; "
+                "turn one of them off."
+            )
+        if self.srte not in SRTE_TYPES:
+            errors.append(f"srte={self.srte!r} is not one of {list(SRTE_TYPES)}.")
+        elif self.srte is not None and not any(m in ("mamba", "hybrid") for m in self.mixer_types):
+            errors.append(
+                f"srte={self.srte!r} adds a time encoding to the Mamba branch, but no layer has "
+                "one (mixer_types has no 'mamba' or 'hybrid'). Set srte=None."
+            )
+        if self.xpos_scale_base is not None and (
+            self.max_position_embeddings / 2 / self.xpos_scale_base > XPOS_MAX_EXPONENT
+        ):
+            errors.append(
+                f"xpos_scale_base={self.xpos_scale_base} is too small for "
+                f"max_position_embeddings={self.max_position_embeddings}: XPos scales a query "
+                "by ζ^(n/B) and a key by ζ^(−m/B), and at the table's ends the largest factor, "
+                f"(1.4/0.4)^({self.max_position_embeddings // 2}/{self.xpos_scale_base}), would "
+                "overflow 16-bit floats. Use xpos_scale_base ≥ max_position_embeddings / "
+                f"{2 * XPOS_MAX_EXPONENT} (the paper's 512 suits up to 8,192 positions)."
+            )
+        if self.xpos_scale_base is not None and not any(
+            m in ("attention", "hybrid") for m in self.mixer_types
+        ):
+            errors.append(
+                "xpos_scale_base is set but no layer has attention, where XPos acts. Set "
+                "xpos_scale_base=None."
+            )
+        return errors
 
     def _check_rope(self) -> None:
         params = self.rope_parameters or {}
@@ -558,7 +620,15 @@ class MiniFusionConfig(PreTrainedConfig):
             counts["fusion.branch_norms"] = fusion["branch_norms"] // 2
             counts["fusion.fusion_proj"] = fusion["fusion_proj"]
         counts.update({f"ffn.{k}": v for k, v in self._ffn_parameters(ffn).items()})
+        if self.parallel_residual:  # the FFN reads the mixer's normalised input: one norm
+            counts.pop("ffn.post_attention_layernorm", None)
+        if self.layer_scale_init is not None:  # one per-channel gain per residual branch
+            counts["layer_scale"] = self.hidden_size * self._residual_branches(layer_idx)
         return counts
+
+    def _residual_branches(self, layer_idx: int) -> int:
+        """Sublayers of layer ``layer_idx`` that add to the residual stream: mixer (+ FFN)."""
+        return 1 + (self.ffn_types[layer_idx] != "none")
 
     def parameter_breakdown(self) -> dict[str, int]:
         """Total parameters per component, summed over layers (zero entries omitted).
@@ -573,6 +643,8 @@ class MiniFusionConfig(PreTrainedConfig):
             for name, count in self.layer_parameter_breakdown(i).items():
                 totals[name] = totals.get(name, 0) + count
         totals["final_norm"] = self.hidden_size
+        if self.srte == "learned":  # one table for the whole model
+            totals["srte"] = self.max_position_embeddings * self.hidden_size
         return {k: v for k, v in totals.items() if v}
 
     def estimate_parameters(self) -> int:
@@ -598,8 +670,11 @@ class MiniFusionConfig(PreTrainedConfig):
         Counted (2 FLOPs per multiply-add): every matrix multiplication including the LM head;
         attention's ``QKᵀ`` and ``AV`` over the keys each causal query actually sees (local heads
         see at most ``sliding_window``); Mamba's depthwise convolution and selective scan
-        (``7 · d_inner · d_state`` per token). Not counted: norms, activations, softmax, the
-        embedding lookup and bias additions — together a few percent at these sizes.
+        (``7 · d_inner · d_state`` per token); and, when switched on, the block variants'
+        elementwise terms (``layer_scale``, ``deepnorm``, ``srte``). Not counted: norms,
+        activations, softmax, the embedding lookup and bias additions — together a few percent
+        at these sizes. (DropPath multiplies each kept branch by ``1/(1−p)`` while training: one
+        more multiply per channel and branch, none at inference.)
         """
         if seq_len < 1:
             raise ValueError(f"seq_len={seq_len} must be ≥ 1.")
@@ -644,6 +719,17 @@ class MiniFusionConfig(PreTrainedConfig):
                 active = self.moe_top_k + self.moe_num_shared_experts
                 add("moe_router", 2.0 * h * self.moe_num_experts)
                 add("ffn", 2.0 * 3 * h * self.moe_intermediate_size * active)
+            # Block variants' elementwise work, listed so their (small) cost is visible:
+            # LayerScale's γ·f and DeepNorm's α·x, one multiply per channel and branch; SRTE,
+            # one addition per channel at the Mamba branch's input. (XPos folds its decay into
+            # the rotary tables: no extra work per token.)
+            branches = self._residual_branches(i)
+            if self.layer_scale_init is not None:
+                add("layer_scale", float(h * branches))
+            if self.deepnorm:
+                add("deepnorm", float(h * branches))
+            if self.srte is not None and mixer in ("mamba", "hybrid"):
+                add("srte", float(h))
         return out
 
     def _attention_matmul_sizes(self) -> list[int]:

@@ -35,6 +35,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -42,6 +43,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .attention import Attention
+from .blocks import LayerScale, Residual, deepnorm_coefficients, xavier_std
 from .cache import HybridCache
 from .compat import cache_argument, model_output
 from .config import MiniFusionConfig
@@ -52,6 +54,7 @@ from .mlp import SwiGLU
 from .moe import MoE
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
+from .time_encoding import SharedTimeEncoding
 
 __all__ = [
     "MiniFusionCausalLMOutput",
@@ -94,13 +97,21 @@ class MiniFusionCausalLMOutput(ModelOutput):
 
 
 class MiniFusionDecoderLayer(GradientCheckpointingLayer):
-    """One layer: ``(B, T, H)`` → ``(B, T, H)``, plus its auxiliary loss terms."""
+    """One layer: ``(B, T, H)`` → ``(B, T, H)``, plus its auxiliary loss terms.
+
+    The sublayers join the residual stream through :class:`~minifusion.blocks.Residual`
+    (LayerScale, DropPath, DeepNorm when configured); with ``parallel_residual`` the FFN reads
+    the mixer's normalised input and both add at once; with ``deepnorm`` the two norms sit
+    *after* each residual addition (post-norm) instead of before each sublayer.
+    """
 
     def __init__(self, config: MiniFusionConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.mixer_type = config.mixer_types[layer_idx]
         self.ffn_type = config.ffn_types[layer_idx]
+        self.deepnorm = config.deepnorm
+        self.parallel_residual = config.parallel_residual and self.ffn_type != "none"
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = RMSNorm(hidden, eps=eps)
         has_attention = self.mixer_type in ("attention", "hybrid")
@@ -112,53 +123,89 @@ class MiniFusionDecoderLayer(GradientCheckpointingLayer):
             self.fusion = GatedFusion(config, layer_idx)
         elif layer_idx in config.pruned_fusion_layers:  # a hybrid layer pruned to one branch
             self.fusion = GatedFusion(config, layer_idx, keep=self.mixer_type)
-        if self.ffn_type != "none":
+        if self.ffn_type != "none" and not self.parallel_residual:
             self.post_attention_layernorm = RMSNorm(hidden, eps=eps)
         self.mlp = SwiGLU(config) if self.ffn_type == "dense" else None
         self.moe = MoE(config, layer_idx) if self.ffn_type == "moe" else None
-        # Dropout on what each block adds to the residual stream (off by default, as in most
-        # pretraining: one pass over the data rarely overfits).
-        p = config.hidden_dropout
-        self.residual_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.mixer_residual = Residual(config, layer_idx)
+        self.ffn_residual = Residual(config, layer_idx) if self.ffn_type != "none" else None
+        # Branch-selective checkpointing (FusionTree): recompute only the attention and Mamba
+        # branches in backward (see MiniFusionPreTrainedModel.checkpoint_branches).
+        self.checkpoint_branches = False
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_embeddings: tuple[torch.Tensor, ...] | None = None,
         attention_mask: torch.Tensor | None = None,
         layer_cache: object | None = None,
+        time_encoding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        kv_cache = getattr(layer_cache, "kv", None)
-        mamba_state = getattr(layer_cache, "mamba", None)
-        normed = self.input_layernorm(hidden_states)
-        attn_out = mamba_out = None
-        if self.attn is not None:
-            attn_out = self.attn(normed, position_embeddings, attention_mask, kv_cache)
-        if self.mamba is not None:
-            mamba_out = self.mamba(normed, mamba_state, attention_mask)
-        if self.fusion is not None:
-            mixed = self.fusion(mamba_out, attn_out, decoding=layer_cache is not None)
-        else:
-            mixed = attn_out if attn_out is not None else mamba_out
-        hidden_states = hidden_states + self.residual_dropout(mixed)
-
+        """``time_encoding`` ``(B or 1, T, H)``: SRTE's shared encoding, added to the Mamba
+        branch's input (chapter 10); ``None`` when the config has none."""
         losses: dict[str, torch.Tensor] = {}
+        # Pre-norm: each sublayer reads norm(x). DeepNorm: x is already normalised (post-norm).
+        normed = hidden_states if self.deepnorm else self.input_layernorm(hidden_states)
+        mixed = self._mix(normed, position_embeddings, attention_mask, layer_cache, time_encoding)
         if self.fusion is not None and (layer_cache is None or self.training):
             # (generation needs no gate losses: skipping them saves a few operations per token)
             losses.update(self.fusion.regularisers())
+        if self.parallel_residual:  # x + mix(norm x) + ffn(norm x)
+            ffn_out = self._feed_forward(normed, losses)
+            hidden_states = self.ffn_residual(hidden_states, ffn_out)
+            return self.mixer_residual(hidden_states, mixed), losses
+        post_norm = self.input_layernorm if self.deepnorm else None
+        hidden_states = self.mixer_residual(hidden_states, mixed, post_norm)
         if self.ffn_type != "none":
-            normed = self.post_attention_layernorm(hidden_states)
-            if self.moe is not None:
-                moe_output = self.moe(normed)
-                hidden_states = hidden_states + self.residual_dropout(moe_output.hidden_states)
-                losses["moe_aux"] = moe_output.aux_loss
-            else:
-                hidden_states = hidden_states + self.residual_dropout(self.mlp(normed))
+            post_norm = self.post_attention_layernorm if self.deepnorm else None
+            normed = hidden_states if self.deepnorm else self.post_attention_layernorm(hidden_states)
+            ffn_out = self._feed_forward(normed, losses)
+            hidden_states = self.ffn_residual(hidden_states, ffn_out, post_norm)
         return hidden_states, losses
+
+    def _mix(self, normed, position_embeddings, attention_mask, layer_cache, time_encoding):
+        """The mixer sublayer: attention and/or Mamba on ``normed``, fused in hybrid layers."""
+        kv_cache = getattr(layer_cache, "kv", None)
+        mamba_state = getattr(layer_cache, "mamba", None)
+        attn_out = mamba_out = None
+        recompute = self.checkpoint_branches and self.training and torch.is_grad_enabled()
+        run = _recomputed if recompute else _called
+        if self.attn is not None:
+            attn_out = run(self.attn, normed, position_embeddings, attention_mask, kv_cache)
+        if self.mamba is not None:
+            mamba_in = normed if time_encoding is None else normed + time_encoding
+            mamba_out = run(self.mamba, mamba_in, mamba_state, attention_mask)
+        if self.fusion is not None:
+            return self.fusion(mamba_out, attn_out, decoding=layer_cache is not None)
+        return attn_out if attn_out is not None else mamba_out
+
+    def _feed_forward(self, normed: torch.Tensor, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The FFN sublayer (SwiGLU or MoE); an MoE's auxiliary loss goes into ``losses``."""
+        if self.moe is None:
+            return self.mlp(normed)
+        moe_output = self.moe(normed)
+        losses["moe_aux"] = moe_output.aux_loss
+        return moe_output.hidden_states
+
+
+def _called(module: nn.Module, *args):
+    return module(*args)
+
+
+def _recomputed(module: nn.Module, *args):
+    """``module(*args)``, keeping only its inputs for backward: the activations inside are
+    computed again there (non-reentrant checkpointing; the RNG state is replayed)."""
+    return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
 
 
 # Modules whose output is added to the residual stream (their init is scaled with depth).
 _RESIDUAL_PROJECTIONS = ("o_proj", "out_proj", "fusion_proj", "down_proj")
+# DeepNet's init: Xavier-normal with gain β for the weights that carry values to the residual
+# (attention's v/o, the FFN's, and — by the same role — Mamba's in/out and the fusion's output
+# projection), gain 1 for queries and keys. Other weights keep the model's usual init.
+_DEEPNORM_GAINS = {"q_proj": "one", "k_proj": "one", "v_proj": "beta", "o_proj": "beta",
+                   "gate_proj": "beta", "up_proj": "beta", "down_proj": "beta",
+                   "in_proj": "beta", "out_proj": "beta", "fusion_proj": "beta"}  # fmt: skip
 
 
 class _DeepSpeedCpuNotice(logging.Filter):
@@ -204,6 +251,20 @@ class MiniFusionPreTrainedModel(PreTrainedModel):
             write_remote_code(save_directory)
             write_model_card(save_directory, self.config, self.num_parameters())
 
+    def checkpoint_branches(self, enable: bool = True) -> None:
+        """Branch-selective activation checkpointing (FusionTree's "selective checkpoint").
+
+        Whole-layer checkpointing (``activation_checkpointing_enable``) keeps only each layer's
+        input and recomputes the whole layer in backward. This keeps everything except what is
+        *inside* the attention and Mamba branches — their projections, scores, scan — and
+        recomputes just those; the norms, gate and FFN keep their activations. It therefore
+        saves less memory than whole layers and recomputes less; chapter 12 measures the three
+        (none, branches, layers) on the ``small`` preset.
+        """
+        for layer in self.modules():
+            if isinstance(layer, MiniFusionDecoderLayer):
+                layer.checkpoint_branches = bool(enable)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -213,10 +274,12 @@ class MiniFusionPreTrainedModel(PreTrainedModel):
         if isinstance(module, nn.Linear):
             if getattr(module, "_init_managed_by_parent", False):
                 return
-            scale = 1.0
-            if getattr(module, "_residual_projection", False):
-                scale = 1.0 / math.sqrt(2 * self.config.num_hidden_layers)
-            init.normal_(module.weight, mean=0.0, std=std * scale)
+            gain = getattr(module, "_deepnorm_gain", None)
+            if gain is not None:  # DeepNet: Xavier-normal, gain β for value/output/FFN weights
+                std = xavier_std(module.in_features, module.out_features, gain)
+            elif getattr(module, "_residual_projection", False):
+                std = std / math.sqrt(2 * self.config.num_hidden_layers)
+            init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -229,8 +292,10 @@ class MiniFusionPreTrainedModel(PreTrainedModel):
             init.constant_(module.gate_mean, 0.5)
             init.zeros_(module.gate_std)
             init.constant_(module.gate_channel_mean, 0.5)
-        elif isinstance(module, RotaryEmbedding):
+        elif isinstance(module, (RotaryEmbedding, SharedTimeEncoding)):
             module.reset()
+        elif isinstance(module, LayerScale):
+            init.constant_(module.gamma, module.init)
         elif isinstance(module, MoE):
             init.zeros_(module.router.expert_bias)
             init.zeros_(module.load_since_update)
@@ -243,6 +308,9 @@ class MiniFusionPreTrainedModel(PreTrainedModel):
             leaf = name.rsplit(".", 1)[-1]
             module._residual_projection = leaf in _RESIDUAL_PROJECTIONS
             module._init_managed_by_parent = leaf == "dt_proj"  # mamba-ssm's Δ initialisation
+            if self.config.deepnorm and leaf in _DEEPNORM_GAINS:
+                beta = deepnorm_coefficients(self.config.num_hidden_layers)[1]
+                module._deepnorm_gain = beta if _DEEPNORM_GAINS[leaf] == "beta" else 1.0
 
 
 class MiniFusionModel(MiniFusionPreTrainedModel):
@@ -257,6 +325,7 @@ class MiniFusionModel(MiniFusionPreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         has_attention = any(t in ("attention", "hybrid") for t in config.mixer_types)
         self.rotary_emb = RotaryEmbedding(config) if has_attention else None
+        self.srte = SharedTimeEncoding(config) if config.srte is not None else None
         self.gradient_checkpointing = False
         self._mark_parameter_roles()
         self.post_init()
@@ -293,13 +362,16 @@ class MiniFusionModel(MiniFusionPreTrainedModel):
         position_embeddings = None
         if self.rotary_emb is not None:
             position_embeddings = self.rotary_emb(position_ids, dtype=hidden_states.dtype)
+        time_encoding = None
+        if self.srte is not None:
+            time_encoding = self.srte(position_ids, dtype=hidden_states.dtype)
 
         totals: dict[str, torch.Tensor] = {}
         all_hidden = [hidden_states] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             hidden_states, losses = layer(
-                hidden_states, position_embeddings, attention_mask, layer_cache
+                hidden_states, position_embeddings, attention_mask, layer_cache, time_encoding
             )
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + value
@@ -462,10 +534,11 @@ def _breakdown_key(name: str) -> str:
     """A parameter name → its key in ``MiniFusionConfig.parameter_breakdown``."""
     parts = name.removeprefix("model.").split(".")
     if parts[0] != "layers":
-        return {"embed_tokens": "embed_tokens", "lm_head": "lm_head", "norm": "final_norm"}[
-            parts[0]
-        ]
+        return {"embed_tokens": "embed_tokens", "lm_head": "lm_head", "norm": "final_norm",
+                "srte": "srte"}[parts[0]]  # fmt: skip
     module, child = parts[2], parts[3]
+    if module in ("mixer_residual", "ffn_residual"):
+        return child  # "layer_scale"
     if module in ("attn", "mamba"):
         return f"{module}.{child}"
     if module == "fusion":

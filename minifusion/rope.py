@@ -25,6 +25,16 @@ Context-extension scalings, configured with transformers' ``rope_parameters`` di
   Models"): fast pairs (many turns within the original context) are kept, slow pairs (less than
   one turn) are interpolated by ``factor``, a linear ramp blends the two in between, and cos/sin
   are multiplied by an attention temperature ``0.1·ln(factor) + 1``.
+
+**XPos** (Sun et al., 2022, "A Length-Extrapolatable Transformer"), with ``xpos_scale_base`` set:
+pair ``i`` of a query at position ``n`` is also multiplied by ``ζ_i^(n/B)`` and of a key at ``m``
+by ``ζ_i^(−m/B)``, where ``ζ_i = (2i/head_dim + γ)/(1 + γ)`` with ``γ = 0.4`` and ``B`` the scale
+base (the paper uses 512). Their product ``ζ_i^((n−m)/B)`` is still a function of the offset
+alone, and as ``ζ_i < 1`` it *decays* with distance — fast pairs (small ``i``, whose rotations
+are the most erratic at long range) fade first, which is what helped the paper's models read
+past their training length. The scales are folded into separate query and key tables, so XPos
+costs no extra work per token; positions are measured from ``max_position_embeddings // 2``
+(any fixed origin gives the same products) to keep both scales near 1 in low precision.
 """
 
 import math
@@ -37,6 +47,7 @@ from .config import ROPE_TYPES, MiniFusionConfig
 from .utils import as_dtype
 
 __all__ = [
+    "XPOS_GAMMA",
     "SUPPORTED_ROPE_TYPES",
     "RotaryEmbedding",
     "apply_rotary",
@@ -45,6 +56,13 @@ __all__ = [
 ]
 
 SUPPORTED_ROPE_TYPES = ROPE_TYPES  # validated by MiniFusionConfig
+XPOS_GAMMA = 0.4  # Sun et al. (2022): ζ_i = (2i/d + γ)/(1 + γ)
+
+
+def xpos_decay(head_dim: int, gamma: float = XPOS_GAMMA) -> torch.Tensor:
+    """XPos's per-pair decay ``ζ_i = (2i/head_dim + γ)/(1 + γ)`` ``(head_dim/2,)`` fp32."""
+    pairs = torch.arange(0, head_dim, 2, dtype=torch.float32)
+    return (pairs / head_dim + gamma) / (1 + gamma)
 
 
 def _wavelength_scales(head_dim: int, base: float) -> torch.Tensor:
@@ -152,6 +170,10 @@ class RotaryEmbedding(nn.Module):
     at exactly the length needed, and reset to the original frequencies when a sequence shorter
     than ``max_position_embeddings`` follows (as in transformers). It is stored in fp32; ``dtype``
     casts the returned slices.
+
+    With XPos (``config.xpos_scale_base``) the call returns four tables,
+    ``(cos_q, sin_q, cos_k, sin_k)``: the query tables carry ``ζ^(n/B)``, the key tables
+    ``ζ^(−m/B)`` (see the module docstring). :func:`apply_rotary` takes either form.
     """
 
     def __init__(
@@ -169,6 +191,8 @@ class RotaryEmbedding(nn.Module):
         empty = torch.empty(0, config.head_dim, device=device)
         self.register_buffer("cos_table", empty, persistent=False)
         self.register_buffer("sin_table", empty.clone(), persistent=False)
+        self.xpos_scale_base = config.xpos_scale_base
+        self.register_buffer("xpos_table", empty.clone(), persistent=False)
         self._build_table(min(config.max_position_embeddings, initial_length))
 
     def reset(self, initial_length: int = 4096) -> None:
@@ -192,6 +216,12 @@ class RotaryEmbedding(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)  # (L, D): the same angle for both halves
         self.cos_table = angles.cos() * self.attention_scaling
         self.sin_table = angles.sin() * self.attention_scaling
+        if self.xpos_scale_base is not None:  # (L, D): ζ_i^((m − origin)/B), both halves
+            origin = self.config.max_position_embeddings // 2
+            decay = xpos_decay(self.config.head_dim).to(positions.device)
+            exponents = (positions - origin)[:, None] / self.xpos_scale_base
+            scale = decay[None, :] ** exponents
+            self.xpos_table = torch.cat((scale, scale), dim=-1)
 
     def _update_dynamic_table(self, needed: int) -> None:
         """Dynamic NTK, as transformers does it: stretch when a longer sequence arrives, and go
@@ -204,7 +234,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(
         self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
         if position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)
         if position_ids.dtype not in (torch.int32, torch.int64):
@@ -222,12 +252,17 @@ class RotaryEmbedding(nn.Module):
             self._build_table(max(high + 1, 2 * self.cached_length))
         cos = self.cos_table[position_ids]
         sin = self.sin_table[position_ids]
-        return as_dtype(cos, dtype), as_dtype(sin, dtype)
+        if self.xpos_scale_base is None:
+            return as_dtype(cos, dtype), as_dtype(sin, dtype)
+        scale = self.xpos_table[position_ids]
+        tables = (cos * scale, sin * scale, cos / scale, sin / scale)
+        return tuple(as_dtype(t, dtype) for t in tables)
 
     def extra_repr(self) -> str:
+        xpos = "" if self.xpos_scale_base is None else f", xpos_scale_base={self.xpos_scale_base}"
         return (
             f"rope_type={self.rope_type!r}, head_dim={self.config.head_dim}, "
-            f"cached_length={self.cached_length}"
+            f"cached_length={self.cached_length}{xpos}"
         )
 
 
@@ -238,12 +273,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_cos: torch.Tensor | None = None,
+    key_sin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate queries ``(B, Hq, T, D)`` and keys ``(B, Hkv, T, D)`` by ``cos, sin`` ``(B, T, D)``.
 
     Each pair ``(a, b)`` becomes ``(a·cos − b·sin, b·cos + a·sin)`` — a 2-D rotation. The head
-    dimension is broadcast, so one table slice serves every head.
+    dimension is broadcast, so one table slice serves every head. ``key_cos, key_sin`` (XPos)
+    give the keys their own tables; by default keys use the queries'.
     """
     if cos.shape[-1] != q.shape[-1] or cos.shape[-2] != q.shape[-2]:
         raise ValueError(
@@ -251,7 +292,10 @@ def apply_rotary(
             "(B, T, head_dim) for q of shape (B, H, T, head_dim). Compute them from the position "
             "ids of exactly these T tokens."
         )
+    if key_cos is None:
+        key_cos, key_sin = cos, sin
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    key_cos, key_sin = key_cos.unsqueeze(1), key_sin.unsqueeze(1)
     q_rotated = q * cos + rotate_half(q) * sin
-    k_rotated = k * cos + rotate_half(k) * sin
+    k_rotated = k * key_cos + rotate_half(k) * key_sin
     return q_rotated, k_rotated

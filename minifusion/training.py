@@ -120,9 +120,9 @@ class TrainConfig:
     # pybind call, where the compiled graph breaks into pieces.
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    gradient_checkpointing: bool = (
-        False  # recompute activations in backward: less memory, ~⅓ more compute
-    )
+    # Recompute activations in backward: False (off), True or "layers" (whole layers: least
+    # memory, ~⅓ more compute) or "branches" (only the attention and Mamba branches, chapter 12).
+    gradient_checkpointing: bool | str = False
     seed: int = 0
     # Measuring
     log_every: int = 10  # steps between metrics lines
@@ -137,6 +137,12 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept on disk
     max_bad_steps: int = 5  # non-finite steps in a row before giving up
 
+    def __post_init__(self) -> None:
+        try:  # True → "layers" (the one spelling the trainer and the checkpoints see)
+            self.gradient_checkpointing = checkpointing_mode(self.gradient_checkpointing)
+        except ValueError:
+            pass  # validate() names the allowed values
+
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> TrainConfig:
         """Build from a mapping, refusing unknown names and converting YAML strings like 3e-3."""
@@ -149,11 +155,15 @@ class TrainConfig:
         for name, value in values.items():
             kind = type(getattr(cls(), name))
             try:
+                if name == "gradient_checkpointing":
+                    converted[name] = checkpointing_mode(value)
+                    continue
                 converted[name] = _convert(value, kind)
             except (TypeError, ValueError):
-                raise ValueError(
-                    f"train.{name}={value!r} is not a valid {kind.__name__}."
-                ) from None
+                expected = f"a valid {kind.__name__}"
+                if name == "gradient_checkpointing":
+                    expected = "false, true (= 'layers') or 'branches'"
+                raise ValueError(f"train.{name}={value!r} is not {expected}.") from None
         config = cls(**converted)
         config.validate()
         return config
@@ -176,6 +186,10 @@ class TrainConfig:
             (self.eval_batches >= 1, "eval_batches must be ≥ 1"),
             (self.keep_last >= 1, "keep_last must be ≥ 1"),
             (self.max_bad_steps >= 1, "max_bad_steps must be ≥ 1"),
+            (
+                self.gradient_checkpointing in CHECKPOINTING_MODES,
+                "gradient_checkpointing must be false, true (= 'layers') or 'branches'",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -184,6 +198,22 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.grad_accum_steps * self.block_size
+
+
+CHECKPOINTING_MODES = (False, "layers", "branches")
+
+
+def checkpointing_mode(value: Any) -> bool | str:
+    """``train.gradient_checkpointing`` as False, ``"layers"`` or ``"branches"``: ``True`` (and
+    YAML's ``true``/``yes``) means whole layers, as it did before branches were an option."""
+    text = str(value).lower()
+    if value is False or text in ("false", "0", "no", "off", "none"):
+        return False
+    if value is True or text in ("true", "1", "yes", "on", "layers"):
+        return "layers"
+    if text == "branches":
+        return "branches"
+    raise ValueError(value)
 
 
 def _convert(value: Any, kind: type) -> Any:
@@ -836,9 +866,12 @@ class Trainer:
         self.model = model.to(self.device).train()
         if config.compile:
             self.model.compile()
-        if config.gradient_checkpointing:
+        checkpointing = checkpointing_mode(config.gradient_checkpointing)
+        if checkpointing == "layers":
             # Non-reentrant checkpointing works with inputs that need no grad (our token ids).
             self.model.activation_checkpointing_enable({"use_reentrant": False})
+        elif checkpointing == "branches":
+            self.model.checkpoint_branches()
         self.tokenizer_hash = tokenizer_hash(tokenizer)
         self.progress, self.verbose = progress, verbose
 

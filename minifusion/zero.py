@@ -284,8 +284,13 @@ def activation_bytes_per_token(
     *,
     seq_len: int = 256,
     dtype: torch.dtype | None = torch.bfloat16,
+    checkpoint_branches: bool = False,
 ) -> float:
     """Bytes autograd keeps for backward, per token, averaged over the model's layers.
+
+    ``checkpoint_branches``: with branch-selective checkpointing on (the attention and Mamba
+    branches keep only their inputs; :meth:`~minifusion.model.MiniFusionPreTrainedModel.
+    checkpoint_branches`), measured the same way.
 
     Measured, not estimated: one layer of each distinct (mixer, FFN) kind in ``config`` runs a
     forward pass on the CPU under ``dtype`` autocast while a ``saved_tensors_hooks`` pair adds
@@ -302,6 +307,7 @@ def activation_bytes_per_token(
     total = 0.0
     for kind in dict.fromkeys(pairs):  # each distinct kind once, in order
         layer = MiniFusionDecoderLayer(config, pairs.index(kind)).train()
+        layer.checkpoint_branches = checkpoint_branches
         short = _saved_bytes(layer, rotary, seq_len, dtype)
         long = _saved_bytes(layer, rotary, 2 * seq_len, dtype)
         total += pairs.count(kind) * (long - short) / seq_len

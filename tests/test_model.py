@@ -162,6 +162,43 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
 
 
+def test_branch_checkpointing_recomputes_only_the_branches_and_keeps_the_gradients():
+    torch.manual_seed(0)
+    model = MiniFusionForCausalLM(small_config("hybrid-dense", hidden_dropout=0.1,
+                                               drop_path_rate=0.5))  # fmt: skip
+    ids = torch.randint(0, 61, (2, 10))
+    layer = model.model.layers[0]
+    calls = {"attn": 0, "mamba": 0, "mlp": 0}
+    for name in calls:  # count forward calls (a recompute does not run the module's hooks)
+        module = getattr(layer, name)
+
+        def counted(*args, name=name, forward=module.forward):
+            calls[name] += 1
+            return forward(*args)
+
+        module.forward = counted
+
+    def gradients():
+        torch.manual_seed(1)  # the same dropout and DropPath draws in both runs
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    plain = gradients()
+    assert calls == {"attn": 1, "mamba": 1, "mlp": 1}
+    model.checkpoint_branches()
+    checkpointed = gradients()
+    assert calls == {"attn": 3, "mamba": 3, "mlp": 2}  # the branches ran again in backward
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    assert calls["attn"] == 4  # not recomputed outside training
+
+
 def test_initialisation_scales_residual_projections_and_keeps_mamba_init():
     torch.manual_seed(0)
     config = small_config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
@@ -209,5 +246,5 @@ def test_hidden_dropout_acts_on_the_residual_branches_in_training_only():
     assert torch.equal(model(ids).logits, model(ids).logits)
     plain = MiniFusionForCausalLM(small_config("everything"))
     assert all(
-        isinstance(layer.residual_dropout, torch.nn.Identity) for layer in plain.model.layers
+        isinstance(layer.mixer_residual.dropout, torch.nn.Identity) for layer in plain.model.layers
     )

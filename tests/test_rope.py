@@ -210,3 +210,47 @@ def test_bad_inputs_have_clear_errors():
 def test_config_rejects_unsupported_rope(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MiniFusionConfig(**kwargs)
+
+
+# ------------------------------------------------------------------------------------- XPos ---
+def _complex_pairs(vector: torch.Tensor) -> torch.Tensor:
+    """Half-rotation layout: pair i is (channel i, channel i + D/2) → a complex number."""
+    first, second = vector.double().chunk(2)
+    return torch.complex(first, second)
+
+
+@pytest.mark.parametrize("head_dim, scale_base", [(16, 512), (8, 16)])
+def test_xpos_scores_follow_the_formula_of_sun_et_al(head_dim, scale_base):
+    """score(n, m) = Σ_i Re[q_i · conj(k_i) · e^{i(n−m)θ_i}] · ζ_i^((n−m)/B),
+    ζ_i = (2i/d + 0.4)/1.4 (Sun et al., 2022, "A Length-Extrapolatable Transformer")."""
+    torch.manual_seed(0)
+    config = MiniFusionConfig(hidden_size=4 * head_dim, num_attention_heads=4,
+                              max_position_embeddings=256, xpos_scale_base=scale_base)  # fmt: skip
+    rope = RotaryEmbedding(config)
+    q, k = torch.randn(head_dim), torch.randn(head_dim)
+    theta = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    zeta = (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim + 0.4) / 1.4
+    for n, m in [(0, 0), (5, 2), (40, 0), (200, 190), (255, 3)]:
+        positions = torch.tensor([[n, m]])
+        cos_q, sin_q, cos_k, sin_k = rope(positions)
+        q_rot, _ = apply_rotary(q.view(1, 1, 1, -1), q.view(1, 1, 1, -1), cos_q[:, :1], sin_q[:, :1])
+        _, k_rot = apply_rotary(k.view(1, 1, 1, -1), k.view(1, 1, 1, -1), cos_k[:, 1:], sin_k[:, 1:])
+        score = float(q_rot.flatten() @ k_rot.flatten())
+        offset = n - m
+        terms = _complex_pairs(q) * _complex_pairs(k).conj() * torch.exp(1j * offset * theta)
+        expected = float((terms.real * zeta ** (offset / scale_base)).sum())
+        assert score == pytest.approx(expected, rel=1e-4, abs=1e-5), (n, m)
+
+
+def test_xpos_decays_fast_pairs_first_and_is_off_by_default():
+    config = MiniFusionConfig(hidden_size=64, num_attention_heads=2, xpos_scale_base=8,
+                              max_position_embeddings=128)  # fmt: skip
+    rope = RotaryEmbedding(config)
+    assert len(RotaryEmbedding(MiniFusionConfig(hidden_size=64, num_attention_heads=2))(
+        torch.arange(3)[None])) == 2  # fmt: skip
+    cos_q, sin_q, cos_k, sin_k = rope(torch.tensor([[64, 0]]))
+    # the length of each pair's (cos, sin) is its scale; the query's times the key's: ζ_i^(64/8)
+    decay = (cos_q[0, 0].hypot(sin_q[0, 0]) * cos_k[0, 1].hypot(sin_k[0, 1]))[:16]
+    zeta = (torch.arange(0, 32, 2) / 32 + 0.4) / 1.4
+    torch.testing.assert_close(decay, zeta**8, rtol=1e-4, atol=1e-7)
+    assert decay[0] < decay[8] < decay[15] < 1  # the fastest-turning pairs fade the most

@@ -166,15 +166,30 @@ def test_gradient_accumulation_equals_one_large_batch(prepared, tmp_path):
         torch.testing.assert_close(grad_small, grad_big, rtol=1e-4, atol=1e-8, msg=name)
 
 
-def test_gradient_checkpointing_gives_the_same_step(prepared, tmp_path, recwarn):
+@pytest.mark.parametrize("mode", [True, "branches"])
+def test_gradient_checkpointing_gives_the_same_step(prepared, tmp_path, recwarn, mode):
     plain = _trainer(prepared, tmp_path / "plain", pattern="everything")
     recomputed = _trainer(prepared, tmp_path / "ckpt", pattern="everything",
-                          gradient_checkpointing=True)  # fmt: skip
-    assert all(layer.gradient_checkpointing for layer in recomputed.model.model.layers)
+                          gradient_checkpointing=mode)  # fmt: skip
+    layers = recomputed.model.model.layers
+    if mode is True:
+        assert all(layer.gradient_checkpointing for layer in layers)
+    else:  # only the branches inside each layer
+        assert all(layer.checkpoint_branches and not layer.gradient_checkpointing
+                   for layer in layers)  # fmt: skip
     a, b = plain.train_step(), recomputed.train_step()
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     assert not [w for w in recwarn if "checkpoint" in str(w.message).lower()]
+
+
+def test_gradient_checkpointing_settings_are_read_from_yaml_spellings():
+    for value, mode in [(False, False), ("false", False), (True, "layers"), ("true", "layers"),
+                        ("layers", "layers"), ("branches", "branches"), ("Branches", "branches")]:
+        assert TrainConfig.from_dict({"gradient_checkpointing": value}).gradient_checkpointing == mode
+    assert TrainConfig(gradient_checkpointing=True).gradient_checkpointing == "layers"
+    with pytest.raises(ValueError, match="'attention' is not false, true"):
+        TrainConfig.from_dict({"gradient_checkpointing": "attention"})
 
 
 def test_loss_falls(prepared, tmp_path):
