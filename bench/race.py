@@ -371,6 +371,7 @@ class TrainLog:
     tokens: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
+    warm_up_seconds: float = 0.0  # the untimed first pass (where torch.compile compiles)
 
     @property
     def final_loss(self) -> float:
@@ -417,7 +418,9 @@ def train_for_budget(
     optimizer = build_optimizer(model, settings)
     log, next_progress = TrainLog(), PROGRESS_EVERY_S
     model.train()
+    start = time.perf_counter()
     warm_up(model, batches)
+    log.warm_up_seconds = time.perf_counter() - start
     while log.seconds < settings.seconds:
         inputs, targets = batches.next_batch()  # drawing the batch is not timed
         start = time.perf_counter()
@@ -459,8 +462,12 @@ def run_entry(
     """Build, train and score one entry in this process; its result as JSON-able data.
 
     ``overrides`` change the preset's model settings first (``bench.designs`` races design
-    variants of the hybrid this way; the race itself passes none)."""
+    variants of the hybrid this way, ``bench.ablation`` techniques; the race itself passes
+    none). The key ``"compile": true`` among them compiles the model (``nn.Module.compile``)
+    instead: the compilation happens in the untimed warm-up pass."""
     entry, base = ENTRIES[name], preset_config()
+    overrides = dict(overrides or {})
+    compile_model = bool(overrides.pop("compile", False))
     if overrides:
         base = base.replaced(**overrides)
     tokenizer = load_tokenizer(data["tokenizer"])
@@ -468,6 +475,8 @@ def run_entry(
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {base.vocab_size}")
     torch.manual_seed(settings.seed)
     model, sizes = entry.build(base, settings)
+    if compile_model:
+        model.compile()
     batches = BatchStream(data["train"], settings.seq_len, settings.batch_size, seed=settings.seed)
 
     def progress(log: TrainLog) -> None:
@@ -485,6 +494,7 @@ def run_entry(
         "steps": log.steps,
         "tokens": log.tokens,
         "train_seconds": log.seconds,
+        "warm_up_seconds": log.warm_up_seconds,
         "tokens_per_s": log.tokens / log.seconds,
         "train_loss": log.final_loss,
         "val_loss": score.loss,

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from . import attention, decode, moe, race, scan, training
+from . import ablation, attention, checkpointing, decode, moe, race, scan, training
 from .timing import machine_description
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,8 +143,35 @@ def run_race(device: torch.device, saved: bool = False, **kwargs: Any) -> Data |
     return race.report_data(**kwargs)
 
 
+def run_ablation(device: torch.device, saved: bool = True) -> Data | None:
+    """Every record ``python -m bench.ablation`` saved (each technique alone, several seeds of
+    equal wall-clock training: about 30 minutes, so ``make bench`` shows the saved records
+    rather than running it again). CPU only, like the race; ``None`` when nothing is saved."""
+    if device.type != "cpu" or not ablation.RESULTS_FILE.exists():
+        return None
+    records = _saved_json(ablation.RESULTS_FILE, "python -m bench.ablation")["records"]
+    return {
+        "records": records,
+        "date": max(r["date"] for r in records),
+        "elapsed_s": sum(
+            e.get("train_seconds", 0.0) for r in records for e in r["entries"].values()
+        ),
+    }
+
+
+def run_checkpointing(device: torch.device, saved: bool = False, **kwargs: Any) -> Data:
+    """None / branch-selective / whole-layer checkpointing on ``small`` (``bench.checkpointing``)."""
+    if saved:
+        record = _saved_json(checkpointing.RESULTS_FILE, "python -m bench.checkpointing")
+    else:
+        record = checkpointing.run(device=device, **kwargs)
+        if device.type == "cpu":  # chapter 12 reads the CPU record
+            checkpointing.save(record)
+    return {"record": record, "date": record["date"], "elapsed_s": record["seconds"]}
+
+
 #: Benchmarks whose section can be rebuilt from the results they saved (``--saved``).
-SAVED_RESULTS = ("why_hybrid", "race")
+SAVED_RESULTS = ("why_hybrid", "race", "ablation", "checkpointing")
 
 
 def why_hybrid_present() -> bool:
@@ -178,6 +205,8 @@ RUNNERS: dict[str, Callable[..., Data | None]] = {
     "decode": run_decode,
     "why_hybrid": run_why_hybrid,
     "race": run_race,
+    "ablation": run_ablation,
+    "checkpointing": run_checkpointing,
 }
 
 
@@ -193,6 +222,8 @@ def default_sizes(device: torch.device) -> dict[str, dict[str, Any]]:
         "decode": {"repeats": 5},
         "why_hybrid": {},
         "race": {},
+        "ablation": {},
+        "checkpointing": {"batch_size": 8, "seq_len": 1024},
     }
 
 
@@ -682,6 +713,26 @@ def race_table(per_device: PerDevice) -> str:
     return "\n\n".join(blocks) if blocks else "Not run yet: `python -m bench.race`."
 
 
+def ablation_table(per_device: PerDevice) -> str:
+    """Every saved ablation group (``bench.ablation.markdown``), under its device."""
+    blocks = [
+        f"### {GROUP[d]}\n\n{ablation.markdown(per_device[d]['records'], level=4)}"
+        for d in DEVICES
+        if d in per_device
+    ]
+    return "\n\n".join(blocks) if blocks else "Not run yet: `python -m bench.ablation`."
+
+
+def checkpointing_table(per_device: PerDevice) -> str:
+    """Each device's table from ``bench.checkpointing.markdown``."""
+    blocks = [
+        f"### {GROUP[d]}\n\n{checkpointing.markdown(per_device[d]['record'])}"
+        for d in DEVICES
+        if d in per_device
+    ]
+    return "\n\n".join(blocks) if blocks else "Not run yet: `python -m bench.checkpointing`."
+
+
 def _demoted(markdown: str, label: str) -> str:
     lines = [f"#{line}" if line.startswith("#") else line for line in markdown.splitlines()]
     if lines and lines[0].startswith("### "):
@@ -750,6 +801,23 @@ SECTIONS = (
         "then scored on two held-out works in bits per character (lower is better). One table "
         "per saved setting (`bench/results/race.json`).",
         race_table, None, None,
+    ),
+    Section(
+        "Ablation: each technique alone", "ablation",
+        "The `tiny` model as shipped against the same model with one technique switched on "
+        "(`python -m bench.ablation`): SRTE, XPos, LayerScale, DropPath, DeepNorm, parallel "
+        "residual, and `torch.compile` — each trained by the race's loop for the same seconds in "
+        "several seeds, scored in bits per character on the held-out works; each variant is "
+        "paired with the default run of the same seed.",
+        ablation_table, None, None,
+    ),
+    Section(
+        "Activation checkpointing: none, branches, layers", "checkpointing",
+        "One training step of the `small` preset (`python -m bench.checkpointing`) with nothing "
+        "recomputed, with only the attention and Mamba branches recomputed in backward "
+        "(FusionTree's branch-selective checkpointing) and with whole layers recomputed: peak "
+        "memory over the weights, and the step's time, relative to none.",
+        checkpointing_table, None, None,
     ),
 )  # fmt: skip
 SECTIONS_BY_BENCHMARK: dict[str, list[Section]] = {}

@@ -17,8 +17,9 @@ section.name=value`` overrides one entry, converted by the type of the field it 
 
 Running the same command again continues from the newest checkpoint in ``<out>``; ``--fresh``
 deletes the run's checkpoints and logs first (the prepared data is kept and reused).
-``--dry-run`` prints the resolved settings and the memory each GPU will need, then exits: no
-data, no model, nothing written.
+``--dry-run`` prints the resolved settings, the memory each GPU will need and the tokens/s to
+expect (an estimate from the model's FLOPs at an assumed utilisation of the GPU's peak:
+``--peak-tflops``, ``--mfu``), then exits: no data, no model, nothing written.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ from .utils import seed_everything
 
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "loss_curve.png", "samples.txt",
                "model")  # fmt: skip
+# --dry-run's throughput estimate: an A100's dense bf16 tensor-core peak (NVIDIA's A100
+# datasheet: 312 TFLOPS, 624 with 2:4 sparsity) and an assumed share of it (PaLM reports 46 %
+# MFU, Chowdhery et al., 2022; small models, and Mamba's scan without its CUDA kernel, reach less).
+A100_BF16_TFLOPS = 312.0
+DEFAULT_MFU = 0.4
 
 
 def start_fresh(out_dir: Path) -> None:
@@ -86,6 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(allocates no model, writes nothing)")  # fmt: skip
     parser.add_argument("--gpus", type=int, metavar="N",
                         help="GPUs that --dry-run plans for (default: $WORLD_SIZE, else 1)")  # fmt: skip
+    parser.add_argument("--peak-tflops", type=float, default=A100_BF16_TFLOPS, metavar="T",
+                        help="--dry-run's tokens/s estimate: one GPU's dense bf16 peak in TFLOPS "
+                        f"(default {A100_BF16_TFLOPS:g}: an A100; an H100 SXM has 989)")  # fmt: skip
+    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU, metavar="FRACTION",
+                        help="--dry-run's tokens/s estimate: the share of that peak a training "
+                        f"step is assumed to reach (default {DEFAULT_MFU:g})")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         if args.dry_run:
@@ -105,10 +117,13 @@ def _precision_name(dtype) -> str:
 
 
 def dry_run(args: argparse.Namespace) -> int:
-    """Print what a run of ``args`` would train and the memory per GPU, without starting it.
+    """Print what a run of ``args`` would train, the memory per GPU and the tokens/s to expect,
+    without starting it.
 
     The model's parameters are counted from its config; only the activations are measured, on
     one layer of each kind at ≤ 512 tokens (``minifusion.zero.activation_bytes_per_token``).
+    Tokens/s are estimated, not measured: :func:`training_flops_per_token` at ``args.mfu`` of
+    ``args.peak_tflops``.
     """
     from .zero import activation_bytes_per_token, memory_per_gpu
 
@@ -118,6 +133,10 @@ def dry_run(args: argparse.Namespace) -> int:
     gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "1"))
     if gpus < 1:
         raise ValueError(f"--gpus must be ≥ 1 (got {gpus}).")
+    model_flops = training_flops_per_token(model_config, train_config.block_size)
+    flops = training_flops_per_token(model_config, train_config.block_size,
+                                     train_config.gradient_checkpointing)  # fmt: skip
+    rate = expected_tokens_per_second(flops, peak_tflops=args.peak_tflops, mfu=args.mfu)
     stage = 0
     if args.deepspeed:
         from .zero import deepspeed_config
@@ -134,23 +153,64 @@ def dry_run(args: argparse.Namespace) -> int:
     print(f"# one step: {train_config.batch_size} sequences × {train_config.block_size:,} tokens "
           f"× {train_config.grad_accum_steps} accumulation × {gpus} GPU(s) = {tokens:,} tokens; "
           f"{train_config.max_steps:,} steps = {tokens * train_config.max_steps:,} tokens")  # fmt: skip
+    checkpointing = train_config.gradient_checkpointing  # False | "layers" | "branches"
     per_token = activation_bytes_per_token(model_config,
-                                           seq_len=min(train_config.block_size, 512))  # fmt: skip
+                                           seq_len=min(train_config.block_size, 512),
+                                           checkpoint_branches=checkpointing == "branches")  # fmt: skip
     estimate = memory_per_gpu(
         model_config, stage=stage, gpus=gpus, batch_size=train_config.batch_size,
         seq_len=train_config.block_size,
-        activation_checkpointing=train_config.gradient_checkpointing,
+        activation_checkpointing=checkpointing == "layers",
         activation_bytes=per_token * model_config.num_hidden_layers,
     )  # fmt: skip
     gib = 2**30
     setup = f"ZeRO-{stage}" if args.deepspeed else "no DeepSpeed (plain loop, ZeRO-0 figures)"
+    recompute = {False: "off", "layers": "on (whole layers)", "branches": "on (branches only)"}
     print(f"# memory per GPU, {setup} on {gpus} GPU(s), activation checkpointing "
-          f"{'on' if train_config.gradient_checkpointing else 'off'}:")  # fmt: skip
+          f"{recompute[checkpointing]}:")  # fmt: skip
     for name in ("parameters", "gradients", "master", "optimizer", "activations"):
         print(f"#   {name:<12} {getattr(estimate, name) / gib:8.2f} GiB")
     print(f"#   {'total':<12} {estimate.total / gib:8.2f} GiB  (+10–20 % for buffers and "
           "fragmentation; activations measured on one layer of each kind)")  # fmt: skip
+    share = f"{args.mfu * 100:g} %"
+    if flops > model_flops:  # MFU counts model FLOPs only, so recomputation lowers it
+        share += f" of the peak ({args.mfu * model_flops / flops * 100:.0f} % MFU)"
+    else:
+        share += " MFU"
+    print(f"# expected ≈ {rate:,.0f} tokens/s per GPU at {share} on a {args.peak_tflops:g}-TFLOPS "
+          "GPU (an estimate from FLOPs, not a measurement):")  # fmt: skip
+    print(f"#   {flops / 1e9:.3f} GFLOPs per token for forward + backward"
+          f"{' + the recomputed activations' if flops > model_flops else ''}; × {gpus} GPU(s) "
+          f"≈ {rate * gpus:,.0f} tokens/s, {tokens / (rate * gpus):,.1f} s per step, "
+          f"{tokens * train_config.max_steps / (rate * gpus) / 3600:,.1f} h for "
+          f"{train_config.max_steps:,} steps (communication not counted; --peak-tflops and --mfu "
+          "set the GPU and the utilisation)")  # fmt: skip
     return 0
+
+
+def training_flops_per_token(config: MiniFusionConfig, seq_len: int, checkpointing=False) -> float:
+    """FLOPs one training step spends per token: three forward passes' worth (the backward pass
+    costs about two), plus what activation checkpointing computes again in backward — every
+    layer (not the LM head) for ``True``/``"layers"``, the attention and Mamba branches for
+    ``"branches"``."""
+    parts = config.flops_breakdown(seq_len)
+    forward = sum(parts.values())
+    if not checkpointing:
+        recomputed = 0.0
+    elif checkpointing == "branches":
+        recomputed = sum(v for k, v in parts.items() if k.startswith(("attention_", "mamba_")))
+    else:
+        recomputed = forward - parts["lm_head"]
+    return 3 * forward + recomputed
+
+
+def expected_tokens_per_second(flops_per_token: float, *, peak_tflops: float, mfu: float) -> float:
+    """Tokens/s of one GPU that runs ``mfu`` of its ``peak_tflops``: an estimate, not a measurement."""
+    if peak_tflops <= 0 or not 0 < mfu <= 1:
+        raise ValueError(
+            f"--peak-tflops must be > 0 and --mfu in (0, 1] (got {peak_tflops:g} and {mfu:g})."
+        )
+    return mfu * peak_tflops * 1e12 / flops_per_token
 
 
 def run(args: argparse.Namespace) -> int:

@@ -87,10 +87,32 @@ def fake_runners(scale: float = 1.0, why_hybrid: str | None = "| task | score |\
                              "machine": "m", "validation": {"works": ["a", "b"], "blocks": "all"},
                              "entries": entries}]}  # fmt: skip
 
+    def fake_ablation(device, **kwargs):
+        def record(seed, default_bpc, srte_bpc):
+            entries = {
+                name: {"params": 1_034_880, "steps": 100, "train_seconds": 60.0,
+                       "tokens_per_s": tok_s / scale, "val_bpc": bpc, "warm_up_seconds": 1.0}
+                for name, tok_s, bpc in (("default", 9000, default_bpc), ("srte", 8900, srte_bpc))
+            }  # fmt: skip
+            settings = race.RaceSettings(seconds=60.0, seed=seed).to_dict()
+            return {"settings": settings, "date": "2000-01-01 00:00 UTC", "machine": "m",
+                    "entries": entries}  # fmt: skip
+
+        return {"records": [record(0, 2.70, 2.68), record(1, 2.72, 2.71)]}
+
+    def fake_checkpointing(device, **kwargs):
+        record = {"settings": {"preset": "small", "batch_size": 2, "seq_len": 512},
+                  "machine": "m", "date": "2000-01-01 00:00 UTC", "seconds": 10.0,
+                  "results": [{"mode": m, "peak_bytes": b, "seconds": scale * t}
+                              for m, b, t in (("none", 400 * 2**20, 2.0),
+                                              ("branches", 250 * 2**20, 2.4),
+                                              ("layers", 100 * 2**20, 2.8))]}  # fmt: skip
+        return {"record": record}
+
     return {
         "scan": fake_scan, "attention": fake_attention, "moe": fake_moe,
         "training": fake_training, "decode": fake_decode, "why_hybrid": fake_why_hybrid,
-        "race": fake_race,
+        "race": fake_race, "ablation": fake_ablation, "checkpointing": fake_checkpointing,
     }  # fmt: skip
 
 
@@ -119,6 +141,10 @@ def test_results_have_every_section_and_read_back(tmp_path):
     assert "| task | score |" in text  # the why-hybrid section's own markdown
     assert "| 1 | hybrid | hybrid |  | 1,869,440 (+42.5%) |" in text  # the race's table
     assert "2.250 vs 2.500 bpc (-0.250) at 0.33× the twin's tokens/s" in text
+    # the ablation pairs each seed with its default: Δ = (−0.02, −0.01) → −0.015 ± 0.007
+    assert "| srte: SRTE, sinusoidal, on the Mamba branch | 10 | 1,034,880 | 2.695 ± 0.021 " \
+        "| -0.015 ± 0.007 | 2 of 2 | 8,900 (0.99×) | 1.0 |" in text
+    assert "| branches | 250.0 | 0.62 | 2.40 | 1.20 |" in text  # checkpointing, × none
     assert report.read_data(tmp_path / "RESULTS.md") == stored
     # numbers in the tables and readings come from the data: 0.4 / 0.1 = 4.0× at L = 512
     assert "at L = 512 the chunked scan is 4.0× as fast as the sequential loop" in text
