@@ -61,6 +61,27 @@ def build(preset: str, mode: str, device: torch.device) -> MiniFusionForCausalLM
     return model
 
 
+def measure_mode(
+    preset: str, mode: str, batch_size: int, seq_len: int, repeats: int, device: torch.device
+) -> CheckpointingResult:
+    """Peak memory and best step time of one mode (its model freed when this returns)."""
+    model = build(preset, mode, device)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator)
+    ids = ids.to(device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()  # first-use costs (allocator, kernels) outside the measurement
+    peak = peak_memory_bytes(step, device)
+    return CheckpointingResult(mode, peak, best_seconds(step, repeats, device))
+
+
 def measure(
     preset: str = "small",
     batch_size: int = 2,
@@ -70,26 +91,7 @@ def measure(
 ) -> list[CheckpointingResult]:
     """Peak memory and best step time of each mode (one model at a time)."""
     device = device or torch.device("cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    results = []
-    for mode in MODES:
-        model = build(preset, mode, device)
-        generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator)
-        ids = ids.to(device)
-
-        def step() -> None:
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = model(ids, labels=ids).loss
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-
-        step()  # first-use costs (allocator, kernels) outside the measurement
-        peak = peak_memory_bytes(step, device)
-        seconds = best_seconds(step, repeats, device)
-        results.append(CheckpointingResult(mode, peak, seconds))
-        del model
-    return results
+    return [measure_mode(preset, m, batch_size, seq_len, repeats, device) for m in MODES]
 
 
 def markdown(record: dict[str, Any]) -> str:
@@ -127,8 +129,13 @@ def run(
     started = time.perf_counter()
     results = measure(preset, batch_size, seq_len, repeats, device)
     return {
-        "settings": {"preset": preset, "batch_size": batch_size, "seq_len": seq_len,
-                     "repeats": repeats, "device": device.type},  # fmt: skip
+        "settings": {
+            "preset": preset,
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "repeats": repeats,
+            "device": device.type,
+        },  # fmt: skip
         "machine": machine_description(device),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "seconds": time.perf_counter() - started,

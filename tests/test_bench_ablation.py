@@ -38,7 +38,9 @@ def test_summary_pairs_each_seed_with_its_default():
     assert rows["default"]["bpc"][0] == pytest.approx(2.2)
     assert "srte" not in rows  # not run: no row
     text = ablation.markdown(records)
-    assert "| xpos: XPos, scale base 512 | 05 | 10 | 2.167 ± 0.208 | -0.033 ± 0.115 | 2 of 3 |" in text
+    assert (
+        "| xpos: XPos, scale base 512 | 05 | 10 | 2.167 ± 0.208 | -0.033 ± 0.115 | 2 of 3 |" in text
+    )
 
 
 def test_a_short_real_ablation_run_feeds_the_table(tmp_path):
@@ -50,8 +52,10 @@ def test_a_short_real_ablation_run_feeds_the_table(tmp_path):
     for result in record["entries"].values():
         assert "error" not in result, result
         assert result["steps"] >= 1 and result["val_bpc"] > 0
-    assert record["entries"]["layer_scale"]["params"] - record["entries"]["default"]["params"] \
-        == 128 * 6  # LayerScale: H per residual branch (4 mixers + 2 FFNs in tiny)
+    assert (
+        record["entries"]["layer_scale"]["params"] - record["entries"]["default"]["params"]
+        == 128 * 6
+    )  # LayerScale: H per residual branch (4 mixers + 2 FFNs in tiny)
     ablation.save_record(record, tmp_path / "ablation.json")
     assert "layer_scale" in ablation.markdown(race.load_records(tmp_path / "ablation.json"))
 
@@ -62,7 +66,9 @@ def test_checkpointing_benchmark_saves_memory_in_the_order_of_what_it_keeps():
     assert list(results) == list(checkpointing.MODES)
     if results["none"].peak_bytes is None:
         pytest.skip("peak memory cannot be read on this platform")
-    assert results["layers"].peak_bytes < results["branches"].peak_bytes < results["none"].peak_bytes
+    assert (
+        results["layers"].peak_bytes < results["branches"].peak_bytes < results["none"].peak_bytes
+    )
     assert all(r.seconds > 0 for r in results.values())
 
 
