@@ -143,13 +143,16 @@ def run_race(device: torch.device, saved: bool = False, **kwargs: Any) -> Data |
     return race.report_data(**kwargs)
 
 
-def run_ablation(device: torch.device, saved: bool = True) -> Data | None:
+def run_ablation(
+    device: torch.device, saved: bool = True, results_file: str | Path = ablation.RESULTS_FILE
+) -> Data | None:
     """Every record ``python -m bench.ablation`` saved (each technique alone, several seeds of
     equal wall-clock training: about 30 minutes, so ``make bench`` shows the saved records
     rather than running it again). CPU only, like the race; ``None`` when nothing is saved."""
-    if device.type != "cpu" or not ablation.RESULTS_FILE.exists():
+    results_file = Path(results_file)
+    if device.type != "cpu" or not results_file.exists():
         return None
-    records = _saved_json(ablation.RESULTS_FILE, "python -m bench.ablation")["records"]
+    records = _saved_json(results_file, "python -m bench.ablation")["records"]
     return {
         "records": records,
         "date": max(r["date"] for r in records),
@@ -159,14 +162,21 @@ def run_ablation(device: torch.device, saved: bool = True) -> Data | None:
     }
 
 
-def run_checkpointing(device: torch.device, saved: bool = False, **kwargs: Any) -> Data:
-    """None / branch-selective / whole-layer checkpointing on ``small`` (``bench.checkpointing``)."""
+def run_checkpointing(
+    device: torch.device,
+    saved: bool = False,
+    results_file: str | Path = checkpointing.RESULTS_FILE,
+    **kwargs: Any,
+) -> Data:
+    """None / branch-selective / whole-layer checkpointing on ``small`` (``bench.checkpointing``);
+    a CPU run is saved to ``results_file``, which chapter 12 reads."""
+    results_file = Path(results_file)
     if saved:
-        record = _saved_json(checkpointing.RESULTS_FILE, "python -m bench.checkpointing")
+        record = _saved_json(results_file, "python -m bench.checkpointing")
     else:
         record = checkpointing.run(device=device, **kwargs)
-        if device.type == "cpu":  # chapter 12 reads the CPU record
-            checkpointing.save(record)
+        if device.type == "cpu":
+            checkpointing.save(record, results_file)
     return {"record": record, "date": record["date"], "elapsed_s": record["seconds"]}
 
 

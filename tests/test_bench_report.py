@@ -245,6 +245,9 @@ def tiny_sizes(tmp_path):
         "race": {"quick": True, "models": ["attention"], "seconds": 0.5, "batch_size": 2,
                  "seq_len": 16, "eval_blocks": 2, "data_dir": tmp_path / "race_data",
                  "corpus": str(write_words_corpus(tmp_path / "race_corpus") / "*.txt")},
+        "ablation": {"results_file": tmp_path / "no_ablation_saved.json"},  # none: skipped
+        "checkpointing": {"preset": "tiny", "batch_size": 1, "seq_len": 16, "repeats": 1,
+                          "results_file": tmp_path / "checkpointing.json"},
     }  # fmt: skip
 
 
@@ -257,13 +260,15 @@ def test_real_benchmarks_at_tiny_sizes_through_the_command(tmp_path, monkeypatch
     files = ["--results", str(results), "--readme", str(readme)]
     assert report.main(["--device", "cpu", "--in-process", *files]) == 0
     stored = report.read_data(results)
-    expected = {"scan", "attention", "moe", "training", "decode", "race"}
+    expected = {"scan", "attention", "moe", "training", "decode", "race", "checkpointing"}
     if report.why_hybrid_module() is not None:  # its quick run: seconds
         expected.add("why_hybrid")
         assert "### CPU: " in results.read_text()
     assert set(stored["cpu"]["benchmarks"]) == expected
     assert "| 1 | attention | MiniFusion `tiny`, attention only |" in results.read_text()
     assert "| 8 |" in (tmp_path / "scan.md").read_text()
+    assert "`tiny`, batch 1 × 16 tokens" in results.read_text()  # checkpointing, saved here
+    assert (tmp_path / "checkpointing.json").exists()
     assert "Training `tiny`" in readme.read_text()
     # make bench's way: each benchmark in a fresh process (sizes travel as JSON)
     assert report.main(["--device", "cpu", "--only", "moe", "training", *files]) == 0
