@@ -23,7 +23,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,15 +64,10 @@ def build(preset: str, mode: str, device: torch.device) -> MiniFusionForCausalLM
     return model
 
 
-def measure_mode(
-    preset: str, mode: str, batch_size: int, seq_len: int, repeats: int, device: torch.device
-) -> CheckpointingResult:
-    """Peak memory and best step time of one mode (its model freed when this returns)."""
-    model = build(preset, mode, device)
+def training_step(model: MiniFusionForCausalLM, ids: torch.Tensor) -> Callable[[], None]:
+    """One forward + backward on ``ids`` (bf16 autocast on CUDA), gradients freed after."""
+    device = ids.device
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator)
-    ids = ids.to(device)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -77,21 +75,54 @@ def measure_mode(
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    step()  # first-use costs (allocator, kernels) outside the measurement
-    peak = peak_memory_bytes(step, device)
-    return CheckpointingResult(mode, peak, best_seconds(step, repeats, device))
+    return step
 
 
 def measure(
     preset: str = "small",
     batch_size: int = 2,
     seq_len: int = 512,
-    repeats: int = 2,
+    repeats: int = 4,
     device: torch.device | None = None,
 ) -> list[CheckpointingResult]:
-    """Peak memory and best step time of each mode (one model at a time)."""
+    """Peak memory and best step time of each mode (the same weights and tokens in all).
+
+    Time: the three models side by side, ``repeats`` rounds of one step of each mode in turn,
+    so a slow spell of a shared machine slows every mode alike. Memory: one freshly built model
+    per mode, on CPU in a fresh process (:func:`_peak`)."""
     device = device or torch.device("cpu")
-    return [measure_mode(preset, m, batch_size, seq_len, repeats, device) for m in MODES]
+    vocab_size = MiniFusionConfig.from_preset(preset).vocab_size
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator).to(device)
+    steps = {mode: training_step(build(preset, mode, device), ids) for mode in MODES}
+    best = dict.fromkeys(MODES, float("inf"))
+    for step in steps.values():
+        step()  # first-use costs (allocator, kernels) outside the measurement
+    for _ in range(repeats):
+        for mode, step in steps.items():
+            best[mode] = min(best[mode], best_seconds(step, 1, device, warm_up=False))
+    steps.clear()
+    return [CheckpointingResult(mode, _peak(preset, mode, ids), best[mode]) for mode in MODES]
+
+
+def _peak(preset: str, mode: str, ids: torch.Tensor) -> int | None:
+    """Peak memory of one step; on CPU in a fresh Python process, whose resident high-water mark
+    no earlier step (of this or another mode) has disturbed."""
+    if ids.device.type == "cpu":
+        arguments = json.dumps([preset, mode, ids.tolist()])
+        result = subprocess.run(
+            [sys.executable, "-m", "bench.checkpointing", "--peak-of", arguments],
+            capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
+        )  # fmt: skip
+        value = json.loads(result.stdout.strip().splitlines()[-1])
+        return None if value is None else int(value)
+    return _peak_here(preset, mode, ids)
+
+
+def _peak_here(preset: str, mode: str, ids: torch.Tensor) -> int | None:
+    step = training_step(build(preset, mode, ids.device), ids)
+    step()  # first-use costs outside the measurement
+    return peak_memory_bytes(step, ids.device)
 
 
 def markdown(record: dict[str, Any]) -> str:
@@ -121,7 +152,7 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def run(
-    preset: str = "small", batch_size: int = 2, seq_len: int = 512, repeats: int = 2,
+    preset: str = "small", batch_size: int = 2, seq_len: int = 512, repeats: int = 4,
     device: torch.device | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Measure and return the record that :func:`markdown` and chapter 12 read."""
@@ -157,9 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="small", help="model preset (%(default)s)")
     parser.add_argument("--batch-size", type=int, default=2, help="sequences (%(default)s)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens each (%(default)s)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed steps (%(default)s)")
+    parser.add_argument("--repeats", type=int, default=4, help="timed steps (%(default)s)")
     parser.add_argument("--no-save", action="store_true", help=f"do not write {RESULTS_FILE.name}")
+    parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # [preset, mode, ids]: one peak
     args = parser.parse_args(argv)
+    if args.peak_of:
+        preset, mode, ids = json.loads(args.peak_of)
+        print(json.dumps(_peak_here(preset, mode, torch.tensor(ids))))
+        return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     record = run(args.preset, args.batch_size, args.seq_len, args.repeats, device)
     print(markdown(record))

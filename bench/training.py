@@ -86,12 +86,16 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def best_seconds(step: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Fastest wall-clock seconds of ``step()`` over ``repeats`` runs after one warm-up run.
+def best_seconds(
+    step: Callable[[], object], repeats: int, device: torch.device, warm_up: bool = True
+) -> float:
+    """Fastest wall-clock seconds of ``step()`` over ``repeats`` runs after one warm-up run
+    (``warm_up=False``: the caller has warmed it up).
 
     The best, not the median: a peak is what the device can do when nothing disturbs it.
     """
-    step()
+    if warm_up:
+        step()
     best = float("inf")
     for _ in range(repeats):
         _synchronize(device)
