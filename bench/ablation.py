@@ -28,18 +28,14 @@ length, seed) like the race's; the table pairs every variant with the default se
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import race
 from .race import RaceSettings
 from .stats import mean_and_spread, wins_in_every_seed
-from .timing import machine_description
 
 RESULTS_FILE = race.ROOT / "bench" / "results" / "ablation.json"
 DEFAULT_SECONDS = 60.0
@@ -85,28 +81,13 @@ def run(
 ) -> dict[str, Any]:
     """One seed's record: every variant as the race's ``hybrid`` entry with its overrides."""
     settings = RaceSettings() if settings is None else settings
-    for name in variants:
-        variant_overrides(name)
-    data, works = race.prepare_race_data(corpus, data_dir)
-    echo(f"[ablation] {len(variants)} variants × {settings.seconds:g} s, seed {settings.seed}, "
-         f"lr {settings.lr:g}, batch {settings.batch_size} × {settings.seq_len}; validation: "
-         f"{', '.join(works)}")  # fmt: skip
-    entries = {}
-    for name in variants:
-        result = race.run_worker("hybrid", settings, data, overrides=variant_overrides(name))
-        result.update(date=race._now(), variant=VARIANTS[name].description,
-                      chapter=VARIANTS[name].chapter, overrides=VARIANTS[name].overrides)  # fmt: skip
-        entries[name] = result
-        echo(race.entry_line(name, result).replace("[race]", "[ablation]"))
-    return {
-        "settings": settings.to_dict(),
-        "date": race._now(),
-        "machine": machine_description(torch.device("cpu")),
-        "cores": len(os.sched_getaffinity(0)),
-        "preset": race.PRESET,
-        "validation": {"works": works, "blocks": settings.eval_blocks or "all"},
-        "entries": entries,
-    }
+    runs = {
+        name: (variant_overrides(name), {"variant": VARIANTS[name].description,
+               "chapter": VARIANTS[name].chapter, "overrides": VARIANTS[name].overrides})
+        for name in variants
+    }  # fmt: skip (checked before any training: variant_overrides raises on a bad variant)
+    return race.run_variants("ablation", runs, settings, corpus=corpus, data_dir=data_dir,
+                             echo=echo)  # fmt: skip
 
 
 def save_record(record: dict[str, Any], path: str | Path = RESULTS_FILE) -> list[dict[str, Any]]:

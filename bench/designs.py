@@ -32,17 +32,13 @@ the race's), which chapter 10 reads.
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import race
 from .race import RaceSettings
-from .timing import machine_description
 
 RESULTS_FILE = race.ROOT / "bench" / "results" / "designs.json"
 A, M = "attention", "mamba"
@@ -111,27 +107,13 @@ def run(
 ) -> dict[str, Any]:
     """Race ``designs`` (each as the race's ``hybrid`` entry with its overrides); their record."""
     settings = RaceSettings() if settings is None else settings
-    for name in designs:
-        design_overrides(name)
-    data, works = race.prepare_race_data(corpus, data_dir)
-    echo(f"[designs] {len(designs)} designs × {settings.seconds:g} s, lr {settings.lr:g}, "
-         f"batch {settings.batch_size} × {settings.seq_len}; validation: {', '.join(works)}")  # fmt: skip
-    entries = {}
-    for name in designs:
-        result = race.run_worker("hybrid", settings, data, overrides=design_overrides(name))
-        result.update(date=race._now(), design=DESIGNS[name].description,
-                      lineage=DESIGNS[name].lineage, overrides=DESIGNS[name].overrides)  # fmt: skip
-        entries[name] = result
-        echo(race.entry_line(name, result).replace("[race]", "[designs]"))
-    return {
-        "settings": settings.to_dict(),
-        "date": race._now(),
-        "machine": machine_description(torch.device("cpu")),
-        "cores": len(os.sched_getaffinity(0)),
-        "preset": race.PRESET,
-        "validation": {"works": works, "blocks": settings.eval_blocks or "all"},
-        "entries": entries,
-    }
+    runs = {
+        name: (design_overrides(name), {"design": DESIGNS[name].description,
+               "lineage": DESIGNS[name].lineage, "overrides": DESIGNS[name].overrides})
+        for name in designs
+    }  # fmt: skip (checked before any training: design_overrides raises on a bad design)
+    return race.run_variants("designs", runs, settings, corpus=corpus, data_dir=data_dir,
+                             echo=echo)  # fmt: skip
 
 
 def save_record(record: dict[str, Any], path: str | Path = RESULTS_FILE) -> list[dict[str, Any]]:

@@ -609,16 +609,48 @@ def run(
         result["date"] = _now()
         entries[name] = result
         echo(entry_line(name, result))
+    return race_record(settings, works, entries, corpus=corpus)
+
+
+def race_record(
+    settings: RaceSettings, works: list[str], entries: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    """One run's record: its settings, when and where it ran, the held-out works, the entries."""
     return {
         "settings": settings.to_dict(),
         "date": _now(),
         "machine": machine_description(torch.device("cpu")),
         "cores": len(os.sched_getaffinity(0)),
         "preset": PRESET,
-        "corpus": corpus,
+        **extra,
         "validation": {"works": works, "blocks": settings.eval_blocks or "all"},
         "entries": entries,
     }
+
+
+def run_variants(
+    tag: str,
+    variants: dict[str, tuple[dict[str, Any], dict[str, Any]]],
+    settings: RaceSettings,
+    *,
+    corpus: str = CORPUS,
+    data_dir: str | Path = DATA_DIR,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Race variants of the preset as the ``hybrid`` entry: ``variants`` maps a name to
+    ``(overrides, fields added to its result)``. ``bench.designs`` and ``bench.ablation`` run
+    this; ``tag`` labels their lines (``[designs]``). Returns the record, as :func:`run` does."""
+    data, works = prepare_race_data(corpus, data_dir)
+    echo(f"[{tag}] {len(variants)} variants × {settings.seconds:g} s, seed {settings.seed}, lr "
+         f"{settings.lr:g}, batch {settings.batch_size} × {settings.seq_len}; validation: "
+         f"{', '.join(works)}")  # fmt: skip
+    entries = {}
+    for name, (overrides, fields) in variants.items():
+        result = run_worker("hybrid", settings, data, overrides=overrides)
+        result.update(date=_now(), **fields)
+        entries[name] = result
+        echo(entry_line(name, result).replace("[race]", f"[{tag}]"))
+    return race_record(settings, works, entries)
 
 
 def entry_line(name: str, result: dict[str, Any]) -> str:

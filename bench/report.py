@@ -713,34 +713,28 @@ def why_hybrid_table(per_device: PerDevice) -> str:
     return "Not run yet."
 
 
+def _device_blocks(per_device: PerDevice, render: Callable[[Data], str], missing: str) -> str:
+    """``render(data)`` under a ``### CPU`` / ``### GPU`` heading for each device that ran."""
+    blocks = [f"### {GROUP[d]}\n\n{render(per_device[d])}" for d in DEVICES if d in per_device]
+    return "\n\n".join(blocks) if blocks else missing
+
+
 def race_table(per_device: PerDevice) -> str:
     """Every saved race record, one table each (``bench.race.markdown``), under its device."""
-    blocks = [
-        f"### {GROUP[d]}\n\n{race.markdown(per_device[d]['records'], level=4)}"
-        for d in DEVICES
-        if d in per_device
-    ]
-    return "\n\n".join(blocks) if blocks else "Not run yet: `python -m bench.race`."
+    return _device_blocks(per_device, lambda data: race.markdown(data["records"], level=4),
+                          "Not run yet: `python -m bench.race`.")  # fmt: skip
 
 
 def ablation_table(per_device: PerDevice) -> str:
     """Every saved ablation group (``bench.ablation.markdown``), under its device."""
-    blocks = [
-        f"### {GROUP[d]}\n\n{ablation.markdown(per_device[d]['records'], level=4)}"
-        for d in DEVICES
-        if d in per_device
-    ]
-    return "\n\n".join(blocks) if blocks else "Not run yet: `python -m bench.ablation`."
+    return _device_blocks(per_device, lambda data: ablation.markdown(data["records"], level=4),
+                          "Not run yet: `python -m bench.ablation`.")  # fmt: skip
 
 
 def checkpointing_table(per_device: PerDevice) -> str:
     """Each device's table from ``bench.checkpointing.markdown``."""
-    blocks = [
-        f"### {GROUP[d]}\n\n{checkpointing.markdown(per_device[d]['record'])}"
-        for d in DEVICES
-        if d in per_device
-    ]
-    return "\n\n".join(blocks) if blocks else "Not run yet: `python -m bench.checkpointing`."
+    return _device_blocks(per_device, lambda data: checkpointing.markdown(data["record"]),
+                          "Not run yet: `python -m bench.checkpointing`.")  # fmt: skip
 
 
 def _demoted(markdown: str, label: str) -> str:
