@@ -20,8 +20,9 @@ def test_every_variant_builds_and_changes_only_its_own_settings():
 
 
 def _record(seed: int, bpcs: dict[str, float]) -> dict:
-    entries = {name: {"params": 10, "tokens_per_s": 100.0 + i, "val_bpc": bpc,
-                      "warm_up_seconds": 2.0} for i, (name, bpc) in enumerate(bpcs.items())}  # fmt: skip
+    entries = {name: {"params": 10, "tokens_per_s": 100.0 + i, "val_bpc": bpc, "tokens": 6000,
+                      "train_seconds": 60.0, "warm_up_seconds": 2.0 + 2 * i}
+               for i, (name, bpc) in enumerate(bpcs.items())}  # fmt: skip
     settings = race.RaceSettings(seconds=60.0, seed=seed).to_dict()
     return {"settings": settings, "date": "d", "machine": "m", "entries": entries}
 
@@ -38,6 +39,7 @@ def test_summary_pairs_each_seed_with_its_default():
     assert rows["deepnorm"]["delta"][0] == pytest.approx(0.2)
     assert rows["default"]["bpc"][0] == pytest.approx(2.2)
     assert "srte" not in rows  # not run: no row
+    assert rows["deepnorm"]["with_warm_up"][0] == pytest.approx(6000 / (60 + 6))
     text = ablation.markdown(records)
     assert (
         "| xpos: XPos, scale base 512 | 05 | 10 | 2.167 ± 0.306 | -0.033 ± 0.115 | 2 of 3 |" in text

@@ -90,7 +90,7 @@ def fake_runners(scale: float = 1.0, why_hybrid: str | None = "| task | score |\
     def fake_ablation(device, **kwargs):
         def record(seed, default_bpc, srte_bpc):
             entries = {
-                name: {"params": 1_034_880, "steps": 100, "train_seconds": 60.0,
+                name: {"params": 1_034_880, "steps": 100, "train_seconds": 60.0, "tokens": 610_000,
                        "tokens_per_s": tok_s / scale, "val_bpc": bpc, "warm_up_seconds": 1.0}
                 for name, tok_s, bpc in (("default", 9000, default_bpc), ("srte", 8900, srte_bpc))
             }  # fmt: skip
@@ -143,7 +143,7 @@ def test_results_have_every_section_and_read_back(tmp_path):
     assert "2.250 vs 2.500 bpc (-0.250) at 0.33× the twin's tokens/s" in text
     # the ablation pairs each seed with its default: Δ = (−0.02, −0.01) → −0.015 ± 0.007
     assert "| srte: SRTE, sinusoidal, on the Mamba branch | 10 | 1,034,880 | 2.695 ± 0.021 " \
-        "| -0.015 ± 0.007 | 2 of 2 | 8,900 (0.99×) | 1.0 |" in text
+        "| -0.015 ± 0.007 | 2 of 2 | 8,900 (0.99×) | 1.0 | 10,000 |" in text
     assert "| branches | 250.0 | 0.62 | 2.40 | 1.20 |" in text  # checkpointing, × none
     assert report.read_data(tmp_path / "RESULTS.md") == stored
     # numbers in the tables and readings come from the data: 0.4 / 0.1 = 4.0× at L = 512
