@@ -168,12 +168,8 @@ def group_markdown(group: list[dict[str, Any]], level: int = 3) -> str:
 
 
 def groups(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Records that share every setting but the seed (each group sorted by seed)."""
-    by_key: dict[tuple, list[dict[str, Any]]] = {}
-    for record in records:
-        key = tuple(record["settings"][k] for k in race.RECORD_KEY if k != "seed")
-        by_key.setdefault(key, []).append(record)
-    return [sorted(g, key=lambda r: r["settings"]["seed"]) for g in by_key.values()]
+    """Records that share every setting but the seed (a single seed makes a group too)."""
+    return race.seed_groups(records, min_size=1)
 
 
 def markdown(records: list[dict[str, Any]], level: int = 3) -> str:

@@ -777,8 +777,9 @@ def record_markdown(record: dict[str, Any], level: int = 3) -> str:
     return "\n".join(lines + (["", warning] if warning else []))
 
 
-def seed_groups(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Records that share every setting but the seed, in groups of two or more (by seed)."""
+def seed_groups(records: list[dict[str, Any]], min_size: int = 2) -> list[list[dict[str, Any]]]:
+    """Records that share every setting but the seed, in groups of ``min_size`` or more (each
+    sorted by seed)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for record in records:
         key = tuple(record["settings"][k] for k in RECORD_KEY if k != "seed")
@@ -786,7 +787,7 @@ def seed_groups(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return [
         sorted(group, key=lambda r: r["settings"]["seed"])
         for group in groups.values()
-        if len(group) > 1
+        if len(group) >= min_size
     ]
 
 
