@@ -24,6 +24,9 @@ not rows here; chapter 12 explains them.
 
 Results go to ``bench/results/ablation.json``, one record per (seconds, lr, batch, sequence
 length, seed) like the race's; the table pairs every variant with the default seed by seed.
+
+:func:`ablation_table` renders its section of ``bench/RESULTS.md`` (every saved group, under
+its device) from the data :mod:`bench.report` stores.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Any
 from . import race
 from .race import RaceSettings
 from .stats import mean_and_spread, wins_in_every_seed
+from .tables import PerDevice, _device_blocks
 
 RESULTS_FILE = race.ROOT / "bench" / "results" / "ablation.json"
 DEFAULT_SECONDS = 60.0
@@ -176,6 +180,15 @@ def markdown(records: list[dict[str, Any]], level: int = 3) -> str:
     if not records:
         return "No ablation saved yet: `python -m bench.ablation`."
     return "\n\n".join(group_markdown(g, level) for g in groups(records))
+
+
+# ----------------------------------------------------------------------------------------------
+# Its section of bench/RESULTS.md (rendered by bench.report)
+# ----------------------------------------------------------------------------------------------
+def ablation_table(per_device: PerDevice) -> str:
+    """Every saved ablation group (:func:`markdown`), under its device."""
+    return _device_blocks(per_device, lambda data: markdown(data["records"], level=4),
+                          "Not run yet: `python -m bench.ablation`.")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

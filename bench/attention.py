@@ -4,6 +4,10 @@ For each sequence length it times one forward + backward pass of :class:`minifus
 Attention` (the ``sdpa`` path the model uses) and measures the peak extra memory of that pass,
 then prints a table with each pattern's ratio to full causal attention.
 
+:func:`attention_table`, :func:`attention_reading` and :func:`attention_detail` render its
+section of ``bench/RESULTS.md`` from the data :mod:`bench.report` stores (one column group
+per device), :func:`_headline_attention` its rows of the README's headline table.
+
     python -m bench.attention                       # CPU-friendly defaults, < 2 minutes
     python -m bench.attention --seq-lens 1024 4096 --window 256 --device cuda
 """
@@ -19,6 +23,7 @@ from minifusion.config import MiniFusionConfig
 from minifusion.rope import RotaryEmbedding
 
 from .memory import format_mib, format_ratio, peak_memory_bytes
+from .tables import Data, PerDevice, _ratio, _sorted_union, grouped_table
 from .timing import median_seconds
 
 PATTERNS = ("full", "local", "mixed")
@@ -105,6 +110,57 @@ def format_table(results: list[Measurement]) -> str:
 
 def _separator(header: str) -> str:
     return "|" + "---|" * (header.count("|") - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Its section of bench/RESULTS.md and its README headline (rendered by bench.report)
+# ----------------------------------------------------------------------------------------------
+def _attention_index(data: Data) -> dict[tuple[str, int], dict]:
+    return {(m["pattern"], m["seq_len"]): m for m in data["measurements"]}
+
+
+def attention_table(per_device: PerDevice) -> str:
+    columns = ["local / full time", "mixed / full time", "local / full memory",
+               "mixed / full memory"]  # fmt: skip
+    cells = {}
+    for device, data in per_device.items():
+        index, rows = _attention_index(data), {}
+        for (pattern, n), full in index.items():
+            if pattern != "full":
+                continue
+            local, mixed = index[("local", n)], index[("mixed", n)]
+            rows[n] = [
+                _ratio(local["seconds"], full["seconds"]),
+                _ratio(mixed["seconds"], full["seconds"]),
+                _ratio(local["peak_bytes"], full["peak_bytes"]),
+                _ratio(mixed["peak_bytes"], full["peak_bytes"]),
+            ]
+        cells[device] = rows
+    keys = _sorted_union(per_device, lambda d: (m["seq_len"] for m in d["measurements"]))
+    return grouped_table("T", columns, cells, keys)
+
+
+def attention_reading(data: Data) -> str:
+    index = _attention_index(data)
+    n = max(m["seq_len"] for m in data["measurements"])
+    full, local = index[("full", n)], index[("local", n)]
+    text = (
+        f"at T = {n} all-local heads take {local['seconds'] / full['seconds']:.2f}× the time of "
+        "full causal attention"
+    )
+    if full["peak_bytes"] and local["peak_bytes"] is not None:
+        text += f" and {local['peak_bytes'] / full['peak_bytes']:.2f}× its peak memory"
+    return text + "."
+
+
+def attention_detail(data: Data) -> str:
+    return format_table([Measurement(**m) for m in data["measurements"]])
+
+
+def _headline_attention(data: Data, key: str) -> str:
+    index = _attention_index(data)
+    n = max(m["seq_len"] for m in data["measurements"])
+    return f"{_ratio(index[('local', n)][key], index[('full', n)][key], '×')} (T = {n})"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,9 @@ Memory is the peak over what was in use before the step (the weights; the gradie
 between steps, so they count in every row alike), measured by :mod:`bench.memory`; time is the
 best of ``--repeats`` steps after a warm-up. The table gives both relative to ``none``.
 
+:func:`checkpointing_table` renders its section of ``bench/RESULTS.md`` (each device's
+:func:`markdown`) from the data :mod:`bench.report` stores.
+
     python -m bench.checkpointing                       # small, batch 2 × 512 tokens
     python -m bench.checkpointing --preset tiny --batch-size 8 --seq-len 256
 """
@@ -37,6 +40,7 @@ from minifusion.config import MiniFusionConfig
 from minifusion.model import MiniFusionForCausalLM
 
 from .memory import format_mib, peak_memory_bytes
+from .tables import PerDevice, _device_blocks
 from .timing import machine_description
 from .training import best_seconds
 
@@ -177,6 +181,15 @@ def run(
 def save(record: dict[str, Any], path: Path = RESULTS_FILE) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------
+# Its section of bench/RESULTS.md (rendered by bench.report)
+# ----------------------------------------------------------------------------------------------
+def checkpointing_table(per_device: PerDevice) -> str:
+    """Each device's table from :func:`markdown`."""
+    return _device_blocks(per_device, lambda data: markdown(data["record"]),
+                          "Not run yet: `python -m bench.checkpointing`.")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,12 @@ cache sweep reads what each cache holds — MiniFusion's :class:`~minifusion.cac
 transformers' ``DynamicCache`` — after 256 … 16,384 tokens, next to what the config's
 :meth:`~minifusion.config.MiniFusionConfig.cache_bytes` formula predicts.
 
+Its two sections of ``bench/RESULTS.md`` — decode speed (:func:`decode_table`,
+:func:`decode_reading`, :func:`decode_detail`) and cache memory (:func:`cache_table`,
+:func:`cache_reading`, :func:`cache_detail`) — are rendered here from the data
+:mod:`bench.report` stores (one column group per device); :func:`_headline_decode` and
+:func:`_headline_cache` give their rows of the README's headline table.
+
     python -m bench.decode
     python -m bench.decode --preset small --contexts 256 2048 --batch-sizes 1
     python -m bench.decode --contexts 256 --cache-lengths 256 1024 --device cuda
@@ -41,6 +47,8 @@ from minifusion.compat import cache_keyword
 from minifusion.config import MiniFusionConfig
 from minifusion.inference import full_attention_config, measure_decode, new_cache
 from minifusion.model import MiniFusionForCausalLM
+
+from .tables import Data, PerDevice, _ratio, _sorted_union, grouped_table
 
 MODELS = ("hybrid", "full_attention", "llama")
 LABELS = {
@@ -408,6 +416,124 @@ def parameter_note(results: DecodeResults) -> str:
             f"{LABELS[m]} {ops[m]}" for m in MODELS if m in ops
         ) + "."
     return note
+
+
+# ----------------------------------------------------------------------------------------------
+# Its two sections of bench/RESULTS.md (decode speed, cache memory) and README headlines
+# ----------------------------------------------------------------------------------------------
+def _decode_results(data: Data) -> DecodeResults:
+    return DecodeResults.from_dict(data)
+
+
+def decode_table(per_device: PerDevice) -> str:
+    cells: dict[str, dict[tuple[int, int, str], list[str]]] = {}
+    for device, data in per_device.items():
+        results = _decode_results(data)
+        llama = {(s.batch_size, s.context): s.tokens_per_s
+                 for s in results.speeds if s.model == "llama"}  # fmt: skip
+        cells[device] = {
+            (s.batch_size, s.context, s.model): [
+                f"{s.tokens_per_s:,.1f}",
+                _ratio(s.tokens_per_s, llama[(s.batch_size, s.context)]),
+            ]
+            for s in results.speeds
+        }
+    pairs = _sorted_union(
+        per_device, lambda d: ((s["batch_size"], s["context"]) for s in d["speeds"])
+    )
+    keys = [(b, c, m) for b, c in pairs for m in MODELS]
+    return grouped_table(
+        "batch, context, model", ["tokens/s", "ratio to Llama"], cells, keys,
+        label=lambda key: f"{key[0]}, {key[1]}, {LABELS[key[2]]}",
+    )  # fmt: skip
+
+
+def decode_reading(data: Data) -> str:
+    results = _decode_results(data)
+    by_key = {(s.batch_size, s.context, s.model): s.tokens_per_s for s in results.speeds}
+    sentences = []
+    for batch in results.batch_sizes():
+        contexts = sorted({s.context for s in results.speeds if s.batch_size == batch})
+        ratios = ", ".join(
+            f"{by_key[(batch, c, 'hybrid')] / by_key[(batch, c, 'llama')]:.2f}× at {c}"
+            for c in contexts
+        )
+        sentences.append(f"batch {batch}: the hybrid decodes at {ratios} Llama's speed")
+    by_model = {p.model: p for p in results.prefills}
+    if by_model:
+        hybrid, llama = by_model["hybrid"], by_model["llama"]
+        sentences.append(
+            f"prefill of {hybrid.context} tokens takes {hybrid.seconds / llama.seconds:.2f}× "
+            "Llama's time"
+        )
+    return "; ".join(sentences) + "."
+
+
+def decode_detail(data: Data) -> str:
+    results = _decode_results(data)
+    parts = [parameter_note(results), format_speed_table(results)]
+    if results.prefills:
+        parts.append(format_prefill_table(results))
+    return "\n\n".join(parts)
+
+
+def cache_table(per_device: PerDevice) -> str:
+    columns = ["hybrid MiB", "full attention MiB", "Llama MiB", "hybrid / Llama",
+               "formula = measured"]  # fmt: skip
+    cells: dict[str, dict[int, list[str]]] = {}
+    for device, data in per_device.items():
+        results = _decode_results(data)
+        by_key = {(c.model, c.tokens): c for c in results.caches}
+        rows = {}
+        for tokens in sorted({c.tokens for c in results.caches}):
+            row = [by_key[(m, tokens)] for m in MODELS]
+            rows[tokens] = [f"{c.bytes / 2**20:.3f}" for c in row] + [
+                _ratio(row[0].bytes, row[2].bytes),
+                "yes" if all(c.bytes == c.formula_bytes for c in row) else "no",
+            ]
+        cells[device] = rows
+    keys = _sorted_union(per_device, lambda d: (c["tokens"] for c in d["caches"]))
+    return grouped_table("tokens", columns, cells, keys)
+
+
+def cache_reading(data: Data) -> str:
+    results = _decode_results(data)
+    if not results.caches:
+        return "not measured."
+    n = max(c.tokens for c in results.caches)
+    by_key = {(c.model, c.tokens): c.bytes for c in results.caches}
+    hybrid, llama = by_key[("hybrid", n)], by_key[("llama", n)]
+    return (
+        f"after {n} tokens the hybrid cache holds {hybrid / 2**20:.2f} MiB, "
+        f"{hybrid / llama:.2f}× Llama's {llama / 2**20:.2f} MiB."
+    )
+
+
+def cache_detail(data: Data) -> str:
+    results = _decode_results(data)
+    measured = format_cache_table(results) if results.caches else "not measured"
+    return (
+        f"{measured}\n\nThe cache formula of every preset (`MiniFusionConfig.cache_bytes`, "
+        f"computed from the configs, fp32, batch 1):\n\n{preset_cache_table()}"
+    )
+
+
+def _headline_decode(data: Data) -> str:
+    results = _decode_results(data)
+    batch = min(results.batch_sizes())
+    n = max(s.context for s in results.speeds if s.batch_size == batch)
+    by_model = {s.model: s.tokens_per_s for s in results.speeds
+                if s.context == n and s.batch_size == batch}  # fmt: skip
+    return f"{by_model['hybrid'] / by_model['llama']:.2f}× (context {n}, batch {batch})"
+
+
+def _headline_cache(data: Data) -> str | None:
+    results = _decode_results(data)
+    if not results.caches:
+        return None
+    n = max(c.tokens for c in results.caches)
+    by_model = {c.model: c.bytes for c in results.caches if c.tokens == n}
+    return f"{by_model['hybrid'] / by_model['llama']:.2f}× ({n} tokens)"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,6 +10,9 @@ All three compute a feed-forward layer with the same *active* parameters per tok
 
 It prints the median forward+backward time of each and the ratios to ``dense``.
 
+:func:`moe_table`, :func:`moe_reading` and :func:`moe_detail` render its section of
+``bench/RESULTS.md`` from the data :mod:`bench.report` stores (one column group per device).
+
     python -m bench.moe
     python -m bench.moe --tokens 4096 --experts 16 --top-k 2 --device cuda
 """
@@ -23,6 +26,7 @@ from minifusion.config import MiniFusionConfig
 from minifusion.mlp import SwiGLU
 from minifusion.moe import MoE
 
+from .tables import Data, PerDevice, _ratio, grouped_table
 from .timing import median_seconds
 
 
@@ -85,6 +89,38 @@ def format_table(seconds: dict[str, float]) -> str:
     for name, value in seconds.items():
         lines.append(f"| {name} | {value * 1e3:.1f} | {value / seconds['dense']:.2f} |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Its section of bench/RESULTS.md (rendered by bench.report)
+# ----------------------------------------------------------------------------------------------
+MOE_ROWS = {"loop": "per-token loop", "grouped": "grouped dispatch", "dense": "dense SwiGLU"}
+
+
+def moe_table(per_device: PerDevice) -> str:
+    cells = {
+        device: {
+            name: [f"{value * 1e3:.1f}", _ratio(value, data["seconds"]["dense"])]
+            for name, value in data["seconds"].items()
+        }
+        for device, data in per_device.items()
+    }
+    return grouped_table(
+        "dispatch", ["ms", "ratio to dense"], cells, list(MOE_ROWS), label=MOE_ROWS.get
+    )
+
+
+def moe_reading(data: Data) -> str:
+    s = data["seconds"]
+    return (
+        f"grouped dispatch takes {s['grouped'] / s['dense']:.2f}× the time of a dense SwiGLU "
+        f"with the same active parameters; the per-token loop {s['loop'] / s['dense']:.1f}×."
+    )
+
+
+def moe_detail(data: Data) -> str:
+    # the stored JSON has its keys sorted: put the rows back in the benchmark's order
+    return format_table({name: data["seconds"][name] for name in MOE_ROWS})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,6 +44,10 @@ Results go to ``bench/results/race.json``, one record per (seconds, lr, batch si
 length, seed), so runs with other budgets coexist; ``make bench`` runs the default race and puts
 every saved record in ``bench/RESULTS.md`` (:func:`markdown`).
 
+:func:`race_table` renders its section of ``bench/RESULTS.md`` (every saved record, under
+its device) and :func:`_headline_race` its row of the README's headline table, from the
+data :mod:`bench.report` stores.
+
     python -m bench.race                          # the full race: 7 × 240 s (~35 min on 2 cores)
     python -m bench.race --seconds 480 --models hybrid attention llama
     python -m bench.race --lr 3e-3                # another record next to the default one
@@ -89,6 +93,7 @@ from minifusion.training import (
 
 from .decode import matched_llama_config
 from .stats import mean_and_spread, wins_in_every_seed
+from .tables import Data, PerDevice, _device_blocks
 from .timing import machine_description
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -863,6 +868,26 @@ def report_data(
     settings = {**(_QUICK if quick else {}), **settings}
     record = run(models, RaceSettings(**settings), corpus=corpus, data_dir=data_dir)
     return {"records": [record] if quick else save_record(record, results_path)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Its section of bench/RESULTS.md and its README headline (rendered by bench.report)
+# ----------------------------------------------------------------------------------------------
+def race_table(per_device: PerDevice) -> str:
+    """Every saved race record, one table each (:func:`markdown`), under its device."""
+    return _device_blocks(per_device, lambda data: markdown(data["records"], level=4),
+                          "Not run yet: `python -m bench.race`.")  # fmt: skip
+
+
+def _headline_race(data: Data) -> str | None:
+    """The default-settings race: the hybrid's bpc against the best other entry's."""
+    default = record_key({"settings": RaceSettings().to_dict()})
+    record = next((r for r in data["records"] if record_key(r) == default), None)
+    finished = {n: r for n, r in (record or {}).get("entries", {}).items() if "val_bpc" in r}
+    if "hybrid" not in finished or len(finished) < 2:
+        return None
+    rival = min((n for n in finished if n != "hybrid"), key=lambda n: finished[n]["val_bpc"])
+    return f"{finished['hybrid']['val_bpc']:.3f} vs {finished[rival]['val_bpc']:.3f} ({rival})"
 
 
 # ==============================================================================================

@@ -16,6 +16,11 @@ those same numbers.
 ``markdown(results)`` functions. ``bench/race.py`` (the equal wall-clock training race, CPU only:
 about 35 minutes at its default 240 s per entry) saves its record to ``bench/results/race.json``;
 its section shows every record saved there.
+
+This module runs the benchmarks, stores and merges their numbers per device and assembles
+RESULTS.md and the README's section; each benchmark's own tables, readings and headline cells
+are rendered next to it (``scan_table`` in ``bench/scan.py``, ``race_table`` in
+``bench/race.py``, …) with the shared CPU | GPU helpers of ``bench/tables.py``.
 """
 
 from __future__ import annotations
@@ -41,22 +46,34 @@ from typing import Any
 import torch
 
 from . import ablation, attention, checkpointing, decode, moe, race, scan, training
+from .ablation import ablation_table
+from .attention import _headline_attention, attention_detail, attention_reading, attention_table
+from .checkpointing import checkpointing_table
+from .decode import (
+    _headline_cache,
+    _headline_decode,
+    cache_detail,
+    cache_reading,
+    cache_table,
+    decode_detail,
+    decode_reading,
+    decode_table,
+)
+from .moe import moe_detail, moe_reading, moe_table
+from .race import _headline_race, race_table
+from .scan import _headline_scan, scan_detail, scan_reading, scan_table
+from .tables import DEVICES, GROUP, MISSING, Data, PerDevice
 from .timing import machine_description
+from .training import _headline_training, training_detail, training_reading, training_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = ROOT / "bench" / "RESULTS.md"
 README_PATH = ROOT / "README.md"
 SCAN_TABLE_PATH = ROOT / "bench" / "results" / "scan_cpu.md"  # the README's Benchmarks names it
-DEVICES = ("cpu", "gpu")
-GROUP = {"cpu": "CPU", "gpu": "GPU"}
-MISSING = "—"
 DATA_START = "<!-- bench:data"
 DATA_PATTERN = re.compile(r"<!-- bench:data[^\n]*\n(.*?)\n-->", re.DOTALL)
 README_START = "<!-- bench:results:start -->"
 README_END = "<!-- bench:results:end -->"
-
-Data = dict[str, Any]  # one benchmark's JSON-able results on one device
-PerDevice = dict[str, Data]  # {"cpu": data, "gpu": data}, either may be missing
 
 
 # ==============================================================================================
@@ -369,42 +386,8 @@ def data_block(data: dict[str, Any]) -> str:
 
 
 # ==============================================================================================
-# Rendering: tables with a CPU and a GPU column group
+# Rendering: one section per benchmark, each rendered by its module (bench/tables.py's helpers)
 # ==============================================================================================
-def grouped_table(
-    key_header: str,
-    columns: list[str],
-    cells: dict[str, dict[Any, list[str]]],
-    keys: list[Any] | None = None,
-    label: Callable[[Any], str] = str,
-) -> str:
-    """A Markdown table: one row per key, then ``columns`` once for the CPU and once for the GPU.
-
-    ``cells[device][key]`` is a row's cells for that device; a device or key without them shows
-    ``—``. ``keys`` fixes the row order (default: every key seen, in order of appearance).
-    """
-    if keys is None:
-        keys = list(dict.fromkeys(k for device in DEVICES for k in cells.get(device, {})))
-    header = [key_header] + [f"{GROUP[d]}: {c}" for d in DEVICES for c in columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key in keys:
-        row = [label(key)]
-        for device in DEVICES:
-            row += cells.get(device, {}).get(key) or [MISSING] * len(columns)
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def _sorted_union(per_device: PerDevice, keys_of: Callable[[Data], Iterable[Any]]) -> list[Any]:
-    return sorted({k for data in per_device.values() for k in keys_of(data)})
-
-
-def _ratio(value: float | None, reference: float | None, suffix: str = "") -> str:
-    if value is None or not reference:
-        return "n/a"
-    return f"{value / reference:.2f}{suffix}"
-
-
 def _join_readings(per_device: PerDevice, reading: Callable[[Data], str]) -> str:
     parts = [f"{GROUP[d]}: {reading(per_device[d])}" for d in DEVICES if d in per_device]
     return " ".join(parts) if parts else "Not run yet."
@@ -422,285 +405,6 @@ class Section:
     detail: Callable[[Data], str] | None  # the full table of one device, as its module prints
 
 
-# ---------------------------------------------------------------------------------- scan ---
-def _scan_measurements(data: Data) -> list[scan.Measurement]:
-    return [scan.Measurement(**m) for m in data["measurements"]]
-
-
-def _scan_index(data: Data) -> dict[tuple[str, int], dict]:
-    return {(m["scan"], m["seq_len"]): m for m in data["measurements"]}
-
-
-SCAN_OTHERS = ("chunked", "fused", "transformers", "cuda")
-
-
-def scan_table(per_device: PerDevice) -> str:
-    columns = [f"sequential / {s} time" for s in SCAN_OTHERS] + ["chunked / sequential memory"]
-    cells = {}
-    for device, data in per_device.items():
-        index, rows = _scan_index(data), {}
-        for (name, n), base in index.items():
-            if name != "sequential":
-                continue
-            row = [_speedup(base, index.get((s, n))) for s in SCAN_OTHERS]
-            chunked = index.get(("chunked", n))
-            row.append(
-                _ratio(chunked and chunked["peak_bytes"], base["peak_bytes"]) if chunked else "n/a"
-            )
-            rows[n] = row
-        cells[device] = rows
-    keys = _sorted_union(per_device, lambda d: (m["seq_len"] for m in d["measurements"]))
-    return grouped_table("L", columns, cells, keys)
-
-
-def _speedup(base: dict, other: dict | None) -> str:
-    return MISSING if other is None else f"{base['seconds'] / other['seconds']:.1f}×"
-
-
-def scan_reading(data: Data) -> str:
-    index = _scan_index(data)
-    n = max(m["seq_len"] for m in data["measurements"] if m["scan"] == "chunked")
-    base, chunked = index[("sequential", n)], index[("chunked", n)]
-    text = (
-        f"at L = {n} the chunked scan is {base['seconds'] / chunked['seconds']:.1f}× as fast as "
-        "the sequential loop"
-    )
-    if base["peak_bytes"] and chunked["peak_bytes"] is not None:
-        text += f" and needs {chunked['peak_bytes'] / base['peak_bytes']:.2f}× its memory"
-    for kernel, label in (("fused", "our compiled kernel"), ("cuda", "the CUDA kernel")):
-        if (kernel, n) in index:
-            other = index[(kernel, n)]
-            text += f"; {label} is {base['seconds'] / other['seconds']:.1f}× as fast"
-            text += f" ({chunked['seconds'] / other['seconds']:.1f}× the chunked scan)"
-            if other["peak_bytes"] is not None and chunked["peak_bytes"]:
-                text += (
-                    f" and needs {other['peak_bytes'] / chunked['peak_bytes']:.2f}× the chunked "
-                    "scan's memory"
-                )
-    return text + "."
-
-
-def scan_detail(data: Data) -> str:
-    return scan.format_table(_scan_measurements(data))
-
-
-# ----------------------------------------------------------------------------- attention ---
-def _attention_index(data: Data) -> dict[tuple[str, int], dict]:
-    return {(m["pattern"], m["seq_len"]): m for m in data["measurements"]}
-
-
-def attention_table(per_device: PerDevice) -> str:
-    columns = ["local / full time", "mixed / full time", "local / full memory",
-               "mixed / full memory"]  # fmt: skip
-    cells = {}
-    for device, data in per_device.items():
-        index, rows = _attention_index(data), {}
-        for (pattern, n), full in index.items():
-            if pattern != "full":
-                continue
-            local, mixed = index[("local", n)], index[("mixed", n)]
-            rows[n] = [
-                _ratio(local["seconds"], full["seconds"]),
-                _ratio(mixed["seconds"], full["seconds"]),
-                _ratio(local["peak_bytes"], full["peak_bytes"]),
-                _ratio(mixed["peak_bytes"], full["peak_bytes"]),
-            ]
-        cells[device] = rows
-    keys = _sorted_union(per_device, lambda d: (m["seq_len"] for m in d["measurements"]))
-    return grouped_table("T", columns, cells, keys)
-
-
-def attention_reading(data: Data) -> str:
-    index = _attention_index(data)
-    n = max(m["seq_len"] for m in data["measurements"])
-    full, local = index[("full", n)], index[("local", n)]
-    text = (
-        f"at T = {n} all-local heads take {local['seconds'] / full['seconds']:.2f}× the time of "
-        "full causal attention"
-    )
-    if full["peak_bytes"] and local["peak_bytes"] is not None:
-        text += f" and {local['peak_bytes'] / full['peak_bytes']:.2f}× its peak memory"
-    return text + "."
-
-
-def attention_detail(data: Data) -> str:
-    return attention.format_table([attention.Measurement(**m) for m in data["measurements"]])
-
-
-# ----------------------------------------------------------------------------------- MoE ---
-MOE_ROWS = {"loop": "per-token loop", "grouped": "grouped dispatch", "dense": "dense SwiGLU"}
-
-
-def moe_table(per_device: PerDevice) -> str:
-    cells = {
-        device: {
-            name: [f"{value * 1e3:.1f}", _ratio(value, data["seconds"]["dense"])]
-            for name, value in data["seconds"].items()
-        }
-        for device, data in per_device.items()
-    }
-    return grouped_table(
-        "dispatch", ["ms", "ratio to dense"], cells, list(MOE_ROWS), label=MOE_ROWS.get
-    )
-
-
-def moe_reading(data: Data) -> str:
-    s = data["seconds"]
-    return (
-        f"grouped dispatch takes {s['grouped'] / s['dense']:.2f}× the time of a dense SwiGLU "
-        f"with the same active parameters; the per-token loop {s['loop'] / s['dense']:.1f}×."
-    )
-
-
-def moe_detail(data: Data) -> str:
-    # the stored JSON has its keys sorted: put the rows back in the benchmark's order
-    return moe.format_table({name: data["seconds"][name] for name in MOE_ROWS})
-
-
-# ------------------------------------------------------------------------------ training ---
-def _training_objects(data: Data) -> tuple[training.MatmulPeak, list[training.TrainingMeasurement]]:
-    return (
-        training.MatmulPeak(**data["peak"]),
-        [training.TrainingMeasurement(**m) for m in data["runs"]],
-    )
-
-
-def training_table(per_device: PerDevice) -> str:
-    columns = ["dtype", "batch × length", "tokens/s", "GFLOP/s", "MFU"]
-    cells: dict[str, dict[str, list[str]]] = {}
-    for device, data in per_device.items():
-        peak, runs = _training_objects(data)
-        rows = {
-            "dense matmul peak": [peak.dtype, f"n = {peak.size}", MISSING,
-                                  f"{peak.flops_per_s / 1e9:.1f}", "100 %"],
-        }  # fmt: skip
-        for m in runs:
-            rows[m.preset] = [
-                m.precision,
-                f"{m.batch_size} × {m.seq_len}",
-                f"{m.tokens_per_s:,.0f}",
-                f"{m.model_flops_per_s / 1e9:.1f}",
-                f"{100 * training.mfu(m.flops_per_token, m.tokens_per_s, peak.flops_per_s):.1f} %",
-            ]
-        cells[device] = rows
-    return grouped_table("run", columns, cells)
-
-
-def training_reading(data: Data) -> str:
-    peak, runs = _training_objects(data)
-    parts = [
-        f"{m.preset} trains at {m.tokens_per_s:,.0f} tokens/s, "
-        f"{100 * training.mfu(m.flops_per_token, m.tokens_per_s, peak.flops_per_s):.1f} % MFU"
-        for m in runs
-    ]
-    return (
-        "; ".join(parts)
-        + f" (peak: {peak.flops_per_s / 1e9:.1f} GFLOP/s in {peak.dtype}, n = {peak.size})."
-    )
-
-
-def training_detail(data: Data) -> str:
-    return training.format_table(*_training_objects(data))
-
-
-# -------------------------------------------------------------------------------- decode ---
-def _decode_results(data: Data) -> decode.DecodeResults:
-    return decode.DecodeResults.from_dict(data)
-
-
-def decode_table(per_device: PerDevice) -> str:
-    cells: dict[str, dict[tuple[int, int, str], list[str]]] = {}
-    for device, data in per_device.items():
-        results = _decode_results(data)
-        llama = {(s.batch_size, s.context): s.tokens_per_s
-                 for s in results.speeds if s.model == "llama"}  # fmt: skip
-        cells[device] = {
-            (s.batch_size, s.context, s.model): [
-                f"{s.tokens_per_s:,.1f}",
-                _ratio(s.tokens_per_s, llama[(s.batch_size, s.context)]),
-            ]
-            for s in results.speeds
-        }
-    pairs = _sorted_union(
-        per_device, lambda d: ((s["batch_size"], s["context"]) for s in d["speeds"])
-    )
-    keys = [(b, c, m) for b, c in pairs for m in decode.MODELS]
-    return grouped_table(
-        "batch, context, model", ["tokens/s", "ratio to Llama"], cells, keys,
-        label=lambda key: f"{key[0]}, {key[1]}, {decode.LABELS[key[2]]}",
-    )  # fmt: skip
-
-
-def decode_reading(data: Data) -> str:
-    results = _decode_results(data)
-    by_key = {(s.batch_size, s.context, s.model): s.tokens_per_s for s in results.speeds}
-    sentences = []
-    for batch in results.batch_sizes():
-        contexts = sorted({s.context for s in results.speeds if s.batch_size == batch})
-        ratios = ", ".join(
-            f"{by_key[(batch, c, 'hybrid')] / by_key[(batch, c, 'llama')]:.2f}× at {c}"
-            for c in contexts
-        )
-        sentences.append(f"batch {batch}: the hybrid decodes at {ratios} Llama's speed")
-    by_model = {p.model: p for p in results.prefills}
-    if by_model:
-        hybrid, llama = by_model["hybrid"], by_model["llama"]
-        sentences.append(
-            f"prefill of {hybrid.context} tokens takes {hybrid.seconds / llama.seconds:.2f}× "
-            "Llama's time"
-        )
-    return "; ".join(sentences) + "."
-
-
-def decode_detail(data: Data) -> str:
-    results = _decode_results(data)
-    parts = [decode.parameter_note(results), decode.format_speed_table(results)]
-    if results.prefills:
-        parts.append(decode.format_prefill_table(results))
-    return "\n\n".join(parts)
-
-
-def cache_table(per_device: PerDevice) -> str:
-    columns = ["hybrid MiB", "full attention MiB", "Llama MiB", "hybrid / Llama",
-               "formula = measured"]  # fmt: skip
-    cells: dict[str, dict[int, list[str]]] = {}
-    for device, data in per_device.items():
-        results = _decode_results(data)
-        by_key = {(c.model, c.tokens): c for c in results.caches}
-        rows = {}
-        for tokens in sorted({c.tokens for c in results.caches}):
-            row = [by_key[(m, tokens)] for m in decode.MODELS]
-            rows[tokens] = [f"{c.bytes / 2**20:.3f}" for c in row] + [
-                _ratio(row[0].bytes, row[2].bytes),
-                "yes" if all(c.bytes == c.formula_bytes for c in row) else "no",
-            ]
-        cells[device] = rows
-    keys = _sorted_union(per_device, lambda d: (c["tokens"] for c in d["caches"]))
-    return grouped_table("tokens", columns, cells, keys)
-
-
-def cache_reading(data: Data) -> str:
-    results = _decode_results(data)
-    if not results.caches:
-        return "not measured."
-    n = max(c.tokens for c in results.caches)
-    by_key = {(c.model, c.tokens): c.bytes for c in results.caches}
-    hybrid, llama = by_key[("hybrid", n)], by_key[("llama", n)]
-    return (
-        f"after {n} tokens the hybrid cache holds {hybrid / 2**20:.2f} MiB, "
-        f"{hybrid / llama:.2f}× Llama's {llama / 2**20:.2f} MiB."
-    )
-
-
-def cache_detail(data: Data) -> str:
-    results = _decode_results(data)
-    measured = decode.format_cache_table(results) if results.caches else "not measured"
-    return (
-        f"{measured}\n\nThe cache formula of every preset (`MiniFusionConfig.cache_bytes`, "
-        f"computed from the configs, fp32, batch 1):\n\n{decode.preset_cache_table()}"
-    )
-
-
 # ---------------------------------------------------------------------------- why hybrid ---
 def why_hybrid_table(per_device: PerDevice) -> str:
     """Each device's text from ``bench.why_hybrid.markdown``, its headings one level down and
@@ -711,30 +415,6 @@ def why_hybrid_table(per_device: PerDevice) -> str:
     if not why_hybrid_present():
         return "Not run: `bench/why_hybrid.py` is not in this checkout."
     return "Not run yet."
-
-
-def _device_blocks(per_device: PerDevice, render: Callable[[Data], str], missing: str) -> str:
-    """``render(data)`` under a ``### CPU`` / ``### GPU`` heading for each device that ran."""
-    blocks = [f"### {GROUP[d]}\n\n{render(per_device[d])}" for d in DEVICES if d in per_device]
-    return "\n\n".join(blocks) if blocks else missing
-
-
-def race_table(per_device: PerDevice) -> str:
-    """Every saved race record, one table each (``bench.race.markdown``), under its device."""
-    return _device_blocks(per_device, lambda data: race.markdown(data["records"], level=4),
-                          "Not run yet: `python -m bench.race`.")  # fmt: skip
-
-
-def ablation_table(per_device: PerDevice) -> str:
-    """Every saved ablation group (``bench.ablation.markdown``), under its device."""
-    return _device_blocks(per_device, lambda data: ablation.markdown(data["records"], level=4),
-                          "Not run yet: `python -m bench.ablation`.")  # fmt: skip
-
-
-def checkpointing_table(per_device: PerDevice) -> str:
-    """Each device's table from ``bench.checkpointing.markdown``."""
-    return _device_blocks(per_device, lambda data: checkpointing.markdown(data["record"]),
-                          "Not run yet: `python -m bench.checkpointing`.")  # fmt: skip
 
 
 def _demoted(markdown: str, label: str) -> str:
@@ -914,19 +594,6 @@ def headline_rows(stored: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
     return rows
 
 
-def _headline_scan(data: Data) -> str:
-    index = _scan_index(data)
-    n = max(m["seq_len"] for m in data["measurements"] if m["scan"] == "chunked")
-    best = "fused" if ("fused", n) in index else "chunked"
-    return f"{index[('sequential', n)]['seconds'] / index[(best, n)]['seconds']:.1f}× (L = {n})"
-
-
-def _headline_attention(data: Data, key: str) -> str:
-    index = _attention_index(data)
-    n = max(m["seq_len"] for m in data["measurements"])
-    return f"{_ratio(index[('local', n)][key], index[('full', n)][key], '×')} (T = {n})"
-
-
 def _training_presets(stored: dict[str, Any]) -> list[str]:
     presets = []
     for device in DEVICES:
@@ -935,45 +602,7 @@ def _training_presets(stored: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(presets))
 
 
-def _headline_training(data: Data, preset: str) -> str | None:
-    peak, runs = _training_objects(data)
-    for m in runs:
-        if m.preset == preset:
-            share = training.mfu(m.flops_per_token, m.tokens_per_s, peak.flops_per_s)
-            return f"{m.tokens_per_s:,.0f} ({100 * share:.1f} %)"
-    return None
-
-
-def _headline_decode(data: Data) -> str:
-    results = _decode_results(data)
-    batch = min(results.batch_sizes())
-    n = max(s.context for s in results.speeds if s.batch_size == batch)
-    by_model = {s.model: s.tokens_per_s for s in results.speeds
-                if s.context == n and s.batch_size == batch}  # fmt: skip
-    return f"{by_model['hybrid'] / by_model['llama']:.2f}× (context {n}, batch {batch})"
-
-
-def _headline_cache(data: Data) -> str | None:
-    results = _decode_results(data)
-    if not results.caches:
-        return None
-    n = max(c.tokens for c in results.caches)
-    by_model = {c.model: c.bytes for c in results.caches if c.tokens == n}
-    return f"{by_model['hybrid'] / by_model['llama']:.2f}× ({n} tokens)"
-
-
-def _headline_race(data: Data) -> str | None:
-    """The default-settings race: the hybrid's bpc against the best other entry's."""
-    default = race.record_key({"settings": _RACE.to_dict()})
-    record = next((r for r in data["records"] if race.record_key(r) == default), None)
-    finished = {n: r for n, r in (record or {}).get("entries", {}).items() if "val_bpc" in r}
-    if "hybrid" not in finished or len(finished) < 2:
-        return None
-    rival = min((n for n in finished if n != "hybrid"), key=lambda n: finished[n]["val_bpc"])
-    return f"{finished['hybrid']['val_bpc']:.3f} vs {finished[rival]['val_bpc']:.3f} ({rival})"
-
-
-_RACE = race.RaceSettings()  # the race's default settings, the record the headline reads
+_RACE = race.RaceSettings()  # the race's default settings: the record its headline reads
 # (what, benchmark, cell from that benchmark's data); training rows are added per preset.
 HEADLINES: tuple[tuple[str, str, Callable[[Data], str | None]], ...] = (
     ("Selective scan: fastest CPU scan vs sequential loop, speed-up at the longest L", "scan",

@@ -16,6 +16,10 @@ Inputs are laid out as the Mamba mixer hands them over: ``u``, ``delta``, ``z`` 
 ``(batch, d_inner, L)`` views of ``(batch, L, d_inner)`` tensors (and ``B``, ``C`` of
 ``(batch, L, N)``), so each scan pays for the layout changes it makes in a model.
 
+:func:`scan_table`, :func:`scan_reading` and :func:`scan_detail` render its section of
+``bench/RESULTS.md`` from the data :mod:`bench.report` stores (one column group per
+device), :func:`_headline_scan` its row of the README's headline table.
+
     python -m bench.scan                                    # CPU defaults
     python -m bench.scan --seq-lens 256 2048 --device cuda
 """
@@ -41,6 +45,7 @@ from minifusion.mamba import (
 )
 
 from .memory import format_mib, format_ratio, peak_memory_bytes
+from .tables import MISSING, Data, PerDevice, _ratio, _sorted_union, grouped_table
 from .timing import median_seconds
 
 DEFAULT_SEQ_LENS = (128, 256, 512, 1024, 2048, 4096, 8192)
@@ -218,6 +223,77 @@ def format_table(results: list[Measurement]) -> str:
 
 def _cell(measurement: Measurement | None, text: Callable[[Measurement], str]) -> str:
     return "—" if measurement is None else text(measurement)
+
+
+# ----------------------------------------------------------------------------------------------
+# Its section of bench/RESULTS.md and its README headline (rendered by bench.report)
+# ----------------------------------------------------------------------------------------------
+def _scan_measurements(data: Data) -> list[Measurement]:
+    return [Measurement(**m) for m in data["measurements"]]
+
+
+def _scan_index(data: Data) -> dict[tuple[str, int], dict]:
+    return {(m["scan"], m["seq_len"]): m for m in data["measurements"]}
+
+
+SCAN_OTHERS = ("chunked", "fused", "transformers", "cuda")
+
+
+def scan_table(per_device: PerDevice) -> str:
+    columns = [f"sequential / {s} time" for s in SCAN_OTHERS] + ["chunked / sequential memory"]
+    cells = {}
+    for device, data in per_device.items():
+        index, rows = _scan_index(data), {}
+        for (name, n), base in index.items():
+            if name != "sequential":
+                continue
+            row = [_speedup(base, index.get((s, n))) for s in SCAN_OTHERS]
+            chunked = index.get(("chunked", n))
+            row.append(
+                _ratio(chunked and chunked["peak_bytes"], base["peak_bytes"]) if chunked else "n/a"
+            )
+            rows[n] = row
+        cells[device] = rows
+    keys = _sorted_union(per_device, lambda d: (m["seq_len"] for m in d["measurements"]))
+    return grouped_table("L", columns, cells, keys)
+
+
+def _speedup(base: dict, other: dict | None) -> str:
+    return MISSING if other is None else f"{base['seconds'] / other['seconds']:.1f}×"
+
+
+def scan_reading(data: Data) -> str:
+    index = _scan_index(data)
+    n = max(m["seq_len"] for m in data["measurements"] if m["scan"] == "chunked")
+    base, chunked = index[("sequential", n)], index[("chunked", n)]
+    text = (
+        f"at L = {n} the chunked scan is {base['seconds'] / chunked['seconds']:.1f}× as fast as "
+        "the sequential loop"
+    )
+    if base["peak_bytes"] and chunked["peak_bytes"] is not None:
+        text += f" and needs {chunked['peak_bytes'] / base['peak_bytes']:.2f}× its memory"
+    for kernel, label in (("fused", "our compiled kernel"), ("cuda", "the CUDA kernel")):
+        if (kernel, n) in index:
+            other = index[(kernel, n)]
+            text += f"; {label} is {base['seconds'] / other['seconds']:.1f}× as fast"
+            text += f" ({chunked['seconds'] / other['seconds']:.1f}× the chunked scan)"
+            if other["peak_bytes"] is not None and chunked["peak_bytes"]:
+                text += (
+                    f" and needs {other['peak_bytes'] / chunked['peak_bytes']:.2f}× the chunked "
+                    "scan's memory"
+                )
+    return text + "."
+
+
+def scan_detail(data: Data) -> str:
+    return format_table(_scan_measurements(data))
+
+
+def _headline_scan(data: Data) -> str:
+    index = _scan_index(data)
+    n = max(m["seq_len"] for m in data["measurements"] if m["scan"] == "chunked")
+    best = "fused" if ("fused", n) in index else "chunked"
+    return f"{index[('sequential', n)]['seconds'] / index[(best, n)]['seconds']:.1f}× (L = {n})"
 
 
 def main(argv: list[str] | None = None) -> None:

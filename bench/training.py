@@ -12,6 +12,10 @@ MFU relates them: ``3 × forward FLOPs per token × tokens/s ÷ peak`` (a backwa
 twice a forward pass, so a training step costs about three forwards; the forward FLOPs come
 from :meth:`~minifusion.config.MiniFusionConfig.estimate_flops_per_token`).
 
+:func:`training_table`, :func:`training_reading` and :func:`training_detail` render its
+section of ``bench/RESULTS.md`` from the data :mod:`bench.report` stores (one column group
+per device), :func:`_headline_training` a preset's row of the README's headline table.
+
     python -m bench.training                           # tiny (and small) on CPU
     python -m bench.training --presets small --device cuda
 """
@@ -31,6 +35,8 @@ from minifusion.config import MiniFusionConfig
 from minifusion.model import MiniFusionForCausalLM
 from minifusion.moe import MoE
 from minifusion.training import TrainConfig, autocast_dtype, build_optimizer, compute_loss
+
+from .tables import MISSING, Data, PerDevice, grouped_table
 
 DEFAULT_MATMUL_SIZES = (1024, 2048)
 # (batch size, sequence length) per preset. tiny: what `make train` runs on CPU.
@@ -253,6 +259,63 @@ def format_table(peak: MatmulPeak, results: list[TrainingMeasurement]) -> str:
             f"| {100 * m.model_flops_per_s / peak.flops_per_s:.1f} % |"
         )
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Its section of bench/RESULTS.md and its README headline (rendered by bench.report)
+# ----------------------------------------------------------------------------------------------
+def _training_objects(data: Data) -> tuple[MatmulPeak, list[TrainingMeasurement]]:
+    return (
+        MatmulPeak(**data["peak"]),
+        [TrainingMeasurement(**m) for m in data["runs"]],
+    )
+
+
+def training_table(per_device: PerDevice) -> str:
+    columns = ["dtype", "batch × length", "tokens/s", "GFLOP/s", "MFU"]
+    cells: dict[str, dict[str, list[str]]] = {}
+    for device, data in per_device.items():
+        peak, runs = _training_objects(data)
+        rows = {
+            "dense matmul peak": [peak.dtype, f"n = {peak.size}", MISSING,
+                                  f"{peak.flops_per_s / 1e9:.1f}", "100 %"],
+        }  # fmt: skip
+        for m in runs:
+            rows[m.preset] = [
+                m.precision,
+                f"{m.batch_size} × {m.seq_len}",
+                f"{m.tokens_per_s:,.0f}",
+                f"{m.model_flops_per_s / 1e9:.1f}",
+                f"{100 * mfu(m.flops_per_token, m.tokens_per_s, peak.flops_per_s):.1f} %",
+            ]
+        cells[device] = rows
+    return grouped_table("run", columns, cells)
+
+
+def training_reading(data: Data) -> str:
+    peak, runs = _training_objects(data)
+    parts = [
+        f"{m.preset} trains at {m.tokens_per_s:,.0f} tokens/s, "
+        f"{100 * mfu(m.flops_per_token, m.tokens_per_s, peak.flops_per_s):.1f} % MFU"
+        for m in runs
+    ]
+    return (
+        "; ".join(parts)
+        + f" (peak: {peak.flops_per_s / 1e9:.1f} GFLOP/s in {peak.dtype}, n = {peak.size})."
+    )
+
+
+def training_detail(data: Data) -> str:
+    return format_table(*_training_objects(data))
+
+
+def _headline_training(data: Data, preset: str) -> str | None:
+    peak, runs = _training_objects(data)
+    for m in runs:
+        if m.preset == preset:
+            share = mfu(m.flops_per_token, m.tokens_per_s, peak.flops_per_s)
+            return f"{m.tokens_per_s:,.0f} ({100 * share:.1f} %)"
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .extensions import scan_kernel
+from .selective_scan import _check_scan_inputs  # the shape checks every scan shares
 from .utils import as_dtype
 
 __all__ = ["fused_conv_step", "fused_scan_available", "fused_state_step", "selective_scan_fused"]
@@ -81,7 +82,6 @@ def selective_scan_fused(
     The kernel reads ``(batch, L, ·)`` layouts, which is how the Mamba mixer's tensors already
     sit in memory, so the transposes below copy nothing there.
     """
-    from .mamba import _check_scan_inputs  # the shape checks every scan shares
 
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     if scan_kernel() is None:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .fusion import GatedFusion
+from .recording import not_recorded, recording_paused
 
 __all__ = [
     "GateMonitor",
@@ -44,21 +45,6 @@ __all__ = [
     "plot_layer_channel",
     "plot_layer_step",
 ]
-
-
-_paused = 0  # > 0 inside `not_recorded()`: forward passes that no monitor should count
-
-
-@contextmanager
-def not_recorded() -> Iterator[None]:
-    """Forward passes inside are not counted by any :class:`GateMonitor` (e.g. the padding passes
-    a distributed evaluation runs so that every rank joins every collective)."""
-    global _paused
-    _paused += 1
-    try:
-        yield
-    finally:
-        _paused -= 1
 
 
 def hybrid_fusions(model: nn.Module) -> dict[int, GatedFusion]:
@@ -191,7 +177,7 @@ class GateMonitor:
 
     def _hook(self, row: int):
         def record(fusion: GatedFusion, inputs: tuple, output: torch.Tensor) -> None:
-            if fusion.forced_gate is not None or _paused:
+            if fusion.forced_gate is not None or recording_paused():
                 return  # a measurement with the gate fixed, or a pass that scores nothing
             tokens = output.shape[:-1].numel()
             if self._evaluating:
@@ -298,7 +284,7 @@ def collect_gate_statistics(
 ) -> GateSnapshot:
     """Evaluate ``model`` on a :class:`~minifusion.training.ValidationSet` and return the gate
     statistics of every hybrid layer over those tokens (``max_blocks``: the first blocks only)."""
-    from .training import evaluate
+    from .evaluation import evaluate
 
     device = device or next(model.parameters()).device
     monitor = GateMonitor(model)

@@ -48,7 +48,7 @@ def field_types(section: str) -> dict[str, Any]:
     if section == "data":
         return {name: type(value) for name, value in DATA_DEFAULTS.items()}
     if section == "train":
-        from .training import TrainConfig
+        from .train_config import TrainConfig
 
         return typing.get_type_hints(TrainConfig)
     from .config import MiniFusionConfig

