@@ -1,9 +1,11 @@
 """MiniFusion — build, check and train a hybrid Mamba ∥ attention language model.
 
-Each module is one chapter of the course (see the README's chapter table):
-``utils`` (00), ``config`` (01), ``tokenizer`` and ``data`` (02–03), ``embedding`` (03),
-``norm`` (04), ``rope`` (05), ``attention`` (06), ``mlp`` (07), ``moe`` (08), ``mamba`` (09),
-``fusion`` (10), ``model`` (11), …
+Each module holds one idea of one chapter (see the README's chapter table): ``utils`` (00),
+``config`` with ``config_checks`` and ``config_costs`` (01), ``tokenizer`` and ``corpus`` (02),
+``token_files``, ``data`` and ``embedding`` (03), ``norm`` (04), ``rope`` (05), ``attention``
+and ``local_attention`` (06), ``mlp`` (07), ``moe`` (08), ``selective_scan``, ``fused_scan``
+and ``mamba`` (09), ``fusion`` (10), ``model`` and ``blocks`` (11), ``train_config``, ``optim``,
+``precision``, ``batches``, ``evaluation``, ``metrics`` and ``training`` (12), …
 
 Importing the package registers ``MiniFusionConfig`` and ``MiniFusionForCausalLM`` with
 transformers' ``AutoConfig`` and ``AutoModelForCausalLM``.
