@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 # environment, so no other checkout's half-finished build can block ours.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: setup lock train test test-latest lint extensions unit notebooks notebooks-kernels execute corpus bench lab clean
+.PHONY: setup lock train test test-latest lint extensions unit notebooks notebooks-kernels browser execute corpus bench lab clean
 
 setup: $(STAMP)  ## create .venv and install the locked versions (reused when up to date)
 
@@ -59,7 +59,7 @@ else
 	  --deepspeed configs/deepspeed/zero2.json $(if $(FRESH),--fresh)
 endif
 
-test: setup lint unit notebooks notebooks-kernels  ## everything CI runs
+test: setup lint unit notebooks notebooks-kernels browser  ## everything CI runs
 
 lint: setup
 	$(BIN)/ruff check .
@@ -70,9 +70,18 @@ extensions: setup
 	$(BIN)/python -c "from minifusion.extensions import build_extensions; build_extensions()"
 
 # Hub access is switched off for tests: everything they read is local or comes from PyPI.
+# The browser test has its own target (below), so it does not run here a second time.
 unit: extensions
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg \
-	  $(BIN)/python -m pytest -n 2 --dist loadscope tests
+	  $(BIN)/python -m pytest -n 2 --dist loadscope -m "not browser" tests
+
+# JupyterLab in headless Chromium (tests/test_browser.py, about a minute): chapter 04 runs from
+# the menu without an error, its slider changes the output tied to it, its links open, and the
+# browser console stays clean. Skipped, with the reason (-rs), without Chromium and chromedriver
+# (Debian: apt-get install chromium chromium-driver; .ci/run installs them).
+browser: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+	  $(BIN)/python -m pytest -p no:cacheprovider -rs -m browser tests/test_browser.py
 
 # The corpus is fetched (and matplotlib's font cache built) before the notebooks run, so no
 # notebook prints a one-off download message that its committed outputs do not contain.
@@ -87,11 +96,14 @@ notebooks: extensions corpus
 
 # Re-run notebooks in place, refreshing their committed outputs (NB=... for a subset); the
 # outputs are then what `make notebooks` compares against. Run it after changing the package.
+# A second pass merges each cell's consecutive prints into one output (nbconvert coalesces
+# before it executes), so JupyterLab does not write them back doubled when it saves a notebook.
 NB ?= notebooks/*.ipynb chapters/*/solutions.ipynb
+NBCONVERT := $(BIN)/jupyter nbconvert --to notebook --inplace --log-level=WARN
 execute: extensions corpus  ## re-execute the notebooks (NB=...) and save their outputs
 	printf '%s\n' $(NB) | OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
-	  xargs -P 2 -I{} $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
-	  --ExecutePreprocessor.timeout=1200 --log-level=WARN {}
+	  xargs -P 2 -I{} sh -c '$(NBCONVERT) --execute --ExecutePreprocessor.timeout=1200 "$$1" && \
+	  $(NBCONVERT) --coalesce-streams "$$1"' _ {}
 
 # The committed outputs must hold on any x86 CPU, not only this one: PyTorch picks its SIMD
 # kernels at run time (AVX-512 here, AVX2 on most laptops and cloud VMs, plain C++ where neither
@@ -105,7 +117,8 @@ notebooks-kernels: extensions
 
 # A second environment with the newest releases beyond pyproject.toml's caps (next major
 # version; torch stays at the locked build), running the unit tests that need no torchrun and
-# are not marked slow (long training runs and subprocess round trips: `make unit` runs those).
+# are not marked slow (long training runs and subprocess round trips: `make unit` runs those)
+# or browser (`make browser` runs it).
 # It tells the day an upstream release breaks us; fix minifusion/compat.py, then raise the cap.
 LATEST := .venv-latest
 test-latest:  ## unit tests against the newest releases of every dependency
@@ -116,7 +129,7 @@ test-latest:  ## unit tests against the newest releases of every dependency
 	@$(LATEST)/bin/python -m pip install $(PIP) --no-deps -e .
 	@$(LATEST)/bin/python -m minifusion
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg TORCH_EXTENSIONS_DIR=$(abspath $(LATEST))/torch_extensions \
-	  $(LATEST)/bin/python -m pytest -n 2 --dist loadscope -p no:cacheprovider -m "not distributed and not slow" tests
+	  $(LATEST)/bin/python -m pytest -n 2 --dist loadscope -p no:cacheprovider -m "not distributed and not slow and not browser" tests
 
 # Scans, attention, MoE dispatch, training MFU, decode and cache memory (+ bench/why_hybrid.py
 # where present), on CUDA if there is a GPU; the other device's columns in RESULTS.md are kept.
