@@ -9,8 +9,11 @@ read the config's fields through ``self`` and add none, so nothing here reaches 
   :meth:`~ConfigCostsMixin.estimate_parameters` for every preset.
 * :meth:`~ConfigCostsMixin.flops_breakdown` is the FLOP model, component by component; the
   chapters of the components check their share against ``torch``'s ``FlopCounterMode``.
-* :meth:`~ConfigCostsMixin.cache_bytes` is what a :class:`~minifusion.cache.HybridCache` holds
-  after a prompt; the attention, Mamba and model chapters check it against ``memory_bytes()``.
+* :meth:`~ConfigCostsMixin.cache_breakdown` (summed by :meth:`~ConfigCostsMixin.cache_bytes`) is
+  what a :class:`~minifusion.cache.HybridCache` holds after a prompt, part by part; the
+  attention, Mamba and model chapters check it against ``memory_bytes()``, and
+  :meth:`~ConfigCostsMixin.cache_crossover` is the context length from which one cache
+  outgrows another (every chapter's KV-cache-vs-Mamba-state comparison).
 """
 
 __all__ = ["SCAN_FLOPS_PER_STATE", "SCAN_STATE_BYTES", "ConfigCostsMixin"]
@@ -234,28 +237,85 @@ class ConfigCostsMixin:
         return float(sum(self.flops_breakdown(seq_len).values()))
 
     # ---------------------------------------------------------------------------- cache ---
-    def cache_bytes(self, tokens: int, batch_size: int = 1, bytes_per_value: int = 4) -> int:
-        """Bytes a :class:`~minifusion.cache.HybridCache` holds after a ``tokens``-token prompt.
+    def cache_breakdown(
+        self, tokens: int, batch_size: int = 1, bytes_per_value: int = 4
+    ) -> dict[str, int]:
+        """Bytes of each part of a :class:`~minifusion.cache.HybridCache` after a ``tokens``-token
+        prompt, summed over layers: the one formula every chapter's cache/state comparison uses.
 
-        Per attention layer: keys + values of its global KV heads for every token and of its
-        local KV heads for ``sliding_window`` slots (the ring is allocated whole at the first
-        token, however short the prompt). Per Mamba layer: the conv buffer ``(d_inner, d_conv)``
-        in the model's dtype (``bytes_per_value``) and the scan state ``(d_inner, d_state)``,
-        which is always fp32 (:data:`SCAN_STATE_BYTES`: the recurrence accumulates in fp32),
-        whatever ``tokens``. With every head global this is a plain transformer's KV cache.
-        (While decoding past the prompt the global buffers grow by eighths, so they may hold up
-        to about 1/8 more.)
+        Keys (always all four, zero where the config has none):
+
+        * ``"global_kv"`` — keys + values of the KV heads serving global query heads, every
+          token: per attention layer ``i`` a buffer ``(B, H_g(i), tokens, head_dim)`` for K and
+          one for V, ``2 · H_g(i) · head_dim · tokens`` values, with ``H_g(i) =
+          global_heads_of(i) / group`` (GQA groups are never split between global and local);
+        * ``"local_kv"`` — keys + values of the other ``H_l(i) = num_key_value_heads − H_g(i)``
+          KV heads: a ring ``(B, H_l(i), sliding_window, head_dim)`` each for K and V, allocated
+          whole at the first token (``2 · H_l(i) · head_dim · sliding_window`` values; none
+          while ``tokens == 0``);
+        * ``"mamba_conv"`` — per Mamba branch the conv buffer ``(B, d_inner, d_conv)``;
+        * ``"mamba_ssm"`` — per Mamba branch the scan state ``(B, d_inner, d_state)``, always
+          fp32 (:data:`SCAN_STATE_BYTES`), whatever ``bytes_per_value``.
+
+        Everything but ``mamba_ssm`` is counted at ``bytes_per_value`` (the model's dtype: 4 in
+        fp32, 2 in bf16). The Mamba parts do not depend on ``tokens``; for ``tokens ≥ 1`` the
+        total is affine in ``tokens`` (see :meth:`cache_crossover`). With every head global
+        (e.g. :func:`~minifusion.inference.full_attention_config`) this is a plain transformer's
+        KV cache. ``memory_bytes()`` of a real cache reports ``{"kv": global_kv + local_kv,
+        "mamba": mamba_conv + mamba_ssm}``.
         """
+        if tokens < 0:
+            raise ValueError(f"tokens={tokens} must be ≥ 0.")
         group = self.num_attention_heads // self.num_key_value_heads
-        state_bytes = self.mamba_d_inner * self.mamba_d_state * SCAN_STATE_BYTES
-        total = 0
+        parts = dict.fromkeys(("global_kv", "local_kv", "mamba_conv", "mamba_ssm"), 0)
         for i, mixer in enumerate(self.mixer_types):
             if mixer in ("attention", "hybrid"):
                 global_kv = self.global_heads_of(i) // group
                 local_kv = self.num_key_value_heads - global_kv
                 window = self.sliding_window if local_kv and tokens else 0
-                values = 2 * self.head_dim * (global_kv * tokens + local_kv * window)
-                total += values * bytes_per_value
+                parts["global_kv"] += 2 * self.head_dim * global_kv * tokens * bytes_per_value
+                parts["local_kv"] += 2 * self.head_dim * local_kv * window * bytes_per_value
             if mixer in ("mamba", "hybrid"):
-                total += self.mamba_d_inner * self.mamba_d_conv * bytes_per_value + state_bytes
-        return total * batch_size
+                parts["mamba_conv"] += self.mamba_d_inner * self.mamba_d_conv * bytes_per_value
+                parts["mamba_ssm"] += self.mamba_d_inner * self.mamba_d_state * SCAN_STATE_BYTES
+        return {name: value * batch_size for name, value in parts.items()}
+
+    def cache_bytes(self, tokens: int, batch_size: int = 1, bytes_per_value: int = 4) -> int:
+        """Bytes a :class:`~minifusion.cache.HybridCache` holds after a ``tokens``-token prompt.
+
+        The sum of :meth:`cache_breakdown`. Per attention layer: keys + values of its global KV
+        heads for every token and of its local KV heads for ``sliding_window`` slots (the ring is
+        allocated whole at the first token, however short the prompt). Per Mamba layer: the conv
+        buffer ``(d_inner, d_conv)`` in the model's dtype (``bytes_per_value``) and the scan state
+        ``(d_inner, d_state)``, which is always fp32 (:data:`SCAN_STATE_BYTES`: the recurrence
+        accumulates in fp32), whatever ``tokens``. With every head global this is a plain
+        transformer's KV cache. (While decoding past the prompt the global buffers grow by
+        eighths, so they may hold up to about 1/8 more.)
+        """
+        return sum(self.cache_breakdown(tokens, batch_size, bytes_per_value).values())
+
+    def cache_crossover(self, other, batch_size: int = 1, bytes_per_value: int = 4) -> int | None:
+        """The smallest prompt length ``n ≥ 1`` at which ``other``'s cache is **larger** than
+        this config's: ``other.cache_bytes(n) > self.cache_bytes(n)``; ``None`` if it never is.
+
+        The usual call is ``hybrid.cache_crossover(full_attention_config(hybrid))`` — from how
+        many tokens on the transformer twin keeps more than the hybrid — or, for one layer, a
+        Mamba-only config against an attention-only one of the same width. For ``n ≥ 1`` both
+        totals are ``fixed + per_token · n`` (rings and Mamba states are fixed, global KV grows),
+        so the answer is exact, without a search: ``n > (fixed_self − fixed_other) /
+        (per_token_other − per_token_self)``. Both caches are counted at the same
+        ``batch_size`` and ``bytes_per_value``.
+        """
+
+        def line(config) -> tuple[int, int]:  # (fixed, per token), valid for n ≥ 1
+            one = config.cache_bytes(1, batch_size, bytes_per_value)
+            per_token = config.cache_bytes(2, batch_size, bytes_per_value) - one
+            return one - per_token, per_token
+
+        fixed_self, slope_self = line(self)
+        fixed_other, slope_other = line(other)
+        if fixed_other + slope_other > fixed_self + slope_self:
+            return 1
+        if slope_other <= slope_self:
+            return None
+        return (fixed_self - fixed_other) // (slope_other - slope_self) + 1
