@@ -31,6 +31,8 @@ __all__ = [
     "pick_device",
     "seed_everything",
     "within",
+    "WIDGET_NOTE",
+    "show_widget",
 ]
 
 
@@ -289,3 +291,25 @@ def format_count(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
     return f"{n:.0f}" if float(n).is_integer() else f"{n:.2f}"
+
+
+# Shown where a widget cannot be: an untrusted notebook (JupyterLab restores saved widgets only
+# in trusted ones), GitHub's viewer, nbconvert's HTML. Better than the widget's repr.
+WIDGET_NOTE = (
+    "[interactive figure: run this cell to bring up its controls — saved widgets show only in "
+    "a trusted notebook with a running kernel]"
+)
+
+
+def show_widget(widget) -> None:
+    """Display an ipywidgets ``widget`` whose text fallback is :data:`WIDGET_NOTE`.
+
+    A live JupyterLab renders the widget as usual. Where it cannot, the cell shows that one line
+    instead of ipywidgets' ``VBox(children=(FloatLogSlider(...``.
+    """
+    from IPython.display import display
+
+    bundle = widget._repr_mimebundle_()
+    if "application/vnd.jupyter.widget-view+json" not in (bundle or {}):
+        raise TypeError(f"{type(widget).__name__} has no view to display; pass a control or box.")
+    display({**bundle, "text/plain": WIDGET_NOTE}, raw=True)

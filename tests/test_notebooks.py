@@ -73,3 +73,19 @@ def test_consecutive_stream_outputs_are_merged(path: Path):
                 split.append(index)
                 break
     assert not split, f"{_name(path)}: code cells {split} hold split stream outputs"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_name)
+def test_saved_widgets_fall_back_to_a_readable_line(path: Path):
+    # An untrusted notebook (any fresh clone) shows a saved widget's text fallback; shown with
+    # minifusion.utils.show_widget, that is one line saying how to bring it up.
+    from minifusion.utils import WIDGET_NOTE
+
+    bare = []
+    for index, cell in enumerate(_code_cells(path)):
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if "application/vnd.jupyter.widget-view+json" in data:
+                if "".join(data.get("text/plain", "")) != WIDGET_NOTE:
+                    bare.append(index)
+    assert not bare, f"{_name(path)}: code cells {bare} display a widget without show_widget"

@@ -99,3 +99,21 @@ def test_lock_report_compares_locked_and_installed_versions(tmp_path):
     lines = lock_report(["torch", "numpy", "not-a-package"], lock).splitlines()
     assert lines[1].split()[:2] == ["torch", "2.13.0"] and lines[1].endswith("✓")  # +cpu = same
     assert lines[2].endswith("differs") and "not installed" in lines[3]
+
+
+def test_show_widget_keeps_the_widget_and_replaces_its_text_fallback(monkeypatch):
+    import IPython.display
+    import ipywidgets
+
+    from minifusion.utils import WIDGET_NOTE, show_widget
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj, raw=False: shown.append((obj, raw)))
+    box = ipywidgets.VBox([ipywidgets.IntSlider(value=3)])
+    show_widget(box)
+    (bundle, raw), = shown
+    assert raw and bundle["text/plain"] == WIDGET_NOTE
+    view = bundle["application/vnd.jupyter.widget-view+json"]
+    assert view["model_id"] == box.model_id  # the live widget is still what JupyterLab renders
+    with pytest.raises(TypeError, match="no view"):
+        show_widget(ipywidgets.Widget())  # the base class: state only, no view
