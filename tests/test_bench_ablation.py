@@ -46,6 +46,7 @@ def test_summary_pairs_each_seed_with_its_default():
     )
 
 
+@pytest.mark.slow
 def test_a_short_real_ablation_run_feeds_the_table(tmp_path):
     corpus = str(write_words_corpus(tmp_path / "corpus") / "*.txt")
     settings = race.RaceSettings(seconds=1.0, eval_blocks=2, batch_size=2, seq_len=32)
@@ -63,6 +64,7 @@ def test_a_short_real_ablation_run_feeds_the_table(tmp_path):
     assert "layer_scale" in ablation.markdown(race.load_records(tmp_path / "ablation.json"))
 
 
+@pytest.mark.slow
 def test_checkpointing_benchmark_saves_memory_in_the_order_of_what_it_keeps():
     results = {r.mode: r for r in checkpointing.measure("tiny", batch_size=4, seq_len=256,
                                                          repeats=1)}  # fmt: skip

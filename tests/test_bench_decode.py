@@ -1,5 +1,7 @@
 """bench/decode.py at tiny sizes: matched models, all three decoding, caches equal to the formula."""
 
+import pytest
+
 from bench.decode import (
     MODELS,
     PARAMETER_TOLERANCE,
@@ -43,6 +45,7 @@ def test_llama_matches_the_hybrids_active_parameters_and_the_twin_its_shape():
     assert small.estimate_active_parameters() < small.estimate_parameters()
 
 
+@pytest.mark.slow
 def test_tiny_run_measures_every_model_and_caches_match_the_formula():
     # 80 tokens > the tiny preset's 64-token window: the local heads' cache is capped
     results = run("tiny", contexts=(8,), batch_sizes=(1, 2), cache_lengths=(8, 80),

@@ -34,6 +34,7 @@ def test_a_bad_design_fails_before_any_training(monkeypatch):
         designs.run(["broken"])
 
 
+@pytest.mark.slow
 def test_a_quick_design_race_applies_each_design_in_its_worker(tmp_path):
     corpus = str(write_words_corpus(tmp_path / "corpus") / "*.txt")
     settings = race.RaceSettings(seconds=1.0, batch_size=2, seq_len=32, eval_blocks=2)

@@ -118,6 +118,7 @@ def test_bits_per_character_by_hand(race_data, blocks):
 
 
 # --------------------------------------------------------------------------------- a race ---
+@pytest.mark.slow
 def test_quick_race_of_two_entries_in_their_own_processes(race_data):
     corpus, data_dir, _, works = race_data
     settings = race.RaceSettings(seconds=2.0, batch_size=4, seq_len=32, eval_blocks=4)

@@ -251,6 +251,7 @@ def tiny_sizes(tmp_path):
     }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_real_benchmarks_at_tiny_sizes_through_the_command(tmp_path, monkeypatch):
     sizes = tiny_sizes(tmp_path)
     monkeypatch.setattr(report, "default_sizes", lambda device: sizes)

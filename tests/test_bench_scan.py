@@ -1,5 +1,7 @@
 """bench/scan.py runs at tiny sizes and prints one row per length with ratios to the loop."""
 
+import pytest
+
 from bench.scan import format_table, isolated_peak_bytes, main, run
 from minifusion.fused_scan import fused_scan_available
 
@@ -19,6 +21,7 @@ def test_table_marks_lengths_beyond_the_reference_limit():
     assert rows[3].startswith("| 24 |") and rows[3].count("—") == 4
 
 
+@pytest.mark.slow
 def test_isolated_memory_and_command_line(tmp_path, capsys):
     peak = isolated_peak_bytes("chunked", 64, 1, 256, 16)
     assert peak is None or peak >= 0

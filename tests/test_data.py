@@ -341,6 +341,7 @@ def test_prepare_data_without_progress_writes_nothing_to_stderr(tmp_path, text_c
     assert is_progress_bar_enabled()  # switched back on afterwards
 
 
+@pytest.mark.slow
 def test_command_line_prints_summary(tmp_path, text_corpus):
     config = tmp_path / "c.yaml"
     config.write_text(

@@ -138,6 +138,7 @@ def test_state_dict_round_trip_and_a_clear_error_for_another_layout():
     assert len(GateMonitor(MiniFusionForCausalLM(small_config("llama")))) == 0
 
 
+@pytest.mark.slow
 def test_trainer_records_gates_saves_them_and_resumes_them_exactly(prepared, tmp_path):  # noqa: F811
     straight = _trainer(prepared, tmp_path / "straight").fit(export=False)
     _trainer(prepared, tmp_path / "resumed").fit(stop_at=4, export=False)

@@ -258,6 +258,7 @@ def test_resume_refuses_another_model_config(prepared, tmp_path):
                 progress=False)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_nan_guard_skips_isolated_steps(prepared, tmp_path, monkeypatch):
     real = training.compute_loss
     calls = {"n": 0}

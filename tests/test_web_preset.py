@@ -63,6 +63,7 @@ def test_the_preset_validates_and_says_what_its_comments_say():
     assert train.warmup_steps * train.tokens_per_step == pytest.approx(375e6, rel=0.01)
 
 
+@pytest.mark.slow
 def test_dry_run_plans_the_preset_without_the_network(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
