@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 # environment, so no other checkout's half-finished build can block ours.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: setup lock train test test-latest lint extensions unit notebooks notebooks-kernels browser execute corpus bench lab clean
+.PHONY: setup lock train test test-latest latest-env lint extensions unit notebooks notebooks-kernels browser execute corpus bench lab clean
 
 setup: $(STAMP)  ## create .venv and install the locked versions (reused when up to date)
 
@@ -121,15 +121,19 @@ notebooks-kernels: extensions
 # or browser (`make browser` runs it).
 # It tells the day an upstream release breaks us; fix minifusion/compat.py, then raise the cap.
 LATEST := .venv-latest
-test-latest:  ## unit tests against the newest releases of every dependency
+test-latest: latest-env  ## unit tests against the newest releases of every dependency
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg TORCH_EXTENSIONS_DIR=$(abspath $(LATEST))/torch_extensions \
+	  $(LATEST)/bin/python -m pytest -n 2 --dist loadscope -p no:cacheprovider -m "not distributed and not slow and not browser" tests
+
+# Its environment, on its own: CI installs it (mostly downloads) while `make test` keeps the CPUs
+# busy. Running it again upgrades whatever has had a release since.
+latest-env:
 	@test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	@$(LATEST)/bin/python -m pip install $(PIP) --upgrade pip
 	$(LATEST)/bin/python requirements/latest.py > $(LATEST)/requirements.txt
 	$(LATEST)/bin/python -m pip install $(PIP) --upgrade --upgrade-strategy eager -r $(LATEST)/requirements.txt
 	@$(LATEST)/bin/python -m pip install $(PIP) --no-deps -e .
 	@$(LATEST)/bin/python -m minifusion
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg TORCH_EXTENSIONS_DIR=$(abspath $(LATEST))/torch_extensions \
-	  $(LATEST)/bin/python -m pytest -n 2 --dist loadscope -p no:cacheprovider -m "not distributed and not slow and not browser" tests
 
 # Scans, attention, MoE dispatch, training MFU, decode and cache memory (+ bench/why_hybrid.py
 # where present), on CUDA if there is a GPU; the other device's columns in RESULTS.md are kept.
