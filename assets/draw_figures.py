@@ -1,16 +1,18 @@
-"""Draw the course figures: ``architecture.png`` and ``roadmap.png``.
+"""Draw the course figures: ``architecture.png``, ``roadmap.png`` and ``chunked_scan.png``.
 
 Run from the repository root (or anywhere — paths are relative to this file)::
 
     .venv/bin/python assets/draw_figures.py
 
-Both figures are plain matplotlib (boxes, arrows, text), so they can be redrawn and edited
-without any drawing tool. Chapter 00 shows them; the README links to them.
+The figures are plain matplotlib (boxes, arrows, text), so they can be redrawn and edited
+without any drawing tool. Chapter 00 shows the first two (the README links to them), chapter 09
+the third. Drawing code lives here rather than in the chapters, which show the pictures.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import matplotlib
@@ -334,7 +336,105 @@ def draw_roadmap(path: Path) -> None:
     save_png(fig, path)
 
 
+def draw_chunked_scan(path: Path, length: int = 12, chunk: int = 4) -> None:
+    """Chapter 09's picture of the chunked scan: local scans from zero (all chunks at once), the
+    short carry across chunks, and the correction that reaches every position."""
+    colours = plt.cm.tab10.colors
+
+    def xpos(t: int) -> float:  # positions, with a gap before every chunk
+        return t + 1.6 * (t // chunk) + 1.2
+
+    lanes = {"local": 2.0, "carry": 1.0, "fix": 0.0}
+    fig, ax = plt.subplots(figsize=(10, 4.4))
+    arrow = dict(arrowstyle="->", color="dimgrey", lw=0.8)
+    for t in range(length):
+        c = t // chunk
+        for lane, alpha in (("local", 0.3), ("fix", 0.75)):
+            ax.add_patch(
+                plt.Rectangle(
+                    (xpos(t) - 0.35, lanes[lane] - 0.22), 0.7, 0.44, color=colours[c], alpha=alpha
+                )
+            )
+        ax.text(xpos(t), lanes["local"], f"{t}", ha="center", va="center", fontsize=8)
+        ax.text(xpos(t), lanes["fix"], f"h{t}", ha="center", va="center", fontsize=8)
+        if t % chunk:
+            ax.annotate(
+                "",
+                (xpos(t) - 0.35, lanes["local"]),
+                (xpos(t - 1) + 0.35, lanes["local"]),
+                arrowprops=arrow,
+            )
+    num_chunks = math.ceil(length / chunk)
+    for c in range(num_chunks):
+        first, last = c * chunk, min((c + 1) * chunk, length) - 1
+        start = xpos(first) - 0.95
+        ax.text(start, lanes["local"], "0", ha="center", va="center", fontsize=9, color="dimgrey")
+        ax.annotate(
+            "",
+            (xpos(first) - 0.35, lanes["local"]),
+            (start + 0.15, lanes["local"]),
+            arrowprops=arrow,
+        )
+        ax.scatter([start], [lanes["carry"]], s=520, color=colours[c], zorder=3)
+        ax.text(
+            start,
+            lanes["carry"],
+            f"in{c}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white",
+            zorder=4,
+        )
+        for t in range(first, last + 1):  # 3. the entering state reaches every position
+            ax.annotate(
+                "",
+                (xpos(t), lanes["fix"] + 0.22),
+                (start, lanes["carry"] - 0.24),
+                arrowprops=dict(arrowstyle="->", color=colours[c], lw=0.6, alpha=0.7),
+            )
+        if c + 1 < num_chunks:  # 2. carry: the decayed entering state + the local final state
+            nxt = xpos((c + 1) * chunk) - 0.95
+            ax.annotate(
+                "",
+                (nxt - 0.24, lanes["carry"]),
+                (start + 0.24, lanes["carry"]),
+                arrowprops=dict(arrowstyle="->", color="black", lw=1.2),
+            )
+            ax.text(
+                (start + nxt) / 2,
+                lanes["carry"] + 0.12,
+                "× exp(A·ΣΔ of the chunk)",
+                ha="center",
+                fontsize=7,
+            )
+            ax.annotate(
+                "",
+                (nxt - 0.1, lanes["carry"] + 0.22),
+                (xpos(last), lanes["local"] - 0.22),
+                arrowprops=dict(arrowstyle="->", color="black", lw=1.0, ls="--"),
+            )
+    ax.set_yticks(
+        [0, 1, 2],
+        [
+            "3. correct: local + in_c × exp(A·ΣΔ so far)\n(no sequential step)",
+            "2. carry across chunks\n(L/chunk sequential steps)",
+            "1. local scans from zero\n(chunk steps, all chunks at once)",
+        ],
+        fontsize=8,
+    )
+    ax.set_xticks([])
+    ax.set_xlim(-0.4, xpos(length - 1) + 0.8)
+    ax.set_ylim(-0.5, 2.5)
+    for side in ("top", "right", "bottom"):
+        ax.spines[side].set_visible(False)
+    ax.set_title(f"The chunked scan: L = {length} positions in chunks of {chunk}")
+    plt.tight_layout()
+    save_png(fig, path)
+
+
 if __name__ == "__main__":
     draw_architecture(HERE / "architecture.png")
     draw_roadmap(HERE / "roadmap.png")
-    print("wrote", (HERE / "architecture.png").name, "and", (HERE / "roadmap.png").name)
+    draw_chunked_scan(HERE / "chunked_scan.png")
+    print("wrote architecture.png, roadmap.png and chunked_scan.png in", HERE)

@@ -89,3 +89,14 @@ def test_saved_widgets_fall_back_to_a_readable_line(path: Path):
                 if "".join(data.get("text/plain", "")) != WIDGET_NOTE:
                     bare.append(index)
     assert not bare, f"{_name(path)}: code cells {bare} display a widget without show_widget"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_name)
+def test_linked_files_exist(path: Path):
+    # Images and notebooks a chapter links to (../assets/x.png, ../chapters/.../exercises.ipynb)
+    # must be in the repository: a fresh clone shows a broken picture or a 404 otherwise.
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    targets = re.findall(r"\]\((\.\./[^)\s#]+)", text)
+    missing = [t for t in targets if not (path.parent / t).resolve().exists()]
+    assert not missing, f"{_name(path)} links to missing files: {missing}"
