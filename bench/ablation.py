@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import race
+from . import RESULTS_DIR, race
 from .race import RaceSettings
 from .stats import mean_and_spread, wins_in_every_seed
 from .tables import PerDevice, _device_blocks
 
-RESULTS_FILE = race.ROOT / "bench" / "results" / "ablation.json"
+RESULTS_FILE = RESULTS_DIR / "ablation.json"
 DEFAULT_SECONDS = 60.0
 DEFAULT_SEEDS = (0, 1, 2)
 

@@ -39,13 +39,14 @@ import torch
 from minifusion.config import MiniFusionConfig
 from minifusion.model import MiniFusionForCausalLM
 
+from . import RESULTS_DIR
 from .memory import format_mib, peak_memory_bytes
 from .tables import PerDevice, _device_blocks
 from .timing import machine_description
 from .training import best_seconds
 
 MODES = ("none", "branches", "layers")
-RESULTS_FILE = Path(__file__).resolve().parent / "results" / "checkpointing.json"
+RESULTS_FILE = RESULTS_DIR / "checkpointing.json"
 
 
 @dataclass

@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import race
+from . import RESULTS_DIR, race
 from .race import RaceSettings
 
-RESULTS_FILE = race.ROOT / "bench" / "results" / "designs.json"
+RESULTS_FILE = RESULTS_DIR / "designs.json"
 A, M = "attention", "mamba"
 D, N = "dense", "none"  # feed-forward block after the mixer, or none
 

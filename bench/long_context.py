@@ -39,10 +39,11 @@ from minifusion.tasks import (
     train_on_task,
 )
 
+from . import RESULTS_DIR
 from .stats import mean_and_spread
 from .timing import machine_description
 
-RESULTS_FILE = Path(__file__).resolve().parent / "results" / "long_context.json"
+RESULTS_FILE = RESULTS_DIR / "long_context.json"
 DEFAULT_MODEL = Path("runs/tiny/model")
 
 

@@ -91,14 +91,15 @@ from minifusion.training import (
     parameter_groups,
 )
 
+from . import RESULTS_DIR
 from .decode import matched_llama_config
 from .stats import mean_and_spread, wins_in_every_seed
 from .tables import Data, PerDevice, _device_blocks
 from .timing import machine_description
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS_FILE = ROOT / "bench" / "results" / "race.json"
-DATA_DIR = ROOT / "bench" / "results" / "race_data"  # git-ignored cache of tokenizer + tokens
+RESULTS_FILE = RESULTS_DIR / "race.json"
+DATA_DIR = RESULTS_DIR / "race_data"  # git-ignored cache of tokenizer + tokens
 PRESET = "tiny"
 CORPUS = "shakespeare"
 VALIDATION_WORKS = 2  # whole documents held out for validation

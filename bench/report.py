@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from . import ablation, attention, checkpointing, decode, moe, race, scan, training
+from . import RESULTS_DIR, ablation, attention, checkpointing, decode, moe, race, scan, training
 from .ablation import ablation_table
 from .attention import _headline_attention, attention_detail, attention_reading, attention_table
 from .checkpointing import checkpointing_table
@@ -69,7 +69,7 @@ from .training import _headline_training, training_detail, training_reading, tra
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = ROOT / "bench" / "RESULTS.md"
 README_PATH = ROOT / "README.md"
-SCAN_TABLE_PATH = ROOT / "bench" / "results" / "scan_cpu.md"  # the README's Benchmarks names it
+SCAN_TABLE_PATH = RESULTS_DIR / "scan_cpu.md"  # the README's Benchmarks names it
 DATA_START = "<!-- bench:data"
 DATA_PATTERN = re.compile(r"<!-- bench:data[^\n]*\n(.*?)\n-->", re.DOTALL)
 README_START = "<!-- bench:results:start -->"

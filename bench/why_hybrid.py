@@ -43,10 +43,11 @@ from minifusion.tasks import (
 from minifusion.tokenizer import load_tokenizer
 from minifusion.training import ValidationSet
 
+from . import RESULTS_DIR
 from .stats import mean_and_spread, wins_in_every_seed
 from .timing import machine_description
 
-RESULTS_FILE = Path(__file__).resolve().parent / "results" / "why_hybrid.json"
+RESULTS_FILE = RESULTS_DIR / "why_hybrid.json"
 LOSS_WINDOW = 10  # training losses are saved as means over windows of this many steps
 
 
