@@ -50,7 +50,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTER = "notebooks/04_rmsnorm.ipynb"  # about 20 s to run on two busy cores
 EXERCISES = "chapters/04_rmsnorm/exercises.ipynb"  # the chapter's last cell links to it
-WELCOME = "notebooks/00_welcome.ipynb"  # the chapter that shows ../assets/*.png
+WELCOME = "notebooks/00a_welcome.ipynb"  # the chapter that shows ../assets/*.png
 CHROME_FLAGS = (
     "--headless=new",
     "--no-sandbox",  # containers run as root, where Chromium's sandbox cannot start
