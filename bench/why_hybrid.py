@@ -9,7 +9,8 @@ built by :func:`minifusion.tasks.four_models` with the same width, depth and par
 * **language modelling** on the Shakespeare corpus at equal *wall-clock* time: validation bits
   per character after the same number of training seconds, with the curve of bpc vs seconds.
 
-Chapter 16 (``notebooks/16_why_hybrid.ipynb``) shows the saved results next to a smaller live run.
+Chapter 16 (``notebooks/16b_equal_budget.ipynb`` and ``notebooks/16c_equal_time_and_cost.ipynb``)
+shows the saved results next to a smaller live run.
 
     python -m bench.why_hybrid            # the full run, 3 seeds: about 11 minutes on one thread
     python -m bench.why_hybrid --quick    # a smoke run of a few seconds (not saved)
