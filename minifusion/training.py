@@ -7,7 +7,8 @@ One optimisation step, in the order the code below runs it:
    run would have read.
 2. **Forward + backward** under bf16 autocast where that is faster (CUDA), fp32 otherwise,
    ``grad_accum_steps`` micro-batches summed into one step (each loss divided by their number,
-   so the gradient equals the gradient of one big batch).
+   and weighted by its share of the scored tokens where targets hold ``-100``, so the gradient
+   equals the gradient of one big batch).
 3. **Guard**: a non-finite loss or gradient norm skips the step (the optimizer never sees it);
    ``max_bad_steps`` such steps in a row stop the run with an explanation.
 4. **Clip** the gradient's global norm to ``grad_clip``.
@@ -170,6 +171,19 @@ class TrainResult:
     seconds: float = 0.0
     skipped_steps: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _token_weights(micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    """How much each micro-batch's mean loss weighs so that their average is the mean over all
+    scored tokens: ``count · k / total`` per micro-batch, where ``count`` is its number of targets
+    other than ``-100`` (cross-entropy's ignore index). Exactly 1 when every micro-batch scores
+    as many tokens (pretraining's full blocks), so the plain average stays bit for bit the same.
+    """
+    counts = [int((targets != -100).sum()) for _, targets in micro_batches]
+    total = sum(counts)
+    if total == 0:  # nothing scored anywhere: every mean is NaN, and the guard skips the step
+        return [1.0] * len(counts)
+    return [count * len(counts) / total for count in counts]
 
 
 class Trainer:
@@ -367,16 +381,24 @@ class Trainer:
         parts_sum = {"loss": 0.0, "moe_aux_loss": 0.0, "gate_balance_loss": 0.0,
                      "gate_entropy_loss": 0.0}  # fmt: skip
         finite = True
-        for _ in range(config.grad_accum_steps):
-            inputs, targets = (t.to(self.device) for t in self.batches.next_batch())
+        micro_batches = [self.batches.next_batch() for _ in range(config.grad_accum_steps)]
+        for (inputs, targets), lm_weight in zip(micro_batches, _token_weights(micro_batches)):
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
             with _autocast(self.device, self.dtype):
                 parts = compute_loss(self.model, inputs, targets)
-            # Dividing each micro-batch's mean by their number makes the summed gradient the
-            # gradient of the mean over the whole step's tokens — the same as one big batch.
-            loss = parts.total / config.grad_accum_steps
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            finite &= bool(torch.isfinite(parts.total))
-            for key, value in zip(parts_sum, (parts.lm, parts.moe_aux, parts.gate_balance,
+            if lm_weight == 1:  # every micro-batch scores as many tokens (pretraining)
+                lm, total = parts.lm, parts.total
+            else:  # fine-tuning's -100 labels: weigh this mean by its share of scored tokens
+                # (a micro-batch that scores nothing has a NaN mean: only its aux losses count)
+                lm = parts.lm * lm_weight if lm_weight else parts.lm.detach().nan_to_num() * 0
+                total = lm + parts.moe_aux + parts.gate_balance + parts.gate_entropy
+            # Dividing each micro-batch's (weighted) mean by their number makes the summed
+            # gradient the gradient of the mean over the whole step's tokens — one big batch.
+            loss = total / config.grad_accum_steps
+            if loss.requires_grad:  # false only for an unscored micro-batch without aux losses
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            finite &= bool(torch.isfinite(total))
+            for key, value in zip(parts_sum, (lm, parts.moe_aux, parts.gate_balance,
                                               parts.gate_entropy)):  # fmt: skip
                 parts_sum[key] += float(value.detach()) / config.grad_accum_steps
         if self.scaler is not None:

@@ -27,6 +27,7 @@ from minifusion.training import (
     Trainer,
     TrainingDivergedError,
     ValidationSet,
+    _token_weights,
     evaluate,
     parameter_groups,
     warmup_cosine,
@@ -164,6 +165,39 @@ def test_gradient_accumulation_equals_one_large_batch(prepared, tmp_path):
         grad_big = big.optimizer.state[a]["exp_avg"]
         grad_small = small.optimizer.state[b]["exp_avg"]
         torch.testing.assert_close(grad_small, grad_big, rtol=1e-4, atol=1e-8, msg=name)
+
+
+def test_accumulated_micro_batches_are_weighted_by_their_scored_tokens(prepared, tmp_path):
+    # Fine-tuning labels prompts -100, so micro-batches score different numbers of tokens; the
+    # step must still equal one big batch (a plain average of the means would weigh the 3 scored
+    # tokens of the first micro-batch as much as the 32 of the second).
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randint(1, 300, (4, 16), generator=generator)
+    targets = torch.randint(1, 300, (4, 16), generator=generator)
+    targets[:2] = -100
+    targets[0, -3:] = torch.tensor([5, 6, 7])  # the first micro-batch scores 3 tokens
+    big = _trainer(prepared, tmp_path / "big", pattern="llama", batch_size=4)
+    small = _trainer(prepared, tmp_path / "small", pattern="llama", batch_size=2,
+                     grad_accum_steps=2)  # fmt: skip
+    big.batches.next_batch = lambda: (inputs, targets)
+    halves = iter([(inputs[:2], targets[:2]), (inputs[2:], targets[2:])])
+    small.batches.next_batch = lambda: next(halves)
+    big_numbers, small_numbers = big.train_step(), small.train_step()
+    assert small_numbers["loss"] == pytest.approx(big_numbers["loss"], rel=1e-5)
+    assert small_numbers["grad_norm"] == pytest.approx(big_numbers["grad_norm"], rel=1e-5)
+    for (name, a), b in zip(big.model.named_parameters(), small.model.parameters()):
+        grad_big = big.optimizer.state[a]["exp_avg"]
+        grad_small = small.optimizer.state[b]["exp_avg"]
+        torch.testing.assert_close(grad_small, grad_big, rtol=1e-4, atol=1e-8, msg=name)
+
+
+def test_token_weights_are_exactly_one_for_full_blocks():
+    full = [(None, torch.zeros(2, 8, dtype=torch.long))] * 3
+    assert _token_weights(full) == [1.0, 1.0, 1.0]  # pretraining's average stays bit for bit
+    ragged = [(None, torch.tensor([[1, -100, -100]])), (None, torch.tensor([[1, 2, 3]]))]
+    assert _token_weights(ragged) == [0.5, 1.5]  # 1 and 3 of 4 scored tokens, times k = 2
+    unscored = [(None, torch.full((1, 3), -100))] * 2
+    assert _token_weights(unscored) == [1.0, 1.0]
 
 
 @pytest.mark.parametrize("mode", [True, "branches"])
