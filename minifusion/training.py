@@ -389,14 +389,12 @@ class Trainer:
             if lm_weight == 1:  # every micro-batch scores as many tokens (pretraining)
                 lm, total = parts.lm, parts.total
             else:  # fine-tuning's -100 labels: weigh this mean by its share of scored tokens
-                # (a micro-batch that scores nothing has a NaN mean: only its aux losses count)
-                lm = parts.lm * lm_weight if lm_weight else parts.lm.detach().nan_to_num() * 0
+                lm = parts.lm * lm_weight
                 total = lm + parts.moe_aux + parts.gate_balance + parts.gate_entropy
             # Dividing each micro-batch's (weighted) mean by their number makes the summed
             # gradient the gradient of the mean over the whole step's tokens — one big batch.
             loss = total / config.grad_accum_steps
-            if loss.requires_grad:  # false only for an unscored micro-batch without aux losses
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             finite &= bool(torch.isfinite(total))
             for key, value in zip(parts_sum, (lm, parts.moe_aux, parts.gate_balance,
                                               parts.gate_entropy)):  # fmt: skip
