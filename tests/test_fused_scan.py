@@ -48,11 +48,17 @@ def test_fused_equals_sequential(length, with_D, with_z, with_bias):
 
 
 @pytest.mark.parametrize("with_optional", [False, True])
-def test_fused_equals_sequential_long_and_wide(with_optional):
-    """L ≥ 1000 (not a multiple of the segment) and 70 channels: one full block of 64 and a
-    partial one, whose missing lanes must neither leak into B/C's gradients nor be written."""
+@pytest.mark.parametrize(
+    "length, d_inner",
+    # 70 channels: one full block of 64 and a partial one; 300: the wide blocks (128 channels)
+    # that AVX-512 builds take from 256 channels on — two full and a partial one.
+    [(1037, 70), (101, 300)],
+)
+def test_fused_equals_sequential_long_and_wide(with_optional, length, d_inner):
+    """A length that is not a multiple of the segment and channels that end in a partial
+    block, whose missing lanes must neither leak into B/C's gradients nor be written."""
     flags = dict(with_D=with_optional, with_z=with_optional, with_bias=with_optional)
-    inputs = scan_inputs(1037, batch=1, d_inner=70, d_state=3, **flags)
+    inputs = scan_inputs(length, batch=1, d_inner=d_inner, d_state=3, **flags)
     y_ref, last_ref, grads_ref = run_scan(selective_scan_sequential, inputs)
     y, last, grads = run_scan(selective_scan_fused, inputs)
     assert_close(y, y_ref, what="output")
@@ -108,9 +114,10 @@ def test_fused_accepts_bf16_and_keeps_its_dtype():
     assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2, what="bf16 output")
 
 
-def test_fused_gives_the_same_bits_for_any_number_of_threads():
+@pytest.mark.parametrize("d_inner", [150, 300])  # blocks of 64; of 128 with AVX-512
+def test_fused_gives_the_same_bits_for_any_number_of_threads(d_inner):
     """Gradients summed over channels or the batch are added in a fixed order."""
-    inputs = scan_inputs(300, batch=3, d_inner=150, d_state=5)
+    inputs = scan_inputs(300, batch=3, d_inner=d_inner, d_state=5)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
