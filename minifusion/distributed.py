@@ -68,6 +68,7 @@ __all__ = [
     "build_extensions",
     "check_build_locks",
     "export_zero_checkpoint",
+    "finish_distributed",
     "init_distributed",
     "model_from_zero_checkpoint",
     "universal_checkpoint",
@@ -95,6 +96,19 @@ def init_distributed() -> tuple[int, int, torch.device]:
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def finish_distributed() -> None:
+    """Leave the process group together: wait for every rank, then tear the group down.
+
+    Without it a rank that finishes first exits while the others still use the group, and its
+    communication threads can be destroyed mid-flight: the process then aborts ("terminate
+    called without an active exception", exit code −6) after all its work was done, and
+    torchrun reports the whole run as failed.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 class DeepSpeedTrainer(Trainer):

@@ -316,6 +316,10 @@ def run(args: argparse.Namespace) -> int:
     if result.final_eval is not None and trainer.last_sample is not None:
         print(f"\nSample at step {result.step}:\n{trainer.last_sample}")
     print(f"\nTotal time {time.perf_counter() - started:.0f} s")
+    if args.deepspeed:
+        from .distributed import finish_distributed
+
+        finish_distributed()
     return 0
 
 

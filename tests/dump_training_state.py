@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from minifusion.config import MiniFusionConfig
-from minifusion.distributed import DeepSpeedTrainer
+from minifusion.distributed import DeepSpeedTrainer, finish_distributed
 from minifusion.model import MiniFusionForCausalLM
 from minifusion.tokenizer import load_tokenizer
 from minifusion.train import load_settings
@@ -39,6 +39,7 @@ def main(run: Path, zero_json: str, out: Path) -> None:
                     "adam_steps": sorted({float(s["step"]) for s in
                                           trainer.optimizer.optimizer.state.values()})}  # fmt: skip
         torch.save({"parameters": state, "counters": counters}, out)
+    finish_distributed()
 
 
 if __name__ == "__main__":
