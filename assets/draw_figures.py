@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from pathlib import Path
 
 import matplotlib
@@ -255,33 +256,41 @@ def draw_architecture(path: Path) -> None:
 
 PARTS = [
     ("Foundations", "#eeeeee", [
-        ("00", "Welcome", "utils.py", "devices, seeding,\nthe map"),
-        ("01", "Config", "config.py", "every hyperparameter,\nparameter counts"),
-        ("02", "Tokenizer", "tokenizer.py, data.py", "byte-level BPE\non Shakespeare"),
+        ("00", "Welcome", "utils.py", "the map, devices,\nrepeatable runs"),
+        ("01", "Config", "config.py", "every hyperparameter,\ncounting before building"),
+        ("02", "Tokenizer", "tokenizer.py, corpus.py", "byte-level BPE\non Shakespeare"),
         ("03", "Embedding", "embedding.py, data.py", "embeddings, tied head,\nbatches of tokens"),
     ]),
     ("Building blocks", "#dcebf9", [
         ("04", "RMSNorm", "norm.py", "RMSNorm vs LayerNorm"),
-        ("05", "RoPE", "rope.py", "rotary positions,\nYaRN scaling"),
-        ("06", "Attention", "attention.py", "GQA, KV cache,\nlocal + global heads"),
-        ("07", "SwiGLU", "mlp.py", "gated feed-forward"),
-        ("08", "MoE", "moe.py", "Mixture-of-Experts:\nrouter, load balancing"),
-        ("09", "Mamba", "mamba.py", "selective scan,\nrecurrent step"),
+        ("05", "RoPE", "rope.py", "rotary positions,\nlong contexts, XPos"),
+        ("06", "Attention", "attention.py", "GQA, local + global\nheads, KV cache"),
+        ("07", "SwiGLU", "mlp.py", "gated feed-forward,\nsizing and cost"),
+        ("08", "MoE", "moe.py", "router, dispatch,\nload balancing"),
+        ("09", "Mamba", "mamba.py, csrc/", "state space, a fast\nscan, the block"),
     ]),
     ("The model", "#ffe4c8", [
-        ("10", "Fusion", "fusion.py", "Mamba ∥ attention\n+ low-rank gate"),
-        ("11", "The model", "model.py, cache.py, convert.py", "full LM, HF integration,\ngeneration"),
+        ("10", "Fusion", "fusion.py", "hybrid designs, a gated\nlayer, honest gates"),
+        ("11", "The model", "model.py, cache.py", "full LM, generation,\nblock variants"),
     ]),
     ("Training", "#d9f0d9", [
         ("12", "Training", "training.py", "AdamW, schedule,\nbf16, curves"),
-        ("13", "Checkpointing", "checkpoint.py", "atomic saves,\nexact resume"),
-        ("14", "Distributed", "train.py", "torchrun + DeepSpeed\nZeRO"),
+        ("13", "Checkpointing", "checkpoint.py", "exact resume,\ncrash safety"),
+        ("14", "Distributed", "distributed.py", "torchrun + DeepSpeed\nZeRO"),
     ]),
     ("Using it", "#eadcf5", [
-        ("15", "Inference & pruning", "monitor.py, prune.py", "gate statistics,\npruned export"),
-        ("16", "Why hybrid?", "(the whole package)", "recall, copying,\nequal-budget LM"),
+        ("15", "Inference & pruning", "monitor.py, prune.py", "gate statistics, pruned\nexport, long context"),
+        ("16", "Why hybrid?", "tasks.py, bench/", "recall, copying,\nequal budget and time"),
+        ("17", "Fine-tuning", "finetune.py, instruct.py", "instructions, LoRA,\nevaluation"),
     ]),
 ]
+
+
+def notebook_parts(chapter: str) -> str:
+    """The letters of a chapter's parts, read from ``notebooks/`` ("abc" for 05a, 05b, 05c; ""
+    for a chapter in one notebook)."""
+    names = (HERE.parent / "notebooks").glob(f"{chapter}*.ipynb")
+    return "".join(sorted(m[1] for n in names if (m := re.match(rf"{chapter}([a-z])_", n.name))))
 
 
 def draw_roadmap(path: Path) -> None:
@@ -291,7 +300,10 @@ def draw_roadmap(path: Path) -> None:
     ax.axis("off")
     fig.subplots_adjust(left=0, right=1, bottom=0, top=1)  # the axes fill the whole figure
     fig.patch.set_facecolor("white")
-    ax.text(80, 96.5, "The MiniFusion course: 17 chapters, one package", ha="center",
+    chapters = sum(len(row) for _, _, row in PARTS)
+    sittings = sum(len(notebook_parts(num)) or 1 for _, _, row in PARTS for num, *_ in row)
+    ax.text(80, 96.5, f"The MiniFusion course: {chapters} chapters in {sittings} sittings, one "
+            "package", ha="center",
             va="center", fontsize=19, weight="bold")
 
     # one row per part, read left to right; the path turns down to the next row
@@ -305,6 +317,7 @@ def draw_roadmap(path: Path) -> None:
         box(ax, 9.0, cy, 16.4, bh, f"{part}\n\nchapters\n{first}–{last}", color, fontsize=11.5,
             weight="bold", radius=1.2)
         for k, (num, name, module, what) in enumerate(chapters):
+            parts = notebook_parts(num)
             cx = x_first + bw / 2 + k * (bw + gap)
             box(ax, cx, cy, bw, bh, "", "white", lw=1.2, radius=1.0)
             left, top = cx - bw / 2, cy + bh / 2
@@ -313,6 +326,9 @@ def draw_roadmap(path: Path) -> None:
                                         facecolor=color, edgecolor=EDGE, lw=1.0, zorder=4))
             ax.text(left + 3.5, top - 3.0, num, ha="center", va="center", fontsize=12,
                     weight="bold", zorder=5)
+            if parts:  # the chapter's parts, one sitting each (notebooks/NNa_…, NNb_…)
+                ax.text(cx + bw / 2 - 1.0, cy - bh / 2 + 1.3, "parts " + " ".join(parts),
+                        ha="right", va="center", fontsize=8.3, color="#666666", zorder=5)
             title = ax.text(left + 6.8, top - 3.0, name, ha="left", va="center", fontsize=11,
                             weight="bold", zorder=5)
             shrink_to_fit(ax, title, bw - 7.4)
@@ -330,8 +346,9 @@ def draw_roadmap(path: Path) -> None:
                 arrow(ax, [(px, py - bh / 2), (px, mid), (cx, mid), (cx, cy + bh / 2)], lw=1.5)
         previous = (x_first + bw / 2 + (len(chapters) - 1) * (bw + gap), cy)
 
-    ax.text(80, 1.2, "Each chapter notebook (notebooks/NN_topic.ipynb) builds one module of the "
-            "package minifusion; its exercises live in chapters/NN_topic/.", ha="center",
+    ax.text(80, 1.2, "Each part (notebooks/NNa_topic.ipynb, NNb_…) is one sitting; a chapter builds "
+            "its module of the package minifusion; exercises live in chapters/NN_topic/.",
+            ha="center",
             fontsize=10.5, color="#555555")
     save_png(fig, path)
 
