@@ -386,11 +386,10 @@ class Trainer:
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             with _autocast(self.device, self.dtype):
                 parts = compute_loss(self.model, inputs, targets)
-            if lm_weight == 1:  # every micro-batch scores as many tokens (pretraining)
-                lm, total = parts.lm, parts.total
-            else:  # fine-tuning's -100 labels: weigh this mean by its share of scored tokens
-                lm = parts.lm * lm_weight
-                total = lm + parts.moe_aux + parts.gate_balance + parts.gate_entropy
+            # The weight is exactly 1 for pretraining's full blocks (nothing changes then); with
+            # fine-tuning's -100 labels it weighs this mean by its share of the scored tokens.
+            lm = parts.lm * lm_weight
+            total = parts.total + (lm_weight - 1) * parts.lm
             # Dividing each micro-batch's (weighted) mean by their number makes the summed
             # gradient the gradient of the mean over the whole step's tokens — one big batch.
             loss = total / config.grad_accum_steps
