@@ -72,12 +72,26 @@ def _command(preset, out, processes, stage, *extra):
             *extra]  # fmt: skip
 
 
-def _run(*args, **kwargs) -> str:
+# A known, not yet understood abort of a rank (C++'s std::terminate, exit code −6) after its work,
+# seen about once in 15–30 two-process launches on CPU even with finish_distributed(). The state
+# dump only reads a checkpoint, so a dump that ends with it is launched once more; any other
+# failure, or the abort twice in a row, still fails. Training launches are never repeated.
+_EXIT_ABORT = "terminate called without an active exception"
+
+
+def _launch(command: list[str], *, retry_exit_abort: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    done = subprocess.run(_command(*args, **kwargs), cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    for _ in range(2 if retry_exit_abort else 1):
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        if done.returncode == 0 or _EXIT_ABORT not in done.stderr:
+            break
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    return done
+
+
+def _run(*args, **kwargs) -> str:
+    return _launch(_command(*args, **kwargs)).stdout
 
 
 def _losses(out: Path) -> list[tuple[int, float]]:
@@ -135,9 +149,7 @@ def _dump_state(run: Path, processes: int, stage: int, out: Path) -> dict:
                 f"--nproc_per_node={processes}"]  # fmt: skip
     command = [*launcher, str(REPO / "tests/dump_training_state.py"), str(run),
                str(REPO / f"configs/deepspeed/zero{stage}.json"), str(out)]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _launch(command, retry_exit_abort=True)
     return torch.load(out, weights_only=True)
 
 
