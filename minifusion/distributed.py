@@ -78,6 +78,8 @@ ENGINE_TAG = "deepspeed"  # DeepSpeed's own folder inside one of our checkpoint 
 UNIVERSAL_TAG = "universal"  # the same state re-laid out per parameter, for another world size
 GATE_MONITOR_FILE = "gate_monitor.pt"  # the gate statistics' history (minifusion.monitor)
 DEEPSPEED_FORMAT = "minifusion-deepspeed-checkpoint-1"
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Join the process group torchrun set up; returns ``(rank, world_size, device)``.
 
@@ -98,16 +100,27 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+# The handle of the last barrier, held until the process ends (see finish_distributed).
+_FINAL_BARRIER: list[dist.Work] = []
+
+
 def finish_distributed() -> None:
     """Leave the process group together: wait for every rank, then tear the group down.
 
-    Without it a rank that finishes first exits while the others still use the group, and its
-    communication threads can be destroyed mid-flight: the process then aborts ("terminate
-    called without an active exception", exit code −6) after all its work was done, and
-    torchrun reports the whole run as failed.
+    The barrier's handle is kept for the rest of the process, and that matters on CPUs. Gloo
+    runs each collective on a worker thread, and whoever drops the last reference to a finished
+    collective frees its tensors, which takes the GIL. A barrier's work also holds the
+    collectives still running when it was queued (ZeRO's gathers, say). If the worker thread
+    drops that work last while the main thread is already shutting the interpreter down, Python
+    ends the thread inside a C++ destructor and the process aborts: "terminate called without
+    an active exception", exit code −6, after all its work is saved, and torchrun reports the
+    whole run as failed (core dumps of CI's failures show exactly this stack). Holding the
+    handle leaves that last release to the main thread.
     """
     if dist.is_initialized():
-        dist.barrier()
+        barrier = dist.barrier(async_op=True)
+        barrier.wait()
+        _FINAL_BARRIER.append(barrier)
         dist.destroy_process_group()
 
 
