@@ -114,7 +114,7 @@ def finish_distributed() -> None:
     drops that work last while the main thread is already shutting the interpreter down, Python
     ends the thread inside a C++ destructor and the process aborts: "terminate called without
     an active exception", exit code −6, after all its work is saved, and torchrun reports the
-    whole run as failed (core dumps of CI's failures show exactly this stack). Holding the
+    whole run as failed (core dumps of reproduced aborts show this stack). Holding the
     handle leaves that last release to the main thread.
     """
     if dist.is_initialized():
