@@ -63,13 +63,16 @@ def preset(tmp_path_factory):
     return path
 
 
-def _command(preset, out, processes, stage, *extra):
+def _launcher(processes: int) -> list[str]:
     # --standalone: a rendezvous on a free local port, so tests can run side by side.
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={processes}"]  # fmt: skip
-    return [*launcher, "-m", "minifusion.train", "--config", str(preset), "--out", str(out),
-            "--no-progress", "--deepspeed", str(REPO / f"configs/deepspeed/zero{stage}.json"),
-            *extra]  # fmt: skip
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={processes}"]  # fmt: skip
+
+
+def _command(preset, out, processes, stage, *extra):
+    return [*_launcher(processes), "-m", "minifusion.train", "--config", str(preset),
+            "--out", str(out), "--no-progress",
+            "--deepspeed", str(REPO / f"configs/deepspeed/zero{stage}.json"), *extra]  # fmt: skip
 
 
 def _launch(command: list[str]) -> subprocess.CompletedProcess:
@@ -134,9 +137,7 @@ def test_zero_run_resumes_exactly_and_exports(preset, tmp_path, stage, straight_
 
 
 def _dump_state(run: Path, processes: int, stage: int, out: Path) -> dict:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={processes}"]  # fmt: skip
-    command = [*launcher, str(REPO / "tests/dump_training_state.py"), str(run),
+    command = [*_launcher(processes), str(REPO / "tests/dump_training_state.py"), str(run),
                str(REPO / f"configs/deepspeed/zero{stage}.json"), str(out)]  # fmt: skip
     _launch(command)
     return torch.load(out, weights_only=True)
