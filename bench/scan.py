@@ -1,7 +1,8 @@
 """Selective-scan cost vs sequence length: sequential loop, chunked scan, transformers' reference.
 
 For each length it times one forward + backward pass of each scan on the same inputs (median of
-a few runs after a warm-up) and measures the peak extra memory of one pass, then prints a table
+at least three runs after a warm-up; fast scans run until they add up to a second) and measures
+the peak extra memory of one pass, then prints a table
 with every scan's ratios to the sequential loop:
 
 * ``sequential`` — :func:`minifusion.mamba.selective_scan_sequential`, one position at a time;
@@ -51,6 +52,8 @@ from .timing import median_seconds
 DEFAULT_SEQ_LENS = (128, 256, 512, 1024, 2048, 4096, 8192)
 # Loops over positions cost seconds per pass at long lengths: time them once there.
 LONG_LOOP = 4096
+# Fast scans are timed until their runs add up to this many seconds (see median_seconds).
+MIN_TIMED_SECONDS = 1.0
 # transformers' loop indexes full tensors per position, so its backward pass fills a full-size
 # zero gradient at every step: O(L²) work (about 75 s at L = 1024 on two CPU cores). It is timed
 # once per length, and only up to this length by default.
@@ -118,13 +121,15 @@ def measure(
     d_inner: int = 512,
     d_state: int = 16,
     repeats: int = 3,
+    min_seconds: float = MIN_TIMED_SECONDS,
     device: str | torch.device = "cpu",
     isolate_memory: bool = True,
 ) -> Measurement:
     """Median forward+backward time and peak extra memory of one scan at one length.
 
-    ``isolate_memory``: on CPU, measure the memory in a fresh process (see
-    :func:`isolated_peak_bytes`); otherwise in this one.
+    The median is over at least ``repeats`` runs, and over as many more (up to 100) as a fast
+    scan needs to run ``min_seconds`` in all. ``isolate_memory``: on CPU, measure the memory in
+    a fresh process (see :func:`isolated_peak_bytes`); otherwise in this one.
     """
     device = torch.device(device)
     function = available_scans(device)[scan]
@@ -139,8 +144,8 @@ def measure(
     if device.type == "cpu" and (
         scan == "transformers" or scan == "sequential" and seq_len >= LONG_LOOP
     ):
-        repeats = 1
-    seconds = median_seconds(step, repeats, device)
+        repeats, min_seconds = 1, 0.0
+    seconds = median_seconds(step, repeats, device, min_total_seconds=min_seconds)
     if device.type == "cpu" and isolate_memory:
         peak = isolated_peak_bytes(scan, seq_len, batch_size, d_inner, d_state)
     else:
@@ -303,6 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--d-inner", type=int, default=512)
     parser.add_argument("--d-state", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--min-seconds", type=float, default=MIN_TIMED_SECONDS,
+                        help="time fast scans until their runs add up to this long (at most "
+                        "100 runs)")  # fmt: skip
     parser.add_argument("--reference-max-len", type=int, default=REFERENCE_MAX_LEN)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--save", help="also write the table to this Markdown file")
@@ -313,8 +321,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(
         f"Selective scan forward+backward on {args.device}: batch {args.batch_size}, d_inner "
-        f"{args.d_inner}, d_state {args.d_state}. Time: median of {args.repeats} runs "
-        f"(on CPU, transformers' scan and the sequential loop at L ≥ {LONG_LOOP}: one run). "
+        f"{args.d_inner}, d_state {args.d_state}. Time: median of at least {args.repeats} runs, "
+        f"more for fast scans until they add up to {args.min_seconds:g} s (on CPU, "
+        f"transformers' scan and the sequential loop at L ≥ {LONG_LOOP}: one run). "
         "Memory: peak extra memory of one pass. "
         f"transformers' reference only up to L = {args.reference_max_len}: its backward pass "
         "is O(L²)."
@@ -327,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         d_inner=args.d_inner,
         d_state=args.d_state,
         repeats=args.repeats,
+        min_seconds=args.min_seconds,
         reference_max_len=args.reference_max_len,
     )
     table = format_table(results)

@@ -7,9 +7,19 @@ from collections.abc import Callable
 import torch
 
 
-def median_seconds(step: Callable[[], object], repeats: int, device: torch.device) -> float:
+def median_seconds(
+    step: Callable[[], object],
+    repeats: int,
+    device: torch.device,
+    *,
+    min_total_seconds: float = 0.0,
+    max_repeats: int = 100,
+) -> float:
     """Median wall-clock seconds of ``step()`` over ``repeats`` runs after one warm-up run.
 
+    With ``min_total_seconds``, a fast step runs more often (up to ``max_repeats`` times) until
+    the timed runs add up to that long: the median of three 20 ms runs moves with whatever else
+    the machine did in that tenth of a second, the median of fifty barely does.
     On CUDA the device is synchronised around each run, so queued kernels are counted.
     """
 
@@ -19,7 +29,9 @@ def median_seconds(step: Callable[[], object], repeats: int, device: torch.devic
 
     step()
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or (
+        sum(times) < min_total_seconds and len(times) < max(repeats, max_repeats)
+    ):
         synchronize()
         start = time.perf_counter()
         step()

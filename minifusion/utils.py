@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 import os
 import platform
 import random
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ __all__ = [
     "within",
     "WIDGET_NOTE",
     "show_widget",
+    "source_code",
 ]
 
 
@@ -283,6 +286,15 @@ def within(value: float | torch.Tensor, bound: float) -> str:
     if not value <= bound:
         raise AssertionError(f"{value:.3g} exceeds the bound {bound:.0e}")
     return f"≤ {bound:.0e}"
+
+
+def source_code(obj) -> str:
+    """``inspect.getsource(obj)`` without the code formatter's ``# fmt: skip`` markers.
+
+    The markers keep ruff from rewrapping a hand-aligned line; they mean nothing to a reader,
+    so the chapters that print the package's code print it through this.
+    """
+    return re.sub(r"[ \t]+# fmt: (?:skip|off|on)$", "", inspect.getsource(obj), flags=re.MULTILINE)
 
 
 def format_count(n: float) -> str:

@@ -1,10 +1,17 @@
+import inspect
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from minifusion.utils import environment_report, format_count, pick_device, seed_everything
+from minifusion.utils import (
+    environment_report,
+    format_count,
+    pick_device,
+    seed_everything,
+    source_code,
+)
 
 
 def _draw() -> tuple[float, float, torch.Tensor]:
@@ -117,3 +124,16 @@ def test_show_widget_keeps_the_widget_and_replaces_its_text_fallback(monkeypatch
     assert view["model_id"] == box.model_id  # the live widget is still what JupyterLab renders
     with pytest.raises(TypeError, match="no view"):
         show_widget(ipywidgets.Widget())  # the base class: state only, no view
+
+
+def _formatted_by_hand(a, b):
+    total = (a +
+             b)  # fmt: skip
+    return total  # the formatter's marker only counts at the end of a line: # fmt: skip here
+
+
+def test_source_code_drops_the_formatter_markers_and_nothing_else():
+    raw, shown = inspect.getsource(_formatted_by_hand), source_code(_formatted_by_hand)
+    assert "             b)  # fmt: skip\n" in raw
+    assert shown == raw.replace("b)  # fmt: skip\n", "b)\n")  # the hand alignment stays
+    assert "# fmt: skip here" in shown
