@@ -764,13 +764,21 @@ def load_warning(record: dict[str, Any]) -> str:
     )
 
 
+def setting_label(settings: dict[str, Any], sep: str = " · ", *, seed: bool = True) -> str:
+    """What tells two saved races apart, in words: ``240 s per entry · lr 0.001 · batch 16 × 128
+    · seed 0`` (``sep`` between the parts; without the seed for a group of seeds)."""
+    s = settings
+    parts = [f"{s['seconds']:g} s per entry", f"lr {s['lr']:g}",
+             f"batch {s['batch_size']} × {s['seq_len']}"]  # fmt: skip
+    return sep.join(parts + ([f"seed {s['seed']}"] if seed else []))
+
+
 def record_markdown(record: dict[str, Any], level: int = 3) -> str:
     """One record: a heading with its settings, what ran where, the table, the verdict."""
     s, validation = record["settings"], record["validation"]
     scored = "every block" if validation["blocks"] == "all" else f"{validation['blocks']} blocks"
     lines = [
-        f"{'#' * level} {s['seconds']:g} s per entry · lr {s['lr']:g} · batch {s['batch_size']} "
-        f"× {s['seq_len']} · seed {s['seed']}",
+        f"{'#' * level} {setting_label(s)}",
         "",
         f"{record['date']}, {record['machine']}, {s['threads']} threads. Validation: "
         f"{', '.join(validation['works'])} ({scored} of {s['seq_len']} tokens).",
@@ -804,8 +812,7 @@ def across_seeds(group: list[dict[str, Any]], level: int = 3) -> str:
     s = group[0]["settings"]
     seeds = [r["settings"]["seed"] for r in group]
     lines = [
-        f"{'#' * level} Across seeds {', '.join(map(str, seeds))}: {s['seconds']:g} s per entry "
-        f"· lr {s['lr']:g} · batch {s['batch_size']} × {s['seq_len']}",
+        f"{'#' * level} Across seeds {', '.join(map(str, seeds))}: {setting_label(s, seed=False)}",
         "",
         "| entry | seeds | val bpc, mean ± sd | tokens/s, mean ± sd | hybrid's bpc lower in |",
         "|---|---|---|---|---|",

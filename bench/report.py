@@ -617,8 +617,8 @@ HEADLINES: tuple[tuple[str, str, Callable[[Data], str | None]], ...] = (
      _headline_decode),
     ("Cache: hybrid vs transformers Llama, bytes at the longest context", "decode",
      _headline_cache),
-    (f"Race ({_RACE.seconds:g} s, lr {_RACE.lr:g}, seed {_RACE.seed}): hybrid's val bpc vs the "
-     "best other entry", "race", _headline_race),
+    (f"Race ({race.setting_label(_RACE.to_dict(), ', ')}): hybrid's val bpc vs the best other "
+     "entry", "race", _headline_race),
 )  # fmt: skip
 
 

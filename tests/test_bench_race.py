@@ -232,3 +232,11 @@ def test_command_line_settings():
     assert (settings.seconds, settings.lr, settings.eval_blocks) == (120.0, 3e-3, None)
     assert args.models == ["hybrid", "gpt2"]
     assert race.RaceSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
+
+
+def test_a_setting_label_names_everything_that_tells_two_races_apart():
+    # two saved 240 s seed-0 races differed only in their batch shape (16 × 128 and 4 × 512):
+    # the label (RESULTS.md headings, the README headline, chapter 16c) must name it
+    settings = race.RaceSettings(batch_size=4, seq_len=512, seed=2).to_dict()
+    assert race.setting_label(settings) == "240 s per entry · lr 0.001 · batch 4 × 512 · seed 2"
+    assert race.setting_label(settings, ", ", seed=False) == "240 s per entry, lr 0.001, batch 4 × 512"
