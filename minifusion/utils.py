@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.metadata
 import inspect
@@ -16,6 +17,7 @@ import platform
 import random
 import re
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,13 +290,48 @@ def within(value: float | torch.Tensor, bound: float) -> str:
     return f"≤ {bound:.0e}"
 
 
-def source_code(obj) -> str:
+def source_code(obj, *, docstring: bool = True, excerpt: tuple[str, str] | None = None) -> str:
     """``inspect.getsource(obj)`` without the code formatter's ``# fmt: skip`` markers.
 
     The markers keep ruff from rewrapping a hand-aligned line; they mean nothing to a reader,
     so the chapters that print the package's code print it through this.
+
+    ``docstring=False`` also drops the function's or class's docstring (where the prose around
+    the printout already explains it). ``excerpt=(first, last)`` keeps only the lines from the
+    first one containing ``first`` through the next one containing ``last``, between two
+    ``…`` lines; a ``ValueError`` names the text that was not found.
     """
-    return re.sub(r"[ \t]+# fmt: (?:skip|off|on)$", "", inspect.getsource(obj), flags=re.MULTILINE)
+    markers = re.compile(r"[ \t]+# fmt: (?:skip|off|on)$", flags=re.MULTILINE)
+    source = markers.sub("", inspect.getsource(obj))
+    lines = source.splitlines(keepends=True)
+    if not docstring:
+        # The docstring is the first statement of the definition's body; ast knows its exact
+        # lines whatever its quotes. Dedenting keeps line numbers (methods are indented).
+        tree = ast.parse(textwrap.dedent(source))
+        node = tree if inspect.ismodule(obj) else tree.body[0]
+        head_line = getattr(node, "lineno", 0)  # the ``def``/``class`` line (0: a module)
+        # (a docstring on the ``def`` line itself stays: dropping its line would drop the def)
+        if ast.get_docstring(node) is not None and node.body[0].lineno > head_line:
+            start, stop = node.body[0].lineno - 1, node.body[0].end_lineno
+            while stop < len(lines) and not lines[stop].strip():
+                stop += 1  # and the blank lines that set it apart from the code
+            del lines[start:stop]
+    if excerpt is not None:
+        first, last = excerpt
+        start = _line_containing(lines, first, 0, obj)
+        stop = _line_containing(lines, last, start, obj)
+        indent = re.match(r"[ \t]*", lines[start]).group()
+        lines = [f"{indent}…\n", *lines[start : stop + 1], f"{indent}…\n"]
+    return "".join(lines)
+
+
+def _line_containing(lines: list[str], text: str, start: int, obj) -> int:
+    """Index of the first of ``lines[start:]`` that contains ``text``."""
+    for index in range(start, len(lines)):
+        if text in lines[index]:
+            return index
+    name = getattr(obj, "__qualname__", repr(obj))
+    raise ValueError(f"no line of {name}'s source contains {text!r}; check the excerpt's text.")
 
 
 def format_count(n: float) -> str:

@@ -240,3 +240,20 @@ def test_a_setting_label_names_everything_that_tells_two_races_apart():
     settings = race.RaceSettings(batch_size=4, seq_len=512, seed=2).to_dict()
     assert race.setting_label(settings) == "240 s per entry · lr 0.001 · batch 4 × 512 · seed 2"
     assert race.setting_label(settings, ", ", seed=False) == "240 s per entry, lr 0.001, batch 4 × 512"
+
+
+def test_the_table_counts_epochs_of_the_training_split():
+    saved = record(960, 1e-3, {"mamba": entry(2.1, 10000), "hybrid": entry(2.0, 12000)})
+    saved["entries"]["hybrid"]["tokens"] = 50_000
+    assert "epochs" not in race.record_markdown(saved)  # a record without the split's size
+    saved["train_tokens"] = 20_000
+    text = race.record_markdown(saved)
+    assert "Training split: 20,000 tokens." in text
+    header, rule, first, second = [line for line in text.splitlines() if line.startswith("|")]
+    assert header.count("|") == rule.count("|") == first.count("|") == 11
+    assert "| epochs |" in header
+    # 50,000 and 20,480 tokens trained on, over 20,000: 2.5 and 1.0 (rounded) epochs
+    assert first.startswith("| 1 | hybrid |") and "| 12,000 | 2.5 | 5.000 | 2.000 |" in first
+    assert "| 10,000 | 1.0 | 5.000 | 2.100 |" in second
+    failed = race._table({"gpt2": {"error": "boom"}}, train_tokens=20_000)[-1]
+    assert failed.count("|") == 11

@@ -118,7 +118,7 @@ def test_show_widget_keeps_the_widget_and_replaces_its_text_fallback(monkeypatch
     monkeypatch.setattr(IPython.display, "display", lambda obj, raw=False: shown.append((obj, raw)))
     box = ipywidgets.VBox([ipywidgets.IntSlider(value=3)])
     show_widget(box)
-    (bundle, raw), = shown
+    ((bundle, raw),) = shown
     assert raw and bundle["text/plain"] == WIDGET_NOTE
     view = bundle["application/vnd.jupyter.widget-view+json"]
     assert view["model_id"] == box.model_id  # the live widget is still what JupyterLab renders
@@ -137,3 +137,36 @@ def test_source_code_drops_the_formatter_markers_and_nothing_else():
     assert "             b)  # fmt: skip\n" in raw
     assert shown == raw.replace("b)  # fmt: skip\n", "b)\n")  # the hand alignment stays
     assert "# fmt: skip here" in shown
+
+
+class _Documented:
+    @staticmethod
+    def method(x):
+        '''Add one.
+
+        Written with single quotes, to show the docstring is found by parsing, not by '"""'.
+        '''
+
+        y = x + 1  # "step one"
+        z = y * 2
+        return z
+
+
+def test_source_code_can_drop_the_docstring_of_an_indented_decorated_method():
+    shown = source_code(_Documented.method, docstring=False)
+    expected = (
+        "    @staticmethod\n"
+        "    def method(x):\n"
+        '        y = x + 1  # "step one"\n'
+        "        z = y * 2\n"
+        "        return z\n"
+    )
+    assert shown == expected
+    assert source_code(_formatted_by_hand, docstring=False) == source_code(_formatted_by_hand)
+
+
+def test_source_code_excerpt_keeps_the_lines_between_two_markers():
+    shown = source_code(_Documented.method, docstring=False, excerpt=("y = x", "z = y"))
+    assert shown == '        …\n        y = x + 1  # "step one"\n        z = y * 2\n        …\n'
+    with pytest.raises(ValueError, match="no line of _Documented.method's source contains 'w = '"):
+        source_code(_Documented.method, excerpt=("y = x", "w = "))
