@@ -102,7 +102,7 @@ def run(
     settings: RaceSettings | None = None,
     *,
     corpus: str = race.CORPUS,
-    data_dir: str | Path = race.DATA_DIR,
+    data_dir: str | Path | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Race ``designs`` (each as the race's ``hybrid`` entry with its overrides); their record."""

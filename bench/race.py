@@ -82,6 +82,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minifusion.config import MiniFusionConfig
+from minifusion.corpus import BUILT_IN_CORPORA
 from minifusion.data import _datasets_progress, load_documents, prepare_data, split_documents
 from minifusion.model import MiniFusionForCausalLM
 from minifusion.token_files import TokenFile
@@ -106,7 +107,9 @@ RESULTS_FILE = RESULTS_DIR / "race.json"
 DATA_DIR = RESULTS_DIR / "race_data"  # git-ignored cache of tokenizer + tokens
 PRESET = "tiny"
 CORPUS = "shakespeare"
-VALIDATION_WORKS = 2  # whole documents held out for validation
+CORPORA = BUILT_IN_CORPORA  # what --corpus accepts
+VALIDATION_WORKS = 2  # whole documents held out for validation ...
+HELD_OUT = {"python-code": 43}  # ... or, for these corpora, this many (3 % of SymPy's modules)
 SPLIT_SEED = 0  # which works: fixed, independent of --seed
 QUICK_SECONDS = 3.0
 QUICK_EVAL_BLOCKS = 32
@@ -546,21 +549,30 @@ def _worker_main(args: argparse.Namespace) -> int:
 # ==============================================================================================
 # The race: data once, then one fresh process per entry
 # ==============================================================================================
+def data_dir_for(corpus: str) -> Path:
+    """Where a corpus's race data is cached: :data:`DATA_DIR` for the default one, a sibling
+    folder named after it for the others (each corpus keeps its own tokenizer)."""
+    return DATA_DIR if corpus == CORPUS else DATA_DIR.with_name(f"{DATA_DIR.name}_{corpus}")
+
+
 def prepare_race_data(
-    corpus: str = CORPUS, data_dir: str | Path = DATA_DIR, vocab_size: int | None = None
+    corpus: str = CORPUS, data_dir: str | Path | None = None, vocab_size: int | None = None
 ) -> tuple[dict[str, str], list[str]]:
-    """Tokenizer and token files with :data:`VALIDATION_WORKS` whole works held out (cached in
-    ``data_dir``); returns their paths and the held-out works' names."""
+    """Tokenizer and token files with :data:`VALIDATION_WORKS` whole works held out (or the
+    corpus's count in :data:`HELD_OUT`), cached in ``data_dir`` (default
+    :func:`data_dir_for`); returns their paths and the held-out documents' names."""
     vocab_size = vocab_size or preset_config().vocab_size
+    data_dir = data_dir_for(corpus) if data_dir is None else data_dir
+    held_out_count = HELD_OUT.get(corpus, VALIDATION_WORKS)
     with _datasets_progress(False):
         documents = load_documents(corpus)
-    fraction = VALIDATION_WORKS / len(documents)  # split_documents rounds fraction × count
+    fraction = held_out_count / len(documents)  # split_documents rounds fraction × count
     _, held_out = split_documents(documents, val_fraction=fraction, seed=SPLIT_SEED)
     prepared = prepare_data(data_dir, source=corpus, vocab_size=vocab_size, val_fraction=fraction,
                             seed=SPLIT_SEED, progress=False)  # fmt: skip
-    if prepared.val.num_documents != VALIDATION_WORKS:
+    if prepared.val.num_documents != held_out_count:
         raise ValueError(f"{corpus}: {prepared.val.num_documents} documents held out, not "
-                         f"{VALIDATION_WORKS} (the corpus has {len(documents)}).")  # fmt: skip
+                         f"{held_out_count} (the corpus has {len(documents)}).")  # fmt: skip
     paths = {"train": prepared.train_file, "val": prepared.val_file,
              "tokenizer": prepared.tokenizer_dir}  # fmt: skip
     return {key: str(path) for key, path in paths.items()}, list(held_out["source"])
@@ -602,7 +614,7 @@ def run(
     settings: RaceSettings | None = None,
     *,
     corpus: str = CORPUS,
-    data_dir: str | Path = DATA_DIR,
+    data_dir: str | Path | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the race over ``models`` (default settings: :class:`RaceSettings`); returns its
@@ -645,7 +657,7 @@ def run_variants(
     settings: RaceSettings,
     *,
     corpus: str = CORPUS,
-    data_dir: str | Path = DATA_DIR,
+    data_dir: str | Path | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Race variants of the preset as the ``hybrid`` entry: ``variants`` maps a name to
@@ -679,8 +691,9 @@ def entry_line(name: str, result: dict[str, Any]) -> str:
 # Saved records and their Markdown
 # ==============================================================================================
 def record_key(record: dict[str, Any]) -> tuple:
-    """What makes two records the same race: :data:`RECORD_KEY` of their settings."""
-    return tuple(record["settings"][k] for k in RECORD_KEY)
+    """What makes two records the same race: the corpus, then :data:`RECORD_KEY` of their
+    settings."""
+    return (record.get("corpus", CORPUS), *(record["settings"][k] for k in RECORD_KEY))
 
 
 def load_records(path: str | Path = RESULTS_FILE) -> list[dict[str, Any]]:
@@ -779,13 +792,25 @@ def load_warning(record: dict[str, Any]) -> str:
     )
 
 
-def setting_label(settings: dict[str, Any], sep: str = " · ", *, seed: bool = True) -> str:
+def setting_label(
+    settings: dict[str, Any], sep: str = " · ", *, seed: bool = True, corpus: str = CORPUS
+) -> str:
     """What tells two saved races apart, in words: ``240 s per entry · lr 0.001 · batch 16 × 128
-    · seed 0`` (``sep`` between the parts; without the seed for a group of seeds)."""
+    · seed 0`` (``sep`` between the parts; without the seed for a group of seeds), led by the
+    corpus's name when it is not the default (``python-code corpus · 240 s per entry · …``)."""
     s = settings
     parts = [f"{s['seconds']:g} s per entry", f"lr {s['lr']:g}",
              f"batch {s['batch_size']} × {s['seq_len']}"]  # fmt: skip
-    return sep.join(parts + ([f"seed {s['seed']}"] if seed else []))
+    named = [f"{corpus} corpus"] if corpus != CORPUS else []
+    return sep.join(named + parts + ([f"seed {s['seed']}"] if seed else []))
+
+
+def held_out_text(works: Sequence[str], listed: int = 4) -> str:
+    """The held-out documents by name, or counted with the first two named when there are more
+    than ``listed`` (the record keeps the whole list)."""
+    if len(works) <= listed:
+        return ", ".join(works)
+    return f"{len(works)} held-out documents ({works[0]}, {works[1]}, …)"
 
 
 def record_markdown(record: dict[str, Any], level: int = 3) -> str:
@@ -796,10 +821,10 @@ def record_markdown(record: dict[str, Any], level: int = 3) -> str:
         f" Training split: {record['train_tokens']:,} tokens." if "train_tokens" in record else ""
     )
     lines = [
-        f"{'#' * level} {setting_label(s)}",
+        f"{'#' * level} {setting_label(s, corpus=record.get('corpus', CORPUS))}",
         "",
         f"{record['date']}, {record['machine']}, {s['threads']} threads. Validation: "
-        f"{', '.join(validation['works'])} ({scored} of {s['seq_len']} tokens).{split}",
+        f"{held_out_text(validation['works'])} ({scored} of {s['seq_len']} tokens).{split}",
         "",
         *_table(record["entries"], record.get("train_tokens")),
         "",
@@ -814,7 +839,7 @@ def seed_groups(records: list[dict[str, Any]], min_size: int = 2) -> list[list[d
     sorted by seed)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for record in records:
-        key = tuple(record["settings"][k] for k in RECORD_KEY if k != "seed")
+        key = tuple(v for k, v in zip(("corpus", *RECORD_KEY), record_key(record)) if k != "seed")
         groups.setdefault(key, []).append(record)
     return [
         sorted(group, key=lambda r: r["settings"]["seed"])
@@ -827,10 +852,11 @@ def across_seeds(group: list[dict[str, Any]], level: int = 3) -> str:
     """One group of :func:`seed_groups` as a table: every entry that finished in two or more of
     its seeds, with mean ± sample sd of its bpc and tokens/s, and in how many of the seeds both
     ran the hybrid's bpc was lower (a gap that does not hold in every seed is not a result)."""
-    s = group[0]["settings"]
+    s, corpus = group[0]["settings"], group[0].get("corpus", CORPUS)
     seeds = [r["settings"]["seed"] for r in group]
+    label = setting_label(s, seed=False, corpus=corpus)
     lines = [
-        f"{'#' * level} Across seeds {', '.join(map(str, seeds))}: {setting_label(s, seed=False)}",
+        f"{'#' * level} Across seeds {', '.join(map(str, seeds))}: {label}",
         "",
         "| entry | seeds | val bpc, mean ± sd | tokens/s, mean ± sd | hybrid's bpc lower in |",
         "|---|---|---|---|---|",
@@ -886,7 +912,7 @@ def report_data(
     quick: bool = False,
     models: Sequence[str] = tuple(ENTRIES),
     corpus: str = CORPUS,
-    data_dir: str | Path = DATA_DIR,
+    data_dir: str | Path | None = None,
     results_path: str | Path = RESULTS_FILE,
     **settings: Any,
 ) -> dict[str, Any]:
@@ -905,9 +931,9 @@ def race_table(per_device: PerDevice) -> str:
                           "Not run yet: `python -m bench.race`.")  # fmt: skip
 
 
-def _headline_race(data: Data) -> str | None:
-    """The default-settings race: the hybrid's bpc against the best other entry's."""
-    default = record_key({"settings": RaceSettings().to_dict()})
+def _headline_race(data: Data, corpus: str = CORPUS) -> str | None:
+    """The default-settings race on ``corpus``: the hybrid's bpc against the best other entry's."""
+    default = record_key({"settings": RaceSettings().to_dict(), "corpus": corpus})
     record = next((r for r in data["records"] if record_key(r) == default), None)
     finished = {n: r for n, r in (record or {}).get("entries", {}).items() if "val_bpc" in r}
     if "hybrid" not in finished or len(finished) < 2:
@@ -928,8 +954,9 @@ Recipe (flags change it for every entry alike): AdamW, betas 0.9/0.99, weight de
 weight matrices (not embeddings, norms, biases); peak --lr with a 50-step linear warm-up, then a cosine over the time budget down
 to 10 %; gradient clipping 1.0; --batch-size random sequences of --seq-len tokens from the
 training split, fixed by --seed (as are the initial weights). Only training steps count
-towards --seconds. Data: Shakespeare, two whole works held out for validation, a 4096-token
-BPE; prepared once and cached in bench/results/race_data/."""
+towards --seconds. Data (--corpus): Shakespeare, two whole works held out for validation, or
+SymPy's Python modules (python-code), 43 of them held out; a 4096-token BPE of the training
+split; prepared once and cached in bench/results/race_data/ (race_data_python-code/)."""
 
 
 def _help_epilog() -> str:
@@ -981,6 +1008,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=d.seed,
         help="initial weights and training batches (%(default)s)",
     )
+    parser.add_argument(
+        "--corpus",
+        choices=CORPORA,
+        default=CORPUS,
+        help="the text to train and validate on (%(default)s; python-code: SymPy's modules, "
+        "full of exact repetition that attention can recall)",
+    )
     parser.add_argument("--no-save", action="store_true", help=f"do not write {RESULTS_FILE.name}")
     parser.add_argument(
         "--quick",
@@ -1014,7 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.show:
         print(markdown(load_records(args.results)))
         return 0
-    record = run(args.models, settings_from_args(args))
+    record = run(args.models, settings_from_args(args), corpus=args.corpus)
     print()
     print(record_markdown(record))
     if not (args.quick or args.no_save):

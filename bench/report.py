@@ -579,7 +579,7 @@ def headline_rows(stored: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
     headlines = list(HEADLINES)
     for preset in _training_presets(stored):
         headlines.insert(
-            len(headlines) - 3,  # before decode, cache and race
+            len(headlines) - 4,  # before decode, cache and the two races
             (f"Training `{preset}`: tokens/s (MFU vs the measured matmul peak)", "training",
              lambda d, p=preset: _headline_training(d, p)),
         )  # fmt: skip
@@ -619,6 +619,8 @@ HEADLINES: tuple[tuple[str, str, Callable[[Data], str | None]], ...] = (
      _headline_cache),
     (f"Race ({race.setting_label(_RACE.to_dict(), ', ')}): hybrid's val bpc vs the best other "
      "entry", "race", _headline_race),
+    (f"Race ({race.setting_label(_RACE.to_dict(), ', ', corpus='python-code')}): hybrid's val "
+     "bpc vs the best other entry", "race", lambda d: _headline_race(d, "python-code")),
 )  # fmt: skip
 
 

