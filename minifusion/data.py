@@ -57,6 +57,7 @@ from .corpus import (  # noqa: F401
     _resolve_files,
     _utf8_error,
     default_cache_dir,
+    fetch_built_in,
     fetch_python_code,
     fetch_shakespeare,
     load_documents,
@@ -241,8 +242,7 @@ def prepare_data(
 
     reused = _reuse_prepared(tokenizer_dir, (train_file, val_file), recipe_id)
     if reused is None and source in BUILT_IN_CORPORA:  # says so when it downloads
-        fetch = {"shakespeare": fetch_shakespeare, "python-code": fetch_python_code}[source]
-        fetch(verbose=progress)  # instant when cached
+        fetch_built_in(source, verbose=progress)  # instant when cached
     if reused is not None:
         train_info, val_info = reused
     else:
