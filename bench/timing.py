@@ -45,8 +45,27 @@ def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (PyTorch {torch.__version__})"
     import os
-    import platform
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cpu = platform.processor() or platform.machine()
-    return f"{cores} CPU cores ({cpu}), PyTorch {torch.__version__}"
+    return f"{cores} CPU cores ({cpu_model()}), PyTorch {torch.__version__}"
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The processor's model name and architecture: ``"AMD EPYC 9454P, x86_64"``.
+
+    Two machines of one architecture can differ several-fold in speed, and their matrix
+    kernels round differently, so a saved table names the model (from Linux's ``cpuinfo``);
+    elsewhere, or when it has no model line, only ``platform``'s processor or architecture.
+    """
+    import platform
+
+    architecture = platform.machine() or platform.processor()
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return f"{' '.join(value.split())}, {architecture}"
+    except OSError:
+        pass
+    return platform.processor() or architecture
