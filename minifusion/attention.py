@@ -42,7 +42,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MiniFusionConfig
-from .local_attention import _MIN_BLOCK, _flash_blocks_apply, blocked_local_attention
+from .local_attention import (
+    _MIN_BLOCK,
+    _flash_blocks_apply,
+    blocked_local_attention,
+    cpu_flash_fallback_applies,
+    flash_attention_in_float32,
+)
 from .rope import apply_rotary
 from .utils import as_dtype
 
@@ -417,6 +423,10 @@ class Attention(nn.Module):
         # sees every key and needs no mask at all.
         is_causal = only_causal and no_past
         needs_mask = not only_causal or (not no_past and query_len > 1)
+        if cpu_flash_fallback_applies(q, dropout):  # a CPU whose flash kernel refuses bf16
+            return flash_attention_in_float32(
+                q, k, v, is_causal, mask() if needs_mask else None, self.scaling
+            )
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask() if needs_mask else None, dropout_p=dropout,
             is_causal=is_causal, scale=self.scaling, enable_gqa=q.shape[1] != k.shape[1],

@@ -9,6 +9,7 @@ fallback (CUDA, dropout): padded key blocks and a boolean mask. :class:`~minifus
 Attention` chooses between them.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -55,10 +56,115 @@ _MIN_BLOCK = 64
 # L, so the whole thing is one `torch.autograd.Function` that saves q, k, v, out and L — what
 # full causal flash attention saves too.
 
-_flash_forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_flash_backward = getattr(
+_aten_flash_forward = getattr(
+    torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None
+)
+_aten_flash_backward = getattr(
     torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None
 )
+
+
+@functools.cache
+def cpu_flash_attention_works(dtype: torch.dtype) -> bool:
+    """Whether PyTorch's CPU flash-attention kernel runs for ``dtype`` in this process.
+
+    On a CPU with AMX, PyTorch 2.13's kernel packs bf16 tiles for AMX whenever the CPU has it,
+    and that packing then refuses to run ("pack_vnni2 is only supported when avx512 is
+    supported") when ``ATEN_CPU_CAPABILITY`` caps the kernels below AVX-512: bf16 attention
+    over more than a few dozen positions fails. One small call tells, once per dtype.
+    """
+    if _aten_flash_forward is None:
+        return False
+    probe = torch.zeros(1, 1, 128, 16, dtype=dtype)
+    try:
+        _aten_flash_forward(probe, probe, probe, 0.0, True, scale=1.0)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _float32(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.float()
+
+
+def _flash_forward(q, k, v, dropout, causal, *, attn_mask=None, scale=None):
+    """The CPU flash kernel's forward: ``(out, log-sum-exp)``. For a dtype it refuses
+    (:func:`cpu_flash_attention_works`) it runs in fp32 and ``out`` comes back in ``q``'s
+    dtype: the tensors the kernel would return, computed at a higher precision."""
+    if cpu_flash_attention_works(q.dtype):
+        return _aten_flash_forward(q, k, v, dropout, causal, attn_mask=attn_mask, scale=scale)
+    out, lse = _aten_flash_forward(
+        q.float(), k.float(), v.float(), dropout, causal, attn_mask=_float32(attn_mask),
+        scale=scale,
+    )  # fmt: skip
+    return out.to(q.dtype), lse
+
+
+def _flash_backward(grad_out, q, k, v, out, lse, dropout, causal, *, attn_mask=None, scale=None):
+    """The CPU flash kernel's backward: ``(grad_q, grad_k, grad_v)``, in fp32 for a dtype the
+    kernel refuses (as :func:`_flash_forward`), the gradients cast back to ``q``'s dtype."""
+    if cpu_flash_attention_works(q.dtype):
+        return _aten_flash_backward(
+            grad_out, q, k, v, out, lse, dropout, causal, attn_mask=attn_mask, scale=scale
+        )
+    grads = _aten_flash_backward(
+        grad_out.float(), q.float(), k.float(), v.float(), out.float(), lse, dropout, causal,
+        attn_mask=_float32(attn_mask), scale=scale,
+    )  # fmt: skip
+    return tuple(grad.to(q.dtype) for grad in grads)
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Causal or masked attention through :func:`_flash_forward` / :func:`_flash_backward`,
+    saving for backward what the kernel saves: q, k, v, the output and the log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, is_causal, attn_mask, scale):
+        out, lse = _flash_forward(q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.is_causal, ctx.attn_mask, ctx.scale = is_causal, attn_mask, scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        grads = _flash_backward(
+            grad_out.contiguous(), q, k, v, out, lse, 0.0, ctx.is_causal,
+            attn_mask=ctx.attn_mask, scale=ctx.scale,
+        )  # fmt: skip
+        return *grads, None, None, None
+
+
+def sdpa_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.scaled_dot_product_attention`` computes ``q`` in: CPU autocast's, if on."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return q.dtype
+
+
+def cpu_flash_fallback_applies(q: torch.Tensor, dropout: float) -> bool:
+    """Whether ``F.scaled_dot_product_attention`` would hit a CPU flash kernel that refuses
+    its dtype (:func:`cpu_flash_attention_works`): then :func:`flash_attention_in_float32`."""
+    return (
+        q.device.type == "cpu"
+        and dropout == 0.0
+        and _aten_flash_backward is not None
+        and not cpu_flash_attention_works(sdpa_dtype(q))
+    )
+
+
+def flash_attention_in_float32(q, k, v, is_causal, attn_mask, scale) -> torch.Tensor:
+    """SDPA without dropout on the CPU where the flash kernel refuses the dtype: the kernel in
+    fp32, the result in the dtype SDPA would have used. ``q`` ``(B, h, T, D)``, ``k, v``
+    ``(B, h_kv, S, D)``; ``attn_mask`` boolean (``True`` = visible) or additive, or ``None``."""
+    dtype = sdpa_dtype(q)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        hidden = torch.zeros(attn_mask.shape, dtype=torch.float32, device=q.device)
+        attn_mask = hidden.masked_fill_(~attn_mask, float("-inf"))
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    return _FlashAttention.apply(q, k, v, is_causal, attn_mask, scale)
+
 
 # Longest query block. A longer window spans several blocks of keys per band; the band mask is
 # block × reach·block floats (256 KiB for a window of 256).
@@ -407,7 +513,11 @@ def _piece_backward(
 
 def _flash_blocks_apply(q: torch.Tensor, dropout: float) -> bool:
     """Whether local heads can take the flash-block route (CPU kernel, which has no dropout)."""
-    return q.device.type == "cpu" and dropout == 0.0 and _flash_backward is not None
+    return (
+        q.device.type == "cpu"
+        and dropout == 0.0
+        and _aten_flash_backward is not None
+    )
 
 
 def blocked_local_attention(

@@ -2,6 +2,9 @@
 explicit reference, cached decoding == full forward, causality, and the bounded local cache."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -360,6 +363,92 @@ def test_local_heads_with_dropout_take_the_masked_fallback():
     assert "_SlidingWindowAttentionBackward" in graph_names(kept)
     assert not torch.allclose(dropped, kept)
     assert (kept - run(attention, rope, x, impl="eager")).abs().max() <= 1e-5
+
+
+class FlashDtypes(TorchDispatchMode):
+    """The dtypes of the queries every CPU flash-attention call (forward or backward) gets."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "flash_attention_for_cpu" in func.__name__:
+            self.dtypes.add(args[1].dtype if "backward" in func.__name__ else args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def flash_kernel_refuses_bf16(monkeypatch):
+    """The CPU flash kernel raising for bf16 as PyTorch 2.13's does on an AMX CPU whose kernels
+    ``ATEN_CPU_CAPABILITY`` caps below AVX-512 (the probe's answer is cached per dtype)."""
+    kernel = local_attention_module._aten_flash_forward
+
+    def refuse_bf16(q, *args, **kwargs):
+        if q.dtype == torch.bfloat16:
+            raise RuntimeError("pack_vnni2 is only supported when avx512 is supported")
+        return kernel(q, *args, **kwargs)
+
+    works = local_attention_module.cpu_flash_attention_works
+    works.cache_clear()
+    monkeypatch.setattr(local_attention_module, "_aten_flash_forward", refuse_bf16)
+    yield
+    works.cache_clear()
+
+
+def bf16_layer_run(mix, autocast):
+    """A mixed layer's bf16 output and input gradient over 300 positions, and the fp32 eager
+    reference's; bf16 either as autocast or as the weights' dtype."""
+    config, attention, rope = mixed_layer(mix, head_dim=12)
+    x = torch.randn(2, 300, config.hidden_size)
+    reference_x = x.clone().requires_grad_()
+    reference = run(attention, rope, reference_x, impl="eager")
+    reference.square().sum().backward()
+    low = x.clone().requires_grad_()
+    with FlashDtypes() as flash, torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        layer = attention if autocast else attention.to(torch.bfloat16)
+        out = run(layer, rope, low if autocast else low.bfloat16(), impl="sdpa")
+        out.float().square().sum().backward()
+    return (out.float(), low.grad.float()), (reference, reference_x.grad), flash.dtypes
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "bf16-weights"])
+@pytest.mark.parametrize("mix", list(HEAD_MIXES))
+def test_bf16_attention_where_the_flash_kernel_refuses_bf16(mix, autocast, flash_kernel_refuses_bf16):
+    """Every head, global and local, still runs the flash kernel, in fp32, and the result is
+    the fp32 reference's within bf16's precision."""
+    assert not local_attention_module.cpu_flash_attention_works(torch.bfloat16)
+    assert local_attention_module.cpu_flash_attention_works(torch.float32)
+    (out, grad), (reference, reference_grad), flash_dtypes = bf16_layer_run(mix, autocast)
+    assert flash_dtypes == {torch.float32}
+    assert out.dtype == grad.dtype == torch.float32
+    assert (out - reference).abs().max() <= 2e-2 * reference.abs().max()
+    assert (grad - reference_grad).abs().max() <= 3e-2 * reference_grad.abs().max()
+
+
+def test_bf16_attention_runs_with_kernels_capped_at_avx2():
+    """A fresh interpreter with ``ATEN_CPU_CAPABILITY=avx2``: bf16 local and global heads over
+    300 positions, forward and backward (on an AMX CPU this is where the flash kernel refuses;
+    elsewhere the kernel runs and the check is the same)."""
+    script = """
+import torch
+from minifusion.attention import Attention
+from minifusion.config import MiniFusionConfig
+from minifusion.rope import RotaryEmbedding
+config = MiniFusionConfig(hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
+                          num_global_heads=3, sliding_window=64, max_position_embeddings=1024)
+torch.manual_seed(0)
+attention, rope = Attention(config).to(torch.bfloat16), RotaryEmbedding(config)
+x = torch.randn(2, 300, 96, dtype=torch.bfloat16, requires_grad=True)
+cos_sin = tuple(t.to(torch.bfloat16) for t in rope(torch.arange(300)[None].expand(2, -1)))
+out = attention(x, cos_sin)
+out.float().square().sum().backward()
+assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+print("ok")
+"""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 # ------------------------------------------------------------------- cached decoding ---
