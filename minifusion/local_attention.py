@@ -146,12 +146,7 @@ def sdpa_dtype(q: torch.Tensor) -> torch.dtype:
 def cpu_flash_fallback_applies(q: torch.Tensor, dropout: float) -> bool:
     """Whether ``F.scaled_dot_product_attention`` would hit a CPU flash kernel that refuses
     its dtype (:func:`cpu_flash_attention_works`): then :func:`flash_attention_in_float32`."""
-    return (
-        q.device.type == "cpu"
-        and dropout == 0.0
-        and _aten_flash_backward is not None
-        and not cpu_flash_attention_works(sdpa_dtype(q))
-    )
+    return _flash_blocks_apply(q, dropout) and not cpu_flash_attention_works(sdpa_dtype(q))
 
 
 def flash_attention_in_float32(q, k, v, is_causal, attn_mask, scale) -> torch.Tensor:
@@ -512,12 +507,9 @@ def _piece_backward(
 
 
 def _flash_blocks_apply(q: torch.Tensor, dropout: float) -> bool:
-    """Whether local heads can take the flash-block route (CPU kernel, which has no dropout)."""
-    return (
-        q.device.type == "cpu"
-        and dropout == 0.0
-        and _aten_flash_backward is not None
-    )
+    """Whether local heads can take the flash-block route (CPU kernel, which has no dropout);
+    the same kernel, in fp32 where it refuses the dtype, serves global heads there too."""
+    return q.device.type == "cpu" and dropout == 0.0 and _aten_flash_backward is not None
 
 
 def blocked_local_attention(
