@@ -19,10 +19,12 @@ The designs are the ones the field uses (chapter 10 explains each):
 * **a control** — the last plan with attention in place of Mamba, to tell what the Mamba layers
   bring from what removing feed-forward blocks brings.
 
-The all-attention and all-Mamba stacks are the references.
+The all-attention and all-Mamba stacks are the references, and ``tiny`` is the preset as shipped
+(the one design that keeps its global heads in a single layer).
 
-    python -m bench.designs                      # every design, 240 s each (~45 min on 2 cores)
+    python -m bench.designs                      # every design, 240 s each (~50 min on 2 cores)
     python -m bench.designs --designs attention interleaved-AMAM --seconds 120
+    python -m bench.designs --designs tiny attention --corpus python-code --lr 3e-3
     python -m bench.designs --show               # the saved records as Markdown
 
 Results go to ``bench/results/designs.json`` (one record per seconds/lr/batch/seq-len/seed, like
@@ -52,9 +54,12 @@ class Design:
     description: str
     lineage: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    preset_global_heads: bool = False  # keep the preset's global-head layers (else: every layer)
 
 
 DESIGNS: dict[str, Design] = {
+    "tiny": Design("the `tiny` preset as shipped (A-M-A-M, Mamba expand 1, no FFN after Mamba, "
+                   "global heads in one layer)", "MiniFusion", preset_global_heads=True),
     "attention": Design("every layer attention + FFN (the attention twin)", "Llama", {
         "mixer_types": [A, A, A, A], "ffn_types": [D, D, D, D]}),
     "mamba": Design("every layer Mamba (expand 1) + FFN", "Mamba", {
@@ -91,8 +96,10 @@ def design_overrides(name: str) -> dict[str, Any]:
 
     Every design keeps global heads in all of its attention layers, as when the designs were
     raced (before ``tiny`` kept them in one layer only; a layer plan that moves the attention
-    layers could not keep ``tiny``'s placement anyway)."""
-    overrides = {"global_attention_layers": None, **DESIGNS[name].overrides}
+    layers could not keep ``tiny``'s placement anyway) — except the shipped preset itself."""
+    design = DESIGNS[name]
+    heads = {} if design.preset_global_heads else {"global_attention_layers": None}
+    overrides = {**heads, **design.overrides}
     race.preset_config().replaced(**overrides)  # raises on a bad design, before any training
     return overrides
 
@@ -125,9 +132,9 @@ def record_markdown(record: dict[str, Any], level: int = 3) -> str:
     """One record as a table sorted by validation bpc, speeds relative to the attention twin."""
     s, entries = record["settings"], record["entries"]
     twin = entries.get("attention", {})
+    setting = race.setting_label(s, corpus=record.get("corpus", race.CORPUS))
     lines = [
-        f"{'#' * level} {s['seconds']:g} s per design · lr {s['lr']:g} · batch {s['batch_size']} "
-        f"× {s['seq_len']} · seed {s['seed']}",
+        f"{'#' * level} {setting.replace(' per entry', ' per design')}",
         "",
         f"{record['date']}, {record['machine']}, {s['threads']} threads.",
         "",
@@ -175,6 +182,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--seed", type=int, default=d.seed, help="weights and batches (%(default)s)"
     )
+    parser.add_argument("--corpus", choices=list(race.CORPORA), default=race.CORPUS,
+                        help="the text to train and validate on (%(default)s; see "
+                        "python -m bench.race --help)")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: {race.QUICK_SECONDS:g} s per design, not saved")  # fmt: skip
     parser.add_argument("--no-save", action="store_true", help="do not write the results file")
@@ -190,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     quick = race._QUICK if args.quick else {"seconds": args.seconds}
     settings = RaceSettings(**quick, lr=args.lr, seed=args.seed)
-    record = run(args.designs, settings)
+    record = run(args.designs, settings, corpus=args.corpus)
     print()
     print(record_markdown(record))
     if not (args.quick or args.no_save):

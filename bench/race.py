@@ -631,8 +631,13 @@ def run(
         result["date"] = _now()
         entries[name] = result
         echo(entry_line(name, result))
-    train_tokens = len(TokenFile(data["train"]))  # for the table's epochs column
-    return race_record(settings, works, entries, corpus=corpus, train_tokens=train_tokens)
+    return race_record(settings, works, entries, **_data_fields(corpus, data))
+
+
+def _data_fields(corpus: str, data: dict[str, str]) -> dict[str, Any]:
+    """What a record keeps about its data: the corpus (part of the record's key) and the training
+    split's size in tokens (for the tables' epochs column)."""
+    return {"corpus": corpus, "train_tokens": len(TokenFile(data["train"]))}
 
 
 def race_record(
@@ -666,14 +671,14 @@ def run_variants(
     data, works = prepare_race_data(corpus, data_dir)
     echo(f"[{tag}] {len(variants)} variants × {settings.seconds:g} s, seed {settings.seed}, lr "
          f"{settings.lr:g}, batch {settings.batch_size} × {settings.seq_len}; validation: "
-         f"{', '.join(works)}")  # fmt: skip
+         f"{held_out_text(works)}")  # fmt: skip
     entries = {}
     for name, (overrides, fields) in variants.items():
         result = run_worker("hybrid", settings, data, overrides=overrides)
         result.update(date=_now(), **fields)
         entries[name] = result
         echo(entry_line(name, result).replace("[race]", f"[{tag}]"))
-    return race_record(settings, works, entries)
+    return race_record(settings, works, entries, **_data_fields(corpus, data))
 
 
 def entry_line(name: str, result: dict[str, Any]) -> str:

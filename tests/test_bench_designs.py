@@ -17,8 +17,12 @@ from tests.test_bench_race import entry, record
 def test_every_design_is_a_valid_change_of_the_preset(name):
     overrides = designs.design_overrides(name)
     config = race.preset_config().replaced(**overrides)
-    assert isinstance(config, MiniFusionConfig) and overrides
+    assert isinstance(config, MiniFusionConfig)
     assert len(config.mixer_types) == config.num_hidden_layers
+    if designs.DESIGNS[name].preset_global_heads:  # the preset as shipped
+        assert config == race.preset_config()
+    else:  # global heads in every attention layer, and something else changed too
+        assert config.global_attention_layers is None and set(overrides) > {"global_attention_layers"}
 
 
 def test_the_attention_design_is_the_race_twin():
@@ -49,6 +53,7 @@ def test_a_quick_design_race_applies_each_design_in_its_worker(tmp_path):
         assert r["params"] == expected  # the worker built the design, not the preset
         assert r["lineage"] == designs.DESIGNS[name].lineage and math.isfinite(r["val_bpc"])
     assert len(lines) == 3 and all(line.startswith("[designs]") for line in lines)
+    assert result["corpus"] == corpus and result["train_tokens"] > 0  # kept apart from Shakespeare
 
 
 def test_records_render_against_the_twin(tmp_path):
@@ -67,10 +72,23 @@ def test_records_render_against_the_twin(tmp_path):
     assert "| 6,000 (0.75×) | 2.250 (-0.050) |" in text
     assert text.index("| 2 | attention:") < text.index("| – | mamba | failed: RuntimeError: boom")
     assert designs.markdown([]).startswith("No design race saved yet")
+    assert text.startswith("### 240 s per design · lr 0.001 · batch 16 × 128 · seed 0")
+
+
+def test_a_design_race_on_another_corpus_is_its_own_record(tmp_path):
+    path = tmp_path / "designs.json"
+    entries = {"attention": {**entry(2.3, 8000), "design": "d", "lineage": "l"}}
+    designs.save_record(record(240, 1e-3, entries), path)
+    saved = designs.save_record({**record(240, 1e-3, entries), "corpus": "python-code"}, path)
+    assert [r.get("corpus") for r in saved] == ["python-code", race.CORPUS]
+    assert designs.record_markdown(saved[0]).startswith(
+        "### python-code corpus · 240 s per design · lr 0.001")
 
 
 def test_command_line():
     args = designs.parse_args(["--designs", "attention", "mamba", "--seconds", "60"])
     assert args.designs == ["attention", "mamba"] and args.seconds == 60.0
+    assert args.corpus == race.CORPUS
+    assert designs.parse_args(["--corpus", "python-code"]).corpus == "python-code"
     with pytest.raises(SystemExit):
         designs.parse_args(["--designs", "no-such-design"])
