@@ -60,6 +60,12 @@ class Design:
 DESIGNS: dict[str, Design] = {
     "tiny": Design("the `tiny` preset as shipped (A-M-A-M, Mamba expand 1, no FFN after Mamba, "
                    "global heads in one layer)", "MiniFusion", preset_global_heads=True),
+    "tiny-global-both": Design(
+        "`tiny` with global heads in both attention layers (no all-local layer)", "MiniFusion"),
+    "tiny-wide-ffn": Design(
+        "`tiny` with feed-forward blocks twice as wide (768): the twins' parameter count, spent "
+        "on the cheapest matmuls", "MiniFusion", {"intermediate_size": 768},
+        preset_global_heads=True),
     "attention": Design("every layer attention + FFN (the attention twin)", "Llama", {
         "mixer_types": [A, A, A, A], "ffn_types": [D, D, D, D]}),
     "mamba": Design("every layer Mamba (expand 1) + FFN", "Mamba", {

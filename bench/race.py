@@ -709,15 +709,27 @@ def load_records(path: str | Path = RESULTS_FILE) -> list[dict[str, Any]]:
 
 
 def save_record(
-    record: dict[str, Any], path: str | Path = RESULTS_FILE, benchmark: str = "race"
+    record: dict[str, Any],
+    path: str | Path = RESULTS_FILE,
+    benchmark: str = "race",
+    echo: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Add ``record`` to the file: it replaces the record with the same key, keeping that one's
-    entries this run did not race (a ``--models`` subset updates only those). Returns them all."""
+    entries this run did not race (a ``--models`` subset updates only those) — but only when both
+    were measured on the same machine (CPU and PyTorch): entries from another machine are not
+    comparable in speed, nor in score at a fixed time budget, so they are dropped (``echo`` names
+    them). Returns all the records."""
     records = load_records(path)
     old = next((r for r in records if record_key(r) == record_key(record)), None)
     if old is not None:
-        record = {**record, "entries": {**old["entries"], **record["entries"]}}
         records.remove(old)
+        not_raced = sorted(set(old["entries"]) - set(record["entries"]))
+        if old.get("machine") == record.get("machine"):
+            record = {**record, "entries": {**old["entries"], **record["entries"]}}
+        elif not_raced:
+            echo(f"[{benchmark}] the saved record for these settings came from another machine "
+                 f"({old.get('machine')}); replaced, without its entries {', '.join(not_raced)} "
+                 "(rerun them here to compare)")  # fmt: skip
     records = sorted([*records, record], key=record_key)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -194,6 +194,17 @@ def test_records_are_kept_per_setting_and_rendered(tmp_path):
     assert "Warning" not in text  # no load recorded, no warning
 
 
+def test_a_record_from_another_machine_replaces_the_saved_one_whole(tmp_path):
+    path, said = tmp_path / "race.json", []
+    first = {"hybrid": entry(2.1, 5000), "attention": entry(2.2, 10000)}
+    race.save_record({**record(240, 1e-3, first), "machine": "CPU one"}, path)
+    again = {**record(240, 1e-3, {"hybrid": entry(2.0, 7000)}), "machine": "CPU two"}
+    (saved,) = race.save_record(again, path, echo=said.append)
+    # the attention entry was timed on CPU one: not comparable with a hybrid timed on CPU two
+    assert set(saved["entries"]) == {"hybrid"} and saved["machine"] == "CPU two"
+    assert len(said) == 1 and "another machine (CPU one)" in said[0] and "attention" in said[0]
+
+
 def test_seeds_of_one_setting_are_summarised_together():
     def seeded(seed, entries):
         r = record(240, 1e-3, entries)
