@@ -138,9 +138,9 @@ def record_markdown(record: dict[str, Any], level: int = 3) -> str:
     """One record as a table sorted by validation bpc, speeds relative to the attention twin."""
     s, entries = record["settings"], record["entries"]
     twin = entries.get("attention", {})
-    setting = race.setting_label(s, corpus=record.get("corpus", race.CORPUS))
+    setting = race.setting_label(s, corpus=record.get("corpus", race.CORPUS), per="design")
     lines = [
-        f"{'#' * level} {setting.replace(' per entry', ' per design')}",
+        f"{'#' * level} {setting}",
         "",
         f"{record['date']}, {record['machine']}, {s['threads']} threads.",
         "",

@@ -810,13 +810,19 @@ def load_warning(record: dict[str, Any]) -> str:
 
 
 def setting_label(
-    settings: dict[str, Any], sep: str = " · ", *, seed: bool = True, corpus: str = CORPUS
+    settings: dict[str, Any],
+    sep: str = " · ",
+    *,
+    seed: bool = True,
+    corpus: str = CORPUS,
+    per: str = "entry",
 ) -> str:
     """What tells two saved races apart, in words: ``240 s per entry · lr 0.001 · batch 16 × 128
     · seed 0`` (``sep`` between the parts; without the seed for a group of seeds), led by the
-    corpus's name when it is not the default (``python-code corpus · 240 s per entry · …``)."""
+    corpus's name when it is not the default (``python-code corpus · 240 s per entry · …``);
+    ``per`` names what gets the seconds (``"design"`` in :mod:`bench.designs`)."""
     s = settings
-    parts = [f"{s['seconds']:g} s per entry", f"lr {s['lr']:g}",
+    parts = [f"{s['seconds']:g} s per {per}", f"lr {s['lr']:g}",
              f"batch {s['batch_size']} × {s['seq_len']}"]  # fmt: skip
     named = [f"{corpus} corpus"] if corpus != CORPUS else []
     return sep.join(named + parts + ([f"seed {s['seed']}"] if seed else []))
