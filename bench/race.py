@@ -42,7 +42,12 @@ bits per character = total cross-entropy in bits ÷ characters of the scored tex
 (:func:`minifusion.training.evaluate`). ``--quick`` scores 32 blocks spread evenly over it.
 
 Times are wall-clock, so run it on an otherwise idle machine: each entry records the load
-average at the end of its training, and the table warns when other work shared the CPU.
+average at the end of its training, and the table warns when other work shared the CPU. The
+host's own speed drifts too (10–25 % for minutes at a time on a virtual machine, invisible to
+the load average), so the entries' processes **take turns** (:mod:`bench.turns`): all start,
+then train ``--turn-seconds`` (10) of their budget at a time, round-robin, one at a time, until
+each has spent its budget — a slow stretch then slows every entry alike, not whichever one
+happened to be running. ``--turn-seconds 0`` runs them one after another instead.
 Results go to ``bench/results/race.json``, one record per (seconds, lr, batch size, sequence
 length, seed), so runs with other budgets coexist; ``make bench`` runs the default race and puts
 every saved record in ``bench/RESULTS.md`` (:func:`markdown`).
@@ -101,6 +106,7 @@ from .decode import matched_llama_config
 from .stats import mean_and_spread, wins_in_every_seed
 from .tables import Data, PerDevice, _device_blocks
 from .timing import machine_description
+from .turns import TurnTaker, run_in_turns
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_FILE = RESULTS_DIR / "race.json"
@@ -114,6 +120,7 @@ SPLIT_SEED = 0  # which works: fixed, independent of --seed
 QUICK_SECONDS = 3.0
 QUICK_EVAL_BLOCKS = 32
 PROGRESS_EVERY_S = 30.0  # a worker's progress line, in training seconds
+TURN_SECONDS = 10.0  # training seconds per turn when the entries take turns (bench/turns.py)
 LOSS_WINDOW = 10  # the reported train loss: the mean of the last steps' losses
 RECORD_KEY = ("seconds", "lr", "batch_size", "seq_len", "seed")
 _QUICK = {"seconds": QUICK_SECONDS, "eval_blocks": QUICK_EVAL_BLOCKS}  # what --quick changes
@@ -138,6 +145,7 @@ class RaceSettings:
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0
     eval_blocks: int | None = None  # validation blocks scored; None: all of them
+    turn_seconds: float = TURN_SECONDS  # entries take turns of this much training; 0: one by one
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "betas": list(self.betas)}
@@ -145,7 +153,7 @@ class RaceSettings:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RaceSettings:
         known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in values.items() if k in known}
+        values = {"turn_seconds": 0.0, **{k: v for k, v in values.items() if k in known}}
         if "betas" in values:
             values["betas"] = tuple(values["betas"])
         return cls(**values)
@@ -426,8 +434,13 @@ def train_for_budget(
     batches: BatchStream,
     settings: RaceSettings,
     on_progress: Callable[[TrainLog], None] | None = None,
+    take_turn: Callable[[float], None] | None = None,
 ) -> TrainLog:
-    """Train until ``settings.seconds`` of training steps have passed; returns the log."""
+    """Train until ``settings.seconds`` of training steps have passed; returns the log.
+
+    ``take_turn`` (a :class:`bench.turns.TurnTaker`) is called after every step, outside the
+    timed part, with the training seconds so far: it pauses the process while other entries
+    take their turns."""
     optimizer = build_optimizer(model, settings)
     log, next_progress = TrainLog(), PROGRESS_EVERY_S
     model.train()
@@ -453,6 +466,8 @@ def train_for_budget(
         if on_progress is not None and log.seconds >= next_progress:
             on_progress(log)
             next_progress += PROGRESS_EVERY_S
+        if take_turn is not None and log.seconds < settings.seconds:
+            take_turn(log.seconds)
     return log
 
 
@@ -471,6 +486,7 @@ def run_entry(
     settings: RaceSettings,
     data: dict[str, str],
     overrides: dict[str, Any] | None = None,
+    take_turn: Callable[[float], None] | None = None,
 ) -> dict[str, Any]:
     """Build, train and score one entry in this process; its result as JSON-able data.
 
@@ -496,7 +512,7 @@ def run_entry(
         print(f"[race]   {name}: {log.steps:,} steps, {log.seconds:.0f} s, "
               f"loss {log.losses[-1]:.3f}", flush=True)  # fmt: skip
 
-    log = train_for_budget(model, batches, settings, progress)
+    log = train_for_budget(model, batches, settings, progress, take_turn)
     load = os.getloadavg()[0]  # the last minute of training: was the CPU shared?
     score = validation_bpc(model, ValidationSet(data["val"], settings.seq_len, tokenizer), settings)
     return {
@@ -524,26 +540,34 @@ def _worker(
     data: dict[str, str],
     out: str | Path,
     overrides: dict[str, Any] | None = None,
+    turns: TurnTaker | None = None,
 ) -> int:
-    """One entry's result — or its error: the race goes on — to ``out`` as JSON."""
+    """One entry's result — or its error: the race goes on — to ``out`` as JSON (then, taking
+    turns, tell the race it is done)."""
     try:
-        result = run_entry(name, settings, data, overrides)
+        result = run_entry(name, settings, data, overrides, turns)
     except Exception as error:
         traceback.print_exc()
         result = {"error": f"{type(error).__name__}: {error}"}
     Path(out).write_text(json.dumps(result), encoding="utf-8")
+    if turns is not None:
+        turns.done()
     return 0
 
 
 def _worker_main(args: argparse.Namespace) -> int:
-    """``--worker``: the fresh process that :func:`run_worker` starts."""
+    """``--worker``: a fresh process that :func:`run_workers` starts."""
     import transformers
 
     transformers.logging.set_verbosity_error()  # the PyTorch-path notice goes in the table
     settings = RaceSettings.from_dict(json.loads(args.settings_json))
     torch.set_num_threads(settings.threads)
     overrides = json.loads(args.overrides_json) if args.overrides_json else None
-    return _worker(args.worker, settings, json.loads(args.data_json), args.out, overrides)
+    turns = None
+    if args.control_fd is not None:  # taking turns: the first one starts after every import
+        turns = TurnTaker.from_fd(settings.turn_seconds, int(args.control_fd))
+        turns.ready()
+    return _worker(args.worker, settings, json.loads(args.data_json), args.out, overrides, turns)
 
 
 # ==============================================================================================
@@ -578,31 +602,69 @@ def prepare_race_data(
     return {key: str(path) for key, path in paths.items()}, list(held_out["source"])
 
 
-def run_worker(
-    name: str,
+Job = tuple[str, dict[str, Any] | None]  # an entry's name and the preset changes it races with
+WORKER_MARGIN_S = 900.0  # a worker's time beyond its training: imports, building, scoring
+
+
+def _worker_command(
+    name: str, settings: RaceSettings, data: dict[str, str], out: Path, overrides: dict | None
+) -> list[str]:
+    return [
+        sys.executable, "-m", f"{__package__ or 'bench'}.race", "--worker", name,
+        "--settings-json", json.dumps(settings.to_dict()), "--data-json", json.dumps(data),
+        "--out", str(out), "--overrides-json", json.dumps(overrides or {}),
+    ]  # fmt: skip
+
+
+def _worker_result(out: Path, code: int | None, timeout: float) -> dict[str, Any]:
+    """What a finished worker wrote, or why there is nothing (``code`` ``None``: it was killed
+    after ``timeout`` seconds)."""
+    if out.exists():
+        return json.loads(out.read_text(encoding="utf-8"))
+    if code is None:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    return {"error": f"the worker exited with code {code} and no result"}
+
+
+def run_workers(
+    jobs: dict[str, Job],
     settings: RaceSettings,
     data: dict[str, str],
-    timeout: float | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """One entry (its preset changed by ``overrides``) in a fresh ``python -m bench.race
-    --worker`` process; its result or error."""
-    timeout = 2 * settings.seconds + 900 if timeout is None else timeout
+    on_result: Callable[[str, dict[str, Any]], None] = lambda label, result: None,
+) -> dict[str, dict[str, Any]]:
+    """Every job (a label → its entry and preset changes) in a fresh ``python -m bench.race
+    --worker`` process; their results (or errors) by label, ``on_result`` called as each ends.
+
+    With ``settings.turn_seconds`` > 0 and two jobs or more, the processes take turns on the CPU
+    (:mod:`bench.turns`: a slow stretch of the host then slows them all alike); else each runs
+    start to end, one after another."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    results: dict[str, dict[str, Any]] = {}
+    labels = list(jobs)
+    in_turns = settings.turn_seconds > 0 and len(jobs) > 1
+    # one process start to end, or one turn of it (building, warm-up, scoring included)
+    timeout = (settings.turn_seconds if in_turns else 2 * settings.seconds) + WORKER_MARGIN_S
     with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "result.json"
-        command = [
-            sys.executable, "-m", f"{__package__ or 'bench'}.race", "--worker", name,
-            "--settings-json", json.dumps(settings.to_dict()), "--data-json", json.dumps(data),
-            "--out", str(out), "--overrides-json", json.dumps(overrides or {}),
-        ]  # fmt: skip
-        try:
-            done = subprocess.run(command, cwd=ROOT, env=env, timeout=timeout, check=False)
-        except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {timeout:.0f} s"}
-        if not out.exists():
-            return {"error": f"the worker exited with code {done.returncode} and no result"}
-        return json.loads(out.read_text(encoding="utf-8"))
+        outs = {label: Path(folder) / f"{index}.json" for index, label in enumerate(labels)}
+        commands = [_worker_command(jobs[label][0], settings, data, outs[label], jobs[label][1])
+                    for label in labels]  # fmt: skip
+
+        def collect(index: int, code: int | None) -> None:
+            label = labels[index]
+            results[label] = _worker_result(outs[label], code, timeout)
+            on_result(label, results[label])
+
+        if in_turns:
+            run_in_turns(commands, settings.turn_seconds, cwd=ROOT, env=env, timeout=timeout,
+                         on_finish=collect)  # fmt: skip
+        else:
+            for index, command in enumerate(commands):
+                try:
+                    code = subprocess.run(command, cwd=ROOT, env=env, timeout=timeout).returncode
+                except subprocess.TimeoutExpired:
+                    code = None
+                collect(index, code)
+    return {label: results[label] for label in labels}
 
 
 def _now() -> str:
@@ -624,13 +686,15 @@ def run(
     scored = "every block" if settings.eval_blocks is None else f"{settings.eval_blocks} blocks"
     echo(f"[race] {len(models)} entries × {settings.seconds:g} s each, lr {settings.lr:g}, "
          f"batch {settings.batch_size} × {settings.seq_len}, {settings.threads} threads, seed "
-         f"{settings.seed}; validation: {', '.join(works)} ({scored})")  # fmt: skip
-    entries = {}
-    for name in models:
-        result = run_worker(name, settings, data)
+         f"{settings.seed}, {schedule_text(settings.to_dict(), len(models))}; validation: "
+         f"{', '.join(works)} ({scored})")  # fmt: skip
+
+    def finished(name: str, result: dict[str, Any]) -> None:
         result["date"] = _now()
-        entries[name] = result
         echo(entry_line(name, result))
+
+    jobs = {name: (name, None) for name in models}
+    entries = run_workers(jobs, settings, data, finished)
     return race_record(settings, works, entries, **_data_fields(corpus, data))
 
 
@@ -670,14 +734,16 @@ def run_variants(
     this; ``tag`` labels their lines (``[designs]``). Returns the record, as :func:`run` does."""
     data, works = prepare_race_data(corpus, data_dir)
     echo(f"[{tag}] {len(variants)} variants × {settings.seconds:g} s, seed {settings.seed}, lr "
-         f"{settings.lr:g}, batch {settings.batch_size} × {settings.seq_len}; validation: "
+         f"{settings.lr:g}, batch {settings.batch_size} × {settings.seq_len}, "
+         f"{schedule_text(settings.to_dict(), len(variants))}; validation: "
          f"{held_out_text(works)}")  # fmt: skip
-    entries = {}
-    for name, (overrides, fields) in variants.items():
-        result = run_worker("hybrid", settings, data, overrides=overrides)
-        result.update(date=_now(), **fields)
-        entries[name] = result
+
+    def finished(name: str, result: dict[str, Any]) -> None:
+        result.update(date=_now(), **variants[name][1])
         echo(entry_line(name, result).replace("[race]", f"[{tag}]"))
+
+    jobs = {name: ("hybrid", overrides) for name, (overrides, _) in variants.items()}
+    entries = run_workers(jobs, settings, data, finished)
     return race_record(settings, works, entries, **_data_fields(corpus, data))
 
 
@@ -828,6 +894,13 @@ def setting_label(
     return sep.join(named + parts + ([f"seed {s['seed']}"] if seed else []))
 
 
+def schedule_text(settings: dict[str, Any], entries: int = 2) -> str:
+    """How the entries shared the CPU: ``in turns of 10 s`` (:mod:`bench.turns`) or ``one after
+    another`` (``turn_seconds`` 0, a single entry, or a record from before turns)."""
+    turn = settings.get("turn_seconds", 0.0)
+    return f"in turns of {turn:g} s" if turn > 0 and entries > 1 else "one after another"
+
+
 def held_out_text(works: Sequence[str], listed: int = 4) -> str:
     """The held-out documents by name, or counted with the first two named when there are more
     than ``listed`` (the record keeps the whole list)."""
@@ -846,7 +919,8 @@ def record_markdown(record: dict[str, Any], level: int = 3) -> str:
     lines = [
         f"{'#' * level} {setting_label(s, corpus=record.get('corpus', CORPUS))}",
         "",
-        f"{record['date']}, {record['machine']}, {s['threads']} threads. Validation: "
+        f"{record['date']}, {record['machine']}, {s['threads']} threads, entries trained "
+        f"{schedule_text(s, len(record['entries']))}. Validation: "
         f"{held_out_text(validation['works'])} ({scored} of {s['seq_len']} tokens).{split}",
         "",
         *_table(record["entries"], record.get("train_tokens")),
@@ -1038,6 +1112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the text to train and validate on (%(default)s; python-code: SymPy's modules, "
         "full of exact repetition that attention can recall)",
     )
+    add_turns_argument(parser)
     parser.add_argument("--no-save", action="store_true", help=f"do not write {RESULTS_FILE.name}")
     parser.add_argument(
         "--quick",
@@ -1049,10 +1124,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--show", action="store_true", help="print every saved record as Markdown and exit"
     )
     parser.add_argument("--results", type=Path, default=RESULTS_FILE, help=argparse.SUPPRESS)
-    # the arguments of run_worker's process
-    for hidden in ("--worker", "--settings-json", "--data-json", "--out", "--overrides-json"):
+    # the arguments of a worker's process (run_workers)
+    hidden_arguments = "--worker --settings-json --data-json --out --overrides-json --control-fd"
+    for hidden in hidden_arguments.split():
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def add_turns_argument(parser: argparse.ArgumentParser) -> None:
+    """``--turn-seconds``, shared by the race, ``bench.designs`` and ``bench.ablation``."""
+    parser.add_argument(
+        "--turn-seconds",
+        type=float,
+        default=TURN_SECONDS,
+        help="the entries' processes take turns on the CPU, this many training seconds each, "
+        "so that a slow stretch of the host slows them all alike (%(default)g; 0: one after "
+        "another)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> RaceSettings:
@@ -1060,7 +1148,7 @@ def settings_from_args(args: argparse.Namespace) -> RaceSettings:
     return RaceSettings(
         **{**quick, **({"seconds": args.seconds} if args.seconds is not None else {})},
         lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, threads=args.threads,
-        seed=args.seed,
+        seed=args.seed, turn_seconds=args.turn_seconds,
     )  # fmt: skip
 
 

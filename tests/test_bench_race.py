@@ -121,7 +121,9 @@ def test_bits_per_character_by_hand(race_data, blocks):
 @pytest.mark.slow
 def test_quick_race_of_two_entries_in_their_own_processes(race_data):
     corpus, data_dir, data, works = race_data
-    settings = race.RaceSettings(seconds=2.0, batch_size=4, seq_len=32, eval_blocks=4)
+    # in turns of half a second: each worker pauses and resumes a few times
+    settings = race.RaceSettings(seconds=2.0, batch_size=4, seq_len=32, eval_blocks=4,
+                                 turn_seconds=0.5)  # fmt: skip
     lines: list[str] = []
     record = race.run(["attention", "llama"], settings, corpus=corpus, data_dir=data_dir,
                       echo=lines.append)  # fmt: skip
@@ -136,12 +138,14 @@ def test_quick_race_of_two_entries_in_their_own_processes(race_data):
     # the same shapes: Llama's solved feed-forward width is the twin's
     assert record["entries"]["llama"]["params"] == record["entries"]["attention"]["params"]
     assert len(lines) == 3 and all(line.startswith("[race]") for line in lines)
+    assert "in turns of 0.5 s" in lines[0]
     text = race.record_markdown(record)
     assert "| 1 |" in text and "| 2 |" in text and "Lowest validation bpc" in text
     # the split's size, for the epochs column: the token file's own count
     sidecar = json.loads(open(data["train"] + ".json", encoding="utf-8").read())
     assert record["train_tokens"] == sidecar["num_tokens"] > 0
     assert "| epochs |" in text and f"Training split: {record['train_tokens']:,} tokens." in text
+    assert "entries trained in turns of 0.5 s." in text
 
 
 def test_a_failing_entry_is_reported_with_its_reason(tmp_path):
