@@ -774,6 +774,11 @@ def load_records(path: str | Path = RESULTS_FILE) -> list[dict[str, Any]]:
     return json.loads(path.read_text(encoding="utf-8"))["records"]
 
 
+def _measured_as(record: dict[str, Any]) -> tuple[str | None, str]:
+    """Where and how a record's entries were timed: the machine line and the schedule."""
+    return record.get("machine"), schedule_text(record["settings"])
+
+
 def save_record(
     record: dict[str, Any],
     path: str | Path = RESULTS_FILE,
@@ -782,20 +787,23 @@ def save_record(
 ) -> list[dict[str, Any]]:
     """Add ``record`` to the file: it replaces the record with the same key, keeping that one's
     entries this run did not race (a ``--models`` subset updates only those) — but only when both
-    were measured on the same machine (CPU and PyTorch): entries from another machine are not
-    comparable in speed, nor in score at a fixed time budget, so they are dropped (``echo`` names
-    them). Returns all the records."""
+    were measured alike: on the same machine (CPU and PyTorch) and in the same schedule (in turns
+    or one after another). Entries timed otherwise are not comparable in speed, nor in score at a
+    fixed time budget, so they are dropped (``echo`` names them). Returns all the records."""
     records = load_records(path)
     old = next((r for r in records if record_key(r) == record_key(record)), None)
     if old is not None:
         records.remove(old)
         not_raced = sorted(set(old["entries"]) - set(record["entries"]))
-        if old.get("machine") == record.get("machine"):
+        if _measured_as(old) == _measured_as(record):
             record = {**record, "entries": {**old["entries"], **record["entries"]}}
         elif not_raced:
-            echo(f"[{benchmark}] the saved record for these settings came from another machine "
-                 f"({old.get('machine')}); replaced, without its entries {', '.join(not_raced)} "
-                 "(rerun them here to compare)")  # fmt: skip
+            machine, schedule = _measured_as(old)
+            how = (f"on another machine ({machine})" if machine != record.get("machine")
+                   else f"with its entries trained {schedule}")  # fmt: skip
+            echo(f"[{benchmark}] the saved record for these settings was measured {how}; "
+                 f"replaced, without its entries {', '.join(not_raced)} (rerun them here to "
+                 "compare)")  # fmt: skip
     records = sorted([*records, record], key=record_key)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

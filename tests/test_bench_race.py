@@ -206,7 +206,23 @@ def test_a_record_from_another_machine_replaces_the_saved_one_whole(tmp_path):
     (saved,) = race.save_record(again, path, echo=said.append)
     # the attention entry was timed on CPU one: not comparable with a hybrid timed on CPU two
     assert set(saved["entries"]) == {"hybrid"} and saved["machine"] == "CPU two"
-    assert len(said) == 1 and "another machine (CPU one)" in said[0] and "attention" in said[0]
+    assert len(said) == 1 and "on another machine (CPU one)" in said[0] and "attention" in said[0]
+
+
+def test_a_record_raced_in_another_schedule_replaces_the_saved_one_whole(tmp_path):
+    path, said = tmp_path / "race.json", []
+    one_by_one = record(240, 1e-3, {"hybrid": entry(2.1, 5000), "attention": entry(2.2, 10000)})
+    one_by_one["settings"]["turn_seconds"] = 0.0
+    race.save_record(one_by_one, path)
+    in_turns = record(240, 1e-3, {"hybrid": entry(2.0, 7000)})  # the default: turns of 10 s
+    (saved,) = race.save_record(in_turns, path, echo=said.append)
+    # entries raced one after another are not mixed into a record of entries that took turns
+    assert set(saved["entries"]) == {"hybrid"} and saved["settings"]["turn_seconds"] == 10.0
+    assert len(said) == 1 and "one after another" in said[0] and "attention" in said[0]
+    # the same machine and schedule: a subset run updates its entries, keeps the others
+    more = record(240, 1e-3, {"mamba": entry(2.05, 6000)})
+    (merged,) = race.save_record(more, path)
+    assert set(merged["entries"]) == {"hybrid", "mamba"}
 
 
 def test_seeds_of_one_setting_are_summarised_together():
