@@ -805,11 +805,17 @@ def save_record(
                  f"replaced, without its entries {', '.join(not_raced)} (rerun them here to "
                  "compare)")  # fmt: skip
     records = sorted([*records, record], key=record_key)
+    write_records(records, path, benchmark)
+    return records
+
+
+def write_records(records: list[dict[str, Any]], path: str | Path, benchmark: str) -> None:
+    """``{"benchmark": …, "records": […]}`` as indented JSON (the file :func:`load_records`
+    reads)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"benchmark": benchmark, "records": records}, indent=1, ensure_ascii=False)
     path.write_text(text + "\n", encoding="utf-8")
-    return records
 
 
 def _ranked(entries: dict[str, dict]) -> list[tuple[str, dict]]:
