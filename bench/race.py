@@ -487,8 +487,11 @@ def run_entry(
     data: dict[str, str],
     overrides: dict[str, Any] | None = None,
     take_turn: Callable[[float], None] | None = None,
+    label: str | None = None,
 ) -> dict[str, Any]:
     """Build, train and score one entry in this process; its result as JSON-able data.
+    ``label`` names it in the progress lines (default ``name``: a design or a copy races as
+    the ``hybrid`` entry, and in turns the lines of all entries interleave).
 
     ``overrides`` change the preset's model settings first (``bench.designs`` races design
     variants of the hybrid this way, ``bench.ablation`` techniques; the race itself passes
@@ -509,7 +512,7 @@ def run_entry(
     batches = BatchStream(data["train"], settings.seq_len, settings.batch_size, seed=settings.seed)
 
     def progress(log: TrainLog) -> None:
-        print(f"[race]   {name}: {log.steps:,} steps, {log.seconds:.0f} s, "
+        print(f"[race]   {label or name}: {log.steps:,} steps, {log.seconds:.0f} s, "
               f"loss {log.losses[-1]:.3f}", flush=True)  # fmt: skip
 
     log = train_for_budget(model, batches, settings, progress, take_turn)
@@ -541,11 +544,12 @@ def _worker(
     out: str | Path,
     overrides: dict[str, Any] | None = None,
     turns: TurnTaker | None = None,
+    label: str | None = None,
 ) -> int:
     """One entry's result — or its error: the race goes on — to ``out`` as JSON (then, taking
     turns, tell the race it is done)."""
     try:
-        result = run_entry(name, settings, data, overrides, turns)
+        result = run_entry(name, settings, data, overrides, turns, label)
     except Exception as error:
         traceback.print_exc()
         result = {"error": f"{type(error).__name__}: {error}"}
@@ -567,7 +571,8 @@ def _worker_main(args: argparse.Namespace) -> int:
     if args.control_fd is not None:  # taking turns: the first one starts after every import
         turns = TurnTaker.from_fd(settings.turn_seconds, int(args.control_fd))
         turns.ready()
-    return _worker(args.worker, settings, json.loads(args.data_json), args.out, overrides, turns)
+    data = json.loads(args.data_json)
+    return _worker(args.worker, settings, data, args.out, overrides, turns, args.label)
 
 
 # ==============================================================================================
@@ -607,12 +612,13 @@ WORKER_MARGIN_S = 900.0  # a worker's time beyond its training: imports, buildin
 
 
 def _worker_command(
-    name: str, settings: RaceSettings, data: dict[str, str], out: Path, overrides: dict | None
+    label: str, job: Job, settings: RaceSettings, data: dict[str, str], out: Path
 ) -> list[str]:
+    name, overrides = job
     return [
         sys.executable, "-m", f"{__package__ or 'bench'}.race", "--worker", name,
         "--settings-json", json.dumps(settings.to_dict()), "--data-json", json.dumps(data),
-        "--out", str(out), "--overrides-json", json.dumps(overrides or {}),
+        "--out", str(out), "--overrides-json", json.dumps(overrides or {}), "--label", label,
     ]  # fmt: skip
 
 
@@ -646,7 +652,7 @@ def run_workers(
     timeout = (settings.turn_seconds if in_turns else 2 * settings.seconds) + WORKER_MARGIN_S
     with tempfile.TemporaryDirectory() as folder:
         outs = {label: Path(folder) / f"{index}.json" for index, label in enumerate(labels)}
-        commands = [_worker_command(jobs[label][0], settings, data, outs[label], jobs[label][1])
+        commands = [_worker_command(label, jobs[label], settings, data, outs[label])
                     for label in labels]  # fmt: skip
 
         def collect(index: int, code: int | None) -> None:
@@ -1139,7 +1145,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--results", type=Path, default=RESULTS_FILE, help=argparse.SUPPRESS)
     # the arguments of a worker's process (run_workers)
-    hidden_arguments = "--worker --settings-json --data-json --out --overrides-json --control-fd"
+    hidden_arguments = (
+        "--worker --settings-json --data-json --out --overrides-json --control-fd --label"
+    )
     for hidden in hidden_arguments.split():
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
