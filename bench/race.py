@@ -780,9 +780,10 @@ def load_records(path: str | Path = RESULTS_FILE) -> list[dict[str, Any]]:
     return json.loads(path.read_text(encoding="utf-8"))["records"]
 
 
-def _measured_as(record: dict[str, Any]) -> tuple[str | None, str]:
-    """Where and how a record's entries were timed: the machine line and the schedule."""
-    return record.get("machine"), schedule_text(record["settings"])
+def _measured_as(record: dict[str, Any]) -> tuple[str | None, float]:
+    """Where and how a record's entries were timed: the machine line and the turn length (0 for
+    one after another, and for records from before turns)."""
+    return record.get("machine"), record["settings"].get("turn_seconds", 0.0)
 
 
 def save_record(
@@ -804,9 +805,9 @@ def save_record(
         if _measured_as(old) == _measured_as(record):
             record = {**record, "entries": {**old["entries"], **record["entries"]}}
         elif not_raced:
-            machine, schedule = _measured_as(old)
+            machine = old.get("machine")
             how = (f"on another machine ({machine})" if machine != record.get("machine")
-                   else f"with its entries trained {schedule}")  # fmt: skip
+                   else f"with its entries trained {schedule_text(old['settings'])}")  # fmt: skip
             echo(f"[{benchmark}] the saved record for these settings was measured {how}; "
                  f"replaced, without its entries {', '.join(not_raced)} (rerun them here to "
                  "compare)")  # fmt: skip
