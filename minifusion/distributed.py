@@ -155,6 +155,12 @@ class DeepSpeedTrainer(Trainer):
                          resume=False, progress=progress and self.rank == 0,
                          verbose=verbose and self.rank == 0, batches=batches)  # fmt: skip
         self.is_main = self.rank == 0
+        if config.loss_chunk_rows:
+            raise ValueError(
+                f"train.loss_chunk_rows={config.loss_chunk_rows} is for single-process training: "
+                "under DeepSpeed the loss is computed through the engine (whose ZeRO-3 stage "
+                "keeps the head's weight partitioned). Set train.loss_chunk_rows=0 under torchrun."
+            )
         if self.dtype == torch.float16:
             # DeepSpeed's torch_autocast scales the loss only without ZeRO; fp16 under ZeRO would
             # lose small gradients silently. `auto` on a GPU without bf16 trains in fp32 here.

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .chunked_loss import chunked_cross_entropy
 from .data import TokenBlocks, TokenFile
 from .precision import _autocast
 from .recording import not_recorded
@@ -33,16 +34,46 @@ class LossParts:
     gate_entropy: torch.Tensor
 
 
-def compute_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> LossParts:
+def compute_loss(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 0
+) -> LossParts:
     """Cross-entropy of ``model(inputs)`` against ``targets`` plus the model's auxiliary losses.
 
     ``targets`` are the inputs shifted by one (``TokenBlocks`` gives both), so every one of the
     ``B·T`` positions is scored; passing ``labels=inputs`` to the model would score ``T−1``.
+    ``chunk_rows > 0`` computes the cross-entropy that many positions at a time from the last
+    hidden states (:mod:`minifusion.chunked_loss`): the same loss and gradients without ever
+    holding the ``(B·T, V)`` logits — a :class:`~minifusion.model.MiniFusionForCausalLM` only.
     """
-    out = model(input_ids=inputs)
-    lm = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+    if chunk_rows:
+        out = _hidden_states_of(model, inputs)
+        lm = chunked_cross_entropy(out.last_hidden_state.flatten(0, 1), model.lm_head.weight,
+                                   targets.flatten(), chunk_rows)  # fmt: skip
+    else:
+        out = model(input_ids=inputs)
+        lm = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
     total = lm + out.moe_aux_loss + out.gate_balance_loss + out.gate_entropy_loss
     return LossParts(total, lm, out.moe_aux_loss, out.gate_balance_loss, out.gate_entropy_loss)
+
+
+def check_chunked_loss_model(model: nn.Module) -> None:
+    """Raise unless ``model`` can take the chunked loss: a MiniFusion LM, whose head is one
+    bias-free linear layer applied to its body's last hidden states."""
+    from .model import MiniFusionForCausalLM  # imported here: the model module is the heavier one
+
+    if not isinstance(model, MiniFusionForCausalLM):
+        raise ValueError(
+            f"The chunked loss (chunk_rows, train.loss_chunk_rows) needs a "
+            f"MiniFusionForCausalLM, whose head is one bias-free linear layer; got "
+            f"{type(model).__name__} (a wrapped or another model). Use 0: the loss from the "
+            "full logits."
+        )
+
+
+def _hidden_states_of(model: nn.Module, inputs: torch.Tensor):
+    """The body's output (last hidden states and auxiliary losses) of a MiniFusion LM."""
+    check_chunked_loss_model(model)
+    return model.model(input_ids=inputs)
 
 
 @dataclass

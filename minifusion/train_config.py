@@ -48,6 +48,11 @@ class TrainConfig:
     # Recompute activations in backward: False (off), True or "layers" (whole layers: least
     # memory, ~⅓ more compute) or "branches" (only the attention and Mamba branches, chapter 12).
     gradient_checkpointing: bool | str = False
+    # 0: the loss from the full (tokens, vocab) logits; N: next-token cross-entropy N positions
+    # at a time from the last hidden states (minifusion.chunked_loss): the same loss and
+    # gradients without holding the logits — less memory, and faster on CPU (chapter 12).
+    # Single-process training only (not under DeepSpeed).
+    loss_chunk_rows: int = 0
     seed: int = 0
     # Measuring
     log_every: int = 10  # steps between metrics lines
@@ -109,6 +114,7 @@ class TrainConfig:
                 "log_every, eval_every and save_every must be ≥ 1",
             ),  # fmt: skip
             (self.eval_batches >= 1, "eval_batches must be ≥ 1"),
+            (self.loss_chunk_rows >= 0, "loss_chunk_rows must be ≥ 0 (0: the full logits)"),
             (self.keep_last >= 1, "keep_last must be ≥ 1"),
             (self.max_bad_steps >= 1, "max_bad_steps must be ≥ 1"),
             (

@@ -63,6 +63,7 @@ from .evaluation import (
     EvalResult,
     LossParts,
     ValidationSet,
+    check_chunked_loss_model,
     compute_loss,
     evaluate,
     generate_sample,
@@ -236,8 +237,11 @@ class Trainer:
         if config.tf32:
             use_tf32(True)
         self.model = model.to(self.device).train()
+        if config.loss_chunk_rows:
+            check_chunked_loss_model(self.model)  # before any data is read or step taken
         if config.compile:
-            self.model.compile()
+            # The chunked loss calls the body (model.model) directly: compile what is called.
+            (self.model.model if config.loss_chunk_rows else self.model).compile()
         checkpointing = checkpointing_mode(config.gradient_checkpointing)
         if checkpointing == "layers":
             # Non-reentrant checkpointing works with inputs that need no grad (our token ids).
@@ -385,7 +389,7 @@ class Trainer:
         for (inputs, targets), lm_weight in zip(micro_batches, _token_weights(micro_batches)):
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             with _autocast(self.device, self.dtype):
-                parts = compute_loss(self.model, inputs, targets)
+                parts = compute_loss(self.model, inputs, targets, config.loss_chunk_rows)
             # The weight is exactly 1 for pretraining's full blocks (nothing changes then); with
             # fine-tuning's -100 labels it weighs this mean by its share of the scored tokens.
             lm = parts.lm * lm_weight

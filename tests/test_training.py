@@ -665,3 +665,20 @@ def test_a_compiled_model_trains_like_the_eager_one(prepared, tmp_path):
         result = trainer.fit(export=False)
         runs[compiled] = [r["loss"] for r in result.records if r["kind"] == "train"]
     assert runs[True] == pytest.approx(runs[False], abs=1e-4)
+
+
+def test_training_with_the_chunked_loss_follows_the_full_logits(prepared, tmp_path, monkeypatch):
+    from minifusion import evaluation
+
+    calls = []
+    chunked = evaluation.chunked_cross_entropy
+    monkeypatch.setattr(evaluation, "chunked_cross_entropy",
+                        lambda *args: calls.append(args[-1]) or chunked(*args))  # fmt: skip
+    runs = {}
+    for chunk_rows in (0, 16):
+        trainer = _trainer(prepared, tmp_path / str(chunk_rows), loss_chunk_rows=chunk_rows,
+                           max_steps=3, eval_every=3, save_every=3)  # fmt: skip
+        result = trainer.fit(export=False)
+        runs[chunk_rows] = [r["loss"] for r in result.records if r["kind"] == "train"]
+    assert len(runs[16]) == 3 and runs[16] == pytest.approx(runs[0], abs=1e-5)
+    assert calls == [16] * 3  # one chunked loss per training step, none in the full run
