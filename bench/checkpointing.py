@@ -165,12 +165,12 @@ def markdown(record: dict[str, Any]) -> str:
 
 def run(
     preset: str = "small", batch_size: int = 2, seq_len: int = 512, repeats: int = 4,
-    device: torch.device | None = None,
+    device: torch.device | None = None, memory_runs: int = 2,
 ) -> dict[str, Any]:  # fmt: skip
     """Measure and return the record that :func:`markdown` and chapter 12 read."""
     device = device or torch.device("cpu")
     started = time.perf_counter()
-    results = measure(preset, batch_size, seq_len, repeats, device)
+    results = measure(preset, batch_size, seq_len, repeats, device, memory_runs)
     return {
         "settings": {
             "preset": preset,

@@ -45,7 +45,18 @@ from typing import Any
 
 import torch
 
-from . import RESULTS_DIR, ablation, attention, checkpointing, decode, moe, race, scan, training
+from . import (
+    RESULTS_DIR,
+    ablation,
+    attention,
+    checkpointing,
+    decode,
+    loss,
+    moe,
+    race,
+    scan,
+    training,
+)
 from .ablation import ablation_table
 from .attention import _headline_attention, attention_detail, attention_reading, attention_table
 from .checkpointing import checkpointing_table
@@ -59,6 +70,7 @@ from .decode import (
     decode_reading,
     decode_table,
 )
+from .loss import loss_detail, loss_reading, loss_table
 from .moe import moe_detail, moe_reading, moe_table
 from .race import _headline_race, race_table
 from .scan import _headline_scan, scan_detail, scan_reading, scan_table
@@ -107,6 +119,10 @@ def run_training(device: torch.device, **kwargs: Any) -> Data:
         "peak": dataclasses.asdict(peak),
         "runs": [dataclasses.asdict(m) for m in results],
     }
+
+
+def run_loss(device: torch.device, **kwargs: Any) -> Data:
+    return loss.run(device=device, **kwargs)
 
 
 def run_decode(device: torch.device, **kwargs: Any) -> Data:
@@ -229,6 +245,7 @@ RUNNERS: dict[str, Callable[..., Data | None]] = {
     "attention": run_attention,
     "moe": run_moe,
     "training": run_training,
+    "loss": run_loss,
     "decode": run_decode,
     "why_hybrid": run_why_hybrid,
     "race": run_race,
@@ -246,6 +263,7 @@ def default_sizes(device: torch.device) -> dict[str, dict[str, Any]]:
         "attention": {"repeats": 10},
         "moe": {"repeats": 10},
         "training": {"matmul_sizes": (4096, 8192), "steps": 10, "warmup_steps": 3},
+        "loss": {"repeats": 10},
         "decode": {"repeats": 5},
         "why_hybrid": {},
         "race": {},
@@ -454,6 +472,15 @@ SECTIONS = (
         "config's forward FLOPs per token × tokens/s ÷ the dense-matmul peak measured in the same "
         "run (forward + backward ≈ 3 forward passes); GFLOP/s counts the same 3 × forward.",
         training_table, training_reading, training_detail,
+    ),
+    Section(
+        "The loss without the logits", "loss",
+        "Forward + backward of the output head's cross-entropy (`python -m bench.loss`) at the "
+        "presets' shapes, from the full (tokens, vocabulary) logits and chunked "
+        "(`minifusion.chunked_loss`: a slice of rows at a time, the logits never held whole); "
+        "then whole training steps of `tiny` with each (`train.loss_chunk_rows`). The two take "
+        "turns in one run.",
+        loss_table, loss_reading, loss_detail,
     ),
     Section(
         "Decode speed", "decode",

@@ -57,6 +57,14 @@ def fake_runners(scale: float = 1.0, why_hybrid: str | None = "| task | score |\
         ]
         return {"peak": dataclasses.asdict(peak), "runs": [dataclasses.asdict(m) for m in runs]}
 
+    def fake_loss(device, **kwargs):
+        head = {"shape": "tiny", "tokens": 4096, "hidden": 128, "vocab": 4096, "chunk_rows": 128,
+                "full_seconds": scale * 0.2, "chunked_seconds": scale * 0.1,
+                "full_peak_bytes": 200 * 2**20, "chunked_peak_bytes": 20 * 2**20}  # fmt: skip
+        training_step = {"preset": "tiny", "batch_size": 16, "seq_len": 256, "chunk_rows": 128,
+                         "full_seconds": scale * 0.3, "chunked_seconds": scale * 0.24}  # fmt: skip
+        return {"heads": [head], "training": training_step}
+
     def fake_decode(device, **kwargs):
         speeds = [
             decode.DecodeSpeed(m, c, 32, 1, scale * t, 32 / (scale * t))
@@ -111,7 +119,8 @@ def fake_runners(scale: float = 1.0, why_hybrid: str | None = "| task | score |\
 
     return {
         "scan": fake_scan, "attention": fake_attention, "moe": fake_moe,
-        "training": fake_training, "decode": fake_decode, "why_hybrid": fake_why_hybrid,
+        "training": fake_training, "loss": fake_loss, "decode": fake_decode,
+        "why_hybrid": fake_why_hybrid,
         "race": fake_race, "ablation": fake_ablation, "checkpointing": fake_checkpointing,
     }  # fmt: skip
 
@@ -145,6 +154,8 @@ def test_results_have_every_section_and_read_back(tmp_path):
     assert "| srte: SRTE, sinusoidal, on the Mamba branch | 10 | 1,034,880 | 2.695 ± 0.021 " \
         "| -0.015 ± 0.007 | 2 of 2 | 8,900 (0.99×) | 1.0 | 10,000 |" in text
     assert "| branches | 250.0 | 0.62 | 2.40 | 1.20 |" in text  # checkpointing, × none
+    assert "| head of tiny | 0.50 | 0.10 | — | — |" in text  # the loss: chunked / full
+    assert "a whole training step of `tiny` runs 1.25× as fast with it" in text
     assert report.read_data(tmp_path / "RESULTS.md") == stored
     # numbers in the tables and readings come from the data: 0.4 / 0.1 = 4.0× at L = 512
     assert "at L = 512 the chunked scan is 4.0× as fast as the sequential loop" in text
@@ -240,6 +251,8 @@ def tiny_sizes(tmp_path):
                 "repeats": 1},
         "training": {"shapes": {"tiny": (1, 16)}, "matmul_sizes": (32,), "steps": 1,
                      "warmup_steps": 0},
+        "loss": {"shapes": (("toy", 64, 8, 32),), "training_shape": ("tiny", 1, 16),
+                 "repeats": 1},
         "decode": {"contexts": (4,), "cache_lengths": (8,), "new_tokens": 1, "repeats": 1},
         "why_hybrid": {"quick": True},
         "race": {"quick": True, "models": ["attention"], "seconds": 0.5, "batch_size": 2,
@@ -247,7 +260,7 @@ def tiny_sizes(tmp_path):
                  "corpus": str(write_words_corpus(tmp_path / "race_corpus") / "*.txt")},
         "ablation": {"results_file": tmp_path / "no_ablation_saved.json"},  # none: skipped
         "checkpointing": {"preset": "tiny", "batch_size": 1, "seq_len": 16, "repeats": 1,
-                          "results_file": tmp_path / "checkpointing.json"},
+                          "memory_runs": 1, "results_file": tmp_path / "checkpointing.json"},
     }  # fmt: skip
 
 
@@ -261,7 +274,8 @@ def test_real_benchmarks_at_tiny_sizes_through_the_command(tmp_path, monkeypatch
     files = ["--results", str(results), "--readme", str(readme)]
     assert report.main(["--device", "cpu", "--in-process", *files]) == 0
     stored = report.read_data(results)
-    expected = {"scan", "attention", "moe", "training", "decode", "race", "checkpointing"}
+    expected = {"scan", "attention", "moe", "training", "loss", "decode", "race",
+                "checkpointing"}
     if report.why_hybrid_module() is not None:  # its quick run: seconds
         expected.add("why_hybrid")
         assert "### CPU: " in results.read_text()

@@ -113,3 +113,14 @@ def test_compute_loss_in_slices_refuses_another_model_with_the_fix():
     ids = torch.randint(0, 32, (1, 4))
     with pytest.raises(ValueError, match="needs a MiniFusionForCausalLM.*Use 0"):
         compute_loss(llama, ids, ids, chunk_rows=4)
+
+
+def test_default_slices_grow_with_the_head_but_keep_their_logits_small():
+    from minifusion.chunked_loss import MAX_SLICE_BYTES, default_chunk_rows
+
+    assert default_chunk_rows(4096, 128) == 128  # tiny's head: 2**19 weights
+    assert default_chunk_rows(8192, 512) == 256  # small's: 2**22 weights, two units
+    for vocab, hidden in ((32000, 1024), (32000, 1536), (256000, 4096)):
+        rows = default_chunk_rows(vocab, hidden)
+        assert rows >= 1 and rows * vocab * 4 <= MAX_SLICE_BYTES < (rows + 1) * vocab * 4
+
