@@ -386,10 +386,13 @@ class Trainer:
                      "gate_entropy_loss": 0.0}  # fmt: skip
         finite = True
         micro_batches = [self.batches.next_batch() for _ in range(config.grad_accum_steps)]
+        # The chunked loss (12a) only when it is switched on: compute_loss(model, inputs, targets)
+        # stays the call a test or a notebook can stand in for with a function of its own.
+        loss_options = {"chunk_rows": config.loss_chunk_rows} if config.loss_chunk_rows else {}
         for (inputs, targets), lm_weight in zip(micro_batches, _token_weights(micro_batches)):
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             with _autocast(self.device, self.dtype):
-                parts = compute_loss(self.model, inputs, targets, config.loss_chunk_rows)
+                parts = compute_loss(self.model, inputs, targets, **loss_options)
             # The weight is exactly 1 for pretraining's full blocks (nothing changes then); with
             # fine-tuning's -100 labels it weighs this mean by its share of the scored tokens.
             lm = parts.lm * lm_weight

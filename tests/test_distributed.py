@@ -246,13 +246,20 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(preset, tmp_path):
     assert first_bad["lr"] < records[0]["lr"]  # the schedule moved on (cosine from step 0)
 
 
-def test_fp16_is_refused_under_deepspeed_with_the_fix(preset, tmp_path):
+@pytest.mark.parametrize("setting, problem, fix", [
+    ("train.precision=fp16", "train.precision=fp16 is for single-process training",
+     "Use train.precision=bf16"),
+    ("train.loss_chunk_rows=64", "train.loss_chunk_rows=64 is for single-process training",
+     "Set train.loss_chunk_rows=0 under torchrun"),
+])  # fmt: skip
+def test_single_process_settings_are_refused_under_deepspeed_with_the_fix(
+    preset, tmp_path, setting, problem, fix
+):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    command = _command(preset, tmp_path / "run", 1, 2, "--set", "train.precision=fp16")
+    command = _command(preset, tmp_path / "run", 1, 2, "--set", setting)
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
-    assert "train.precision=fp16 is for single-process training" in done.stderr
-    assert "Use train.precision=bf16" in done.stderr
+    assert problem in done.stderr and fix in done.stderr
 
 
 def test_finish_distributed_leaves_the_group_and_keeps_the_last_barrier(tmp_path, monkeypatch):
