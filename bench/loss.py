@@ -20,7 +20,6 @@ a slow spell of the machine slows both):
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +34,7 @@ from minifusion.training import TrainConfig, build_optimizer, compute_loss
 
 from .memory import format_mib, peak_memory_bytes
 from .tables import Data, PerDevice, _ratio, grouped_table
+from .timing import side_by_side_seconds
 
 # (name, tokens per step, hidden size, vocabulary): the presets' training shapes. On a CPU the
 # 250M preset's head is measured for one sequence of its context (a GPU step holds 8 of them).
@@ -44,28 +44,6 @@ GPU_SHAPES = (("tiny", 16 * 256, 128, 4096), ("small", 16 * 512, 512, 8192),
               ("fineweb-edu-250m", 8 * 2048, 1024, 32000))  # fmt: skip
 TRAINING_SHAPE = ("tiny", 16, 256)  # preset, batch size, sequence length: `make train` on CPU
 VARIANTS = ("full", "chunked")
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def side_by_side_seconds(
-    steps: dict[str, Callable[[], object]], repeats: int, device: torch.device
-) -> dict[str, float]:
-    """Median seconds of each step, the steps taking turns ``repeats`` times after a warm-up."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for step in steps.values():
-        step()
-    for _ in range(repeats):
-        for name, step in steps.items():
-            _synchronize(device)
-            start = time.perf_counter()
-            step()
-            _synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def head_steps(

@@ -7,6 +7,12 @@ from collections.abc import Callable
 import torch
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the queued CUDA kernels (a no-op on CPU), so that a clock reading counts them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def median_seconds(
     step: Callable[[], object],
     repeats: int,
@@ -23,21 +29,35 @@ def median_seconds(
     On CUDA the device is synchronised around each run, so queued kernels are counted.
     """
 
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     step()
     times = []
     while len(times) < repeats or (
         sum(times) < min_total_seconds and len(times) < max(repeats, max_repeats)
     ):
-        synchronize()
+        synchronize(device)
         start = time.perf_counter()
         step()
-        synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def side_by_side_seconds(
+    steps: dict[str, Callable[[], object]], repeats: int, device: torch.device
+) -> dict[str, float]:
+    """Median seconds of each step, the steps taking turns ``repeats`` times after one warm-up
+    run each: a slow spell of a shared machine slows them all alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for step in steps.values():
+        step()
+    for _ in range(repeats):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def machine_description(device: torch.device) -> str:

@@ -37,6 +37,7 @@ from minifusion.moe import MoE
 from minifusion.training import TrainConfig, autocast_dtype, build_optimizer, compute_loss
 
 from .tables import MISSING, Data, PerDevice, grouped_table
+from .timing import synchronize
 
 DEFAULT_MATMUL_SIZES = (1024, 2048)
 # (batch size, sequence length) per preset. tiny: what `make train` runs on CPU.
@@ -87,11 +88,6 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak_flops_per_s: float) ->
     return TRAINING_FLOPS_PER_FORWARD * flops_per_token * tokens_per_s / peak_flops_per_s
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def best_seconds(
     step: Callable[[], object], repeats: int, device: torch.device, warm_up: bool = True
 ) -> float:
@@ -104,10 +100,10 @@ def best_seconds(
         step()
     best = float("inf")
     for _ in range(repeats):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         step()
-        _synchronize(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -178,10 +174,10 @@ def measure_training(
         step()
     times = []
     for _ in range(steps):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         step()
-        _synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return TrainingMeasurement(
         preset=name,
