@@ -50,7 +50,7 @@ lock:  ## regenerate requirements/lock.txt from pyproject.toml
 # With CUDA GPUs: torchrun on all of them, DeepSpeed ZeRO-2, the `small` preset (GPU_PRESET).
 NGPU := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 GPU_PRESET ?= small
-train: setup  ## the main job: train the default preset (CPU: about five minutes)
+train: setup  ## the main job: train the default preset (CPU: about two minutes)
 ifeq ($(NGPU),0)
 	$(BIN)/python -m minifusion.train --config configs/$(PRESET).yaml --out $(OUT) $(if $(FRESH),--fresh)
 else

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import os
 import platform
+import shutil
 import sys
 import time
 import warnings
@@ -34,6 +35,7 @@ __all__ = [
     "check_build_locks",
     "extension_build_root",
     "scan_kernel",
+    "scan_kernel_status",
 ]
 
 SCAN_SOURCE = Path(__file__).resolve().parent / "csrc" / "selective_scan.cpp"  # hub: embedded source
@@ -150,6 +152,23 @@ def scan_kernel() -> ModuleType | None:
             stacklevel=2,
         )
         return None
+
+
+def scan_kernel_status() -> str:
+    """Where our compiled CPU scan stands, in one line, *without* building it (a build takes
+    half a minute; the environment report that shows this line should not)."""
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+        return f"off ({DISABLE_VARIABLE}=0): CPU Mamba layers use the chunked PyTorch scan"
+    root = extension_build_root()
+    # $TORCH_EXTENSIONS_DIR/<extension>/ or ~/.cache/torch_extensions/<python tag>/<extension>/
+    for pattern in (f"{SCAN_EXTENSION}/*", f"*/{SCAN_EXTENSION}/*"):
+        if any(path.name.startswith(SCAN_EXTENSION) and path.suffix in (".so", ".pyd")
+               for path in root.glob(pattern)):  # fmt: skip
+            return "built: CPU Mamba layers use it"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}): CPU Mamba layers use the chunked PyTorch scan"
+    return "not built yet: compiled when a CPU Mamba layer first runs (or by `make extensions`)"
 
 
 def _first_error_line(message: str) -> str:

@@ -182,6 +182,7 @@ class EnvironmentReport:
     mps_available: bool = False
     mamba_kernels: bool = False
     mamba_kernels_detail: str = ""
+    cpu_scan_kernel: str = ""  # our compiled scan (minifusion.extensions.scan_kernel_status)
     cpu_threads: int = 1
     device: str = "cpu"
 
@@ -194,8 +195,10 @@ class EnvironmentReport:
         for i, gpu in enumerate(self.gpus):
             rows.append((f"  GPU {i}", gpu))
         rows.append(("Apple MPS", "yes" if self.mps_available else "no"))
-        kernels = "yes" if self.mamba_kernels else "no — the pure-PyTorch scan is used"
+        without = "no: GPU Mamba layers use the chunked PyTorch scan"
+        kernels = "yes" if self.mamba_kernels else without
         rows.append(("mamba-ssm kernels", kernels))
+        rows.append(("CPU scan kernel", self.cpu_scan_kernel))
         rows.append(("chosen device", self.device))
         return rows
 
@@ -217,6 +220,8 @@ def environment_report() -> EnvironmentReport:
             props = torch.cuda.get_device_properties(i)
             gpus.append(f"{props.name}, {props.total_memory / 2**30:.0f} GiB")
     kernels_ok, detail = _mamba_kernels_importable()
+    from .extensions import scan_kernel_status  # imports torch.utils.cpp_extension: only here
+
     return EnvironmentReport(
         python=sys.version.split()[0],
         platform=f"{platform.system()} {platform.machine()}",
@@ -227,6 +232,7 @@ def environment_report() -> EnvironmentReport:
         mps_available=_mps_available(),
         mamba_kernels=kernels_ok,
         mamba_kernels_detail=detail,
+        cpu_scan_kernel=scan_kernel_status(),
         cpu_threads=torch.get_num_threads(),
         device=str(pick_device()),
     )

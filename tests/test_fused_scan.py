@@ -6,6 +6,7 @@ delta_bias; float64 ``gradcheck``; bf16 inputs; bitwise the same results for 1 a
 the one-token step; ``auto`` picking it; and the fallback (one warning) where it cannot build.
 """
 
+import sys
 import warnings
 
 import pytest
@@ -201,3 +202,34 @@ def test_without_a_compiler_auto_falls_back_with_one_warning(fresh_kernel_cache,
 def test_the_kernel_can_be_switched_off(fresh_kernel_cache, monkeypatch):
     monkeypatch.setenv(extensions.DISABLE_VARIABLE, "0")
     assert resolve_scan_impl("auto", torch.device("cpu")) == "chunked"
+
+
+def test_the_environment_report_says_where_the_kernel_stands_without_building_it(
+    tmp_path, monkeypatch
+):
+    from minifusion.utils import environment_report
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", sys.executable)  # a program that exists: "a compiler is there"
+    folder = tmp_path / extensions.SCAN_EXTENSION
+    folder.mkdir()
+    (folder / "build.ninja").write_text("")  # a build that never finished is not a build
+    assert extensions.scan_kernel_status().startswith("not built yet")
+    (folder / f"{extensions.SCAN_EXTENSION}.so").write_bytes(b"")
+    assert extensions.scan_kernel_status().startswith("built")
+    report = environment_report()
+    assert report.cpu_scan_kernel.startswith("built") and "CPU scan kernel" in str(report)
+
+    # without $TORCH_EXTENSIONS_DIR, PyTorch builds one level deeper (a python/device tag)
+    default_root = tmp_path / "default"
+    tagged = default_root / "py311_cpu" / extensions.SCAN_EXTENSION
+    tagged.mkdir(parents=True)
+    (tagged / f"{extensions.SCAN_EXTENSION}.so").write_bytes(b"")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(default_root))
+    assert extensions.scan_kernel_status().startswith("built")
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert "no C++ compiler" in extensions.scan_kernel_status()
+    monkeypatch.setenv(extensions.DISABLE_VARIABLE, "0")
+    assert extensions.scan_kernel_status().startswith(f"off ({extensions.DISABLE_VARIABLE}=0)")
