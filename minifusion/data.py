@@ -441,9 +441,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--source",
         help="override data.source: 'shakespeare', 'python-code', a path/glob, hf:<name>",
     )
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
                         metavar="SECTION.NAME=VALUE",
-                        help="override one setting, e.g. data.encoding_errors=replace")  # fmt: skip
+                        help="override settings, e.g. data.encoding_errors=replace (several after "
+                        "one --set, or --set repeated)")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="redo every step")
     args = parser.parse_args(argv)
 

@@ -77,8 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--config", required=True, help="preset YAML, e.g. configs/tiny.yaml")
     parser.add_argument("--out", required=True, help="run folder (data, checkpoints, logs)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.NAME=VALUE", help="override one setting (repeatable)")  # fmt: skip
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                        metavar="SECTION.NAME=VALUE", help="override settings: several after one "
+                        "--set (--set train.lr=1e-3 train.max_steps=400), or --set repeated")  # fmt: skip
     parser.add_argument("--fresh", action="store_true",
                         help="start over: delete this run's checkpoints and logs")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

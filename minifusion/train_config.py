@@ -106,7 +106,12 @@ class TrainConfig:
             (self.max_steps >= 1, "max_steps must be ≥ 1"),
             (self.lr > 0, "lr must be > 0"),
             (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
-            (0 <= self.warmup_steps <= self.max_steps, "warmup_steps must be in [0, max_steps]"),
+            (
+                0 <= self.warmup_steps <= self.max_steps,
+                f"warmup_steps must be in [0, max_steps]; it is {self.warmup_steps} with "
+                f"max_steps={self.max_steps} (for a short run, lower it too: --set "
+                f"train.warmup_steps={max(self.max_steps // 10, 0)})",
+            ),
             (self.grad_clip >= 0, "grad_clip must be ≥ 0 (0 switches clipping off)"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (

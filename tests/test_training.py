@@ -116,7 +116,8 @@ def test_train_config_from_dict_checks_names_and_values():
         TrainConfig.from_dict({"learning_rate": 1e-3})
     with pytest.raises(ValueError, match="train.max_steps='many' is not a valid int"):
         TrainConfig.from_dict({"max_steps": "many"})
-    with pytest.raises(ValueError, match="warmup_steps must be in"):
+    with pytest.raises(ValueError, match=r"warmup_steps must be in \[0, max_steps\]; it is 10 "
+                       r"with max_steps=5 \(.*--set train.warmup_steps=0\)"):  # fmt: skip
         TrainConfig.from_dict({"max_steps": 5, "warmup_steps": 10})
 
 
@@ -491,13 +492,16 @@ def test_data_encoding_errors_is_a_setting_of_both_commands(tmp_path, capsys):
                       "--set", "data.encoding_errors=replace"]) == 0  # fmt: skip
     assert "train" in capsys.readouterr().out
     assert (tmp_path / "replaced" / "train.bin").is_file()
+    # several settings after one --set, and --set repeated: both are taken
     assert main(["--config", str(preset), "--out", str(tmp_path / "run"), "--no-progress",
-                 "--set", "data.encoding_errors=replace", "--set", "train.max_steps=1",
-                 "--set", "train.warmup_steps=0", "--set", "train.eval_batches=1",
+                 "--set", "data.encoding_errors=replace", "train.max_steps=1",
+                 "train.warmup_steps=0", "train.eval_batches=1",
                  "--set", "train.batch_size=2", "--set", "data.block_size=16",
                  "--set", "train.sample_tokens=2", "--set", "train.tensorboard=false",
                  "--set", "train.sample_prompt=ROMEO:"]) == 0  # fmt: skip
     assert "bits/character" in capsys.readouterr().out
+    resolved = (tmp_path / "run" / "config.yaml").read_text(encoding="utf-8")
+    assert "max_steps: 1" in resolved and "eval_batches: 1" in resolved
 
 
 def test_script_trains_resumes_and_exports(prepared, tmp_path, capsys):
