@@ -327,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<10}{result.loss:>10.4f}{result.bpc:>9.4f}{parameters:>12,}"
               f"{speed.tokens_per_s:>14.1f}{speed.cache_bytes:>13,}")  # fmt: skip
     print(f"\npruned model written to {out} (loads with AutoModelForCausalLM.from_pretrained)")
+    if not plan.keep:
+        print("nothing was pruned: every hybrid layer keeps both branches (its gate sits between "
+              f"--attention-below {args.attention_below:g} and --mamba-above {args.mamba_above:g}, "
+              "or the removal cost more than --max-loss-increase), so that copy equals the run's "
+              "model. Train longer for the gates to settle, or loosen the thresholds.")  # fmt: skip
     return 0
 
 

@@ -208,6 +208,12 @@ def test_command_line_prunes_a_finished_run(prepared, tmp_path, capsys):  # noqa
     pruned = AutoModelForCausalLM.from_pretrained(run / "pruned")
     assert pruned.config.mixer_types == ["mamba", "mamba"]
     assert pruned.config.pruned_fusion_layers == [0, 1]
+    assert "nothing was pruned" not in printed
+    # thresholds no gate can cross: the copy is the run's model, and the output says so
+    assert prune_main(["--run", str(run), "--mamba-above", "1", "--attention-below", "0",
+                       "--blocks", "4", "--context", "20", "--out", str(tmp_path / "same")]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "nothing was pruned: every hybrid layer keeps both branches" in printed
 
 
 def test_command_line_explains_a_model_without_hybrid_layers(tmp_path, capsys):
