@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model_folder import ModelFolderError, load_model_folder, resolve_device
+from .utils import silence_library_progress_bars
 
 __all__ = ["TextScore", "document_stream", "evaluation_documents", "score_stream", "main"]
 
@@ -179,6 +180,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
 
 def main(argv: list[str] | None = None) -> int:
     parser, args = parse_args(argv)
+    if args.no_progress:
+        silence_library_progress_bars()
     if args.block_size < 1 or args.batch_size < 1:
         parser.error("--block-size and --batch-size must be at least 1.")
     try:

@@ -219,6 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="pause after this step: save a checkpoint and exit (rerun to go on)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if args.no_progress:
+        from .utils import silence_library_progress_bars
+
+        silence_library_progress_bars()
     try:
         return run(args)
     except (CheckpointError, TrainingDivergedError, ValueError, FileNotFoundError) as error:

@@ -112,6 +112,14 @@ def fsync_tree(path: str | os.PathLike) -> None:
     fsync_dir(path)
 
 
+def silence_library_progress_bars() -> None:
+    """Switch off transformers' own progress bars ("Loading weights …") for this process: what
+    a command's ``--no-progress`` promises covers the libraries it calls too."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def pick_device(prefer: str | None = None) -> torch.device:
     """Return the best available device: CUDA, then Apple's MPS, then the CPU.
 

@@ -136,10 +136,18 @@ def test_a_preset_style_config_evaluates_the_documents_training_held_out(saved, 
 
 @pytest.mark.parametrize("model_folder", ["ours", "llama"])
 def test_evaluate_prints_loss_perplexity_and_bpc(saved, capsys, model_folder):
+    from transformers.utils import logging as hf_logging
+
     folder = saved["root"] / model_folder
-    assert evaluate.main(["--model", str(folder), "--data", str(saved["corpus"] / "*.txt"),
-                          "--block-size", "32", "--no-progress", "--device", "cpu"]) == 0  # fmt: skip
-    out = capsys.readouterr().out
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # as in a fresh process: --no-progress must switch it off
+    try:
+        assert evaluate.main(["--model", str(folder), "--data", str(saved["corpus"] / "*.txt"),
+                              "--block-size", "32", "--no-progress", "--device", "cpu"]) == 0  # fmt: skip
+    finally:
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+    out, err = capsys.readouterr()
+    assert "Loading weights" not in err  # transformers' own bar obeys --no-progress too
     assert "6 document(s)" in out
     bpc = float(out.split("bpc")[1].split()[0])
     loss = float(out.split("loss")[1].split()[0])
