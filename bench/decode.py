@@ -537,7 +537,9 @@ def _headline_cache(data: Data) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.decode", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS))
     parser.add_argument(

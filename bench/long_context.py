@@ -220,7 +220,9 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.long_context", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes; seconds; not saved")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help=f"exported model for the loss by position ({DEFAULT_MODEL})")  # fmt: skip

@@ -195,7 +195,9 @@ def loss_detail(data: Data) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.loss", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--chunk-rows", type=int, default=None,
                         help="rows per slice of the chunked loss (default: each head's "
                              "minifusion.chunked_loss.default_chunk_rows)")  # fmt: skip

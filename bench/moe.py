@@ -124,7 +124,9 @@ def moe_detail(data: Data) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.moe", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--experts", type=int, default=8)

@@ -302,7 +302,9 @@ def _headline_scan(data: Data) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.scan", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--seq-lens", type=int, nargs="+", default=list(DEFAULT_SEQ_LENS))
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--d-inner", type=int, default=512)

@@ -315,7 +315,9 @@ def _headline_training(data: Data, preset: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.training", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--presets", nargs="+", help="default: tiny and small")
     parser.add_argument("--batch-size", type=int, help="default: per preset and device")
     parser.add_argument("--seq-len", type=int, help="default: per preset and device")

@@ -356,7 +356,9 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.why_hybrid", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes; seconds; not saved")
     parser.add_argument(
         "--out", type=Path, default=RESULTS_FILE, help="where the full run's JSON is saved"
