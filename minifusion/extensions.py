@@ -120,6 +120,10 @@ def _compiler_flags() -> list[str]:
     return flags
 
 
+def _switched_off() -> bool:
+    return os.environ.get(DISABLE_VARIABLE, "1") == "0"
+
+
 @functools.cache
 def scan_kernel() -> ModuleType | None:
     """The compiled fused scan (built on first use), or ``None`` where it cannot be built.
@@ -127,7 +131,7 @@ def scan_kernel() -> ModuleType | None:
     ``None`` comes with one warning naming the reason and the fix; the caller then uses the
     chunked PyTorch scan, which gives the same results more slowly.
     """
-    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+    if _switched_off():
         return None
     check_build_locks()
     from torch.utils.cpp_extension import load
@@ -157,7 +161,7 @@ def scan_kernel() -> ModuleType | None:
 def scan_kernel_status() -> str:
     """Where our compiled CPU scan stands, in one line, *without* building it (a build takes
     half a minute; the environment report that shows this line should not)."""
-    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+    if _switched_off():
         return f"off ({DISABLE_VARIABLE}=0): CPU Mamba layers use the chunked PyTorch scan"
     root = extension_build_root()
     # $TORCH_EXTENSIONS_DIR/<extension>/ or ~/.cache/torch_extensions/<python tag>/<extension>/
