@@ -16,13 +16,15 @@ The designs are the ones the field uses (chapter 10 explains each):
 * **a cheaper Mamba layer** — expansion 1 (the layer then has about an attention layer's
   parameters and time), and no feed-forward block after it (a Mamba block is a gated MLP around
   its scan; NVIDIA's Mamba-2-Hybrid keeps its MLPs as separate layers, not after every Mamba);
+* **a richer Mamba layer** — ``tiny`` with a larger state per channel (32 or 64 instead of 16;
+  the scan's work grows with it) or at expansion 2 (the Mamba paper's own block);
 * **a control** — the last plan with attention in place of Mamba, to tell what the Mamba layers
   bring from what removing feed-forward blocks brings.
 
 The all-attention and all-Mamba stacks are the references, and ``tiny`` is the preset as shipped
 (the one design that keeps its global heads in a single layer).
 
-    python -m bench.designs                      # every design, 240 s each (~50 min on 2 cores)
+    python -m bench.designs                      # every design, 240 s each (~65 min on 2 cores)
     python -m bench.designs --designs attention interleaved-AMAM --seconds 120
     python -m bench.designs --designs tiny attention --corpus python-code --lr 3e-3
     python -m bench.designs --show               # the saved records as Markdown
@@ -91,6 +93,15 @@ DESIGNS: dict[str, Design] = {
     "interleaved-AMMM-e1-noffn": Design(
         "1 attention : 3 Mamba (A-M-M-M), Mamba expand 1, no FFN after Mamba", "Jamba ratio",
         {"mixer_types": [A, M, M, M], "ffn_types": [D, N, N, N], "mamba_expand": 1}),
+    "tiny-state-32": Design(
+        "`tiny` with a Mamba state of 32 per channel (the preset's 16 doubled)", "Mamba state size",
+        {"mamba_d_state": 32}, preset_global_heads=True),
+    "tiny-state-64": Design(
+        "`tiny` with a Mamba state of 64 per channel", "Mamba state size", {"mamba_d_state": 64},
+        preset_global_heads=True),
+    "tiny-expand-2": Design(
+        "`tiny` with its Mamba layers at expansion 2 (still no FFN after them: the Mamba paper's "
+        "own block)", "Mamba expansion", {"mamba_expand": 2}, preset_global_heads=True),
     "control-AAAA-noffn": Design(
         "control: the same plan with attention in place of Mamba (A-A*-A-A*)", "control",
         {"mixer_types": [A, A, A, A], "ffn_types": [D, N, D, N]}),
