@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .model_folder import ModelFolderError, load_model_folder, resolve_device
+from .utils import silence_library_progress_bars
 
 __all__ = ["SamplingSettings", "generate_texts", "main"]
 
@@ -151,11 +152,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     parser.add_argument("--no-stream", action="store_true",
                         help="print a single prompt's text when done instead of token by token")  # fmt: skip
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (transformers' 'Loading weights' bar on stderr)")  # fmt: skip
     return parser, parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser, args = parse_args(argv)
+    if args.no_progress:
+        silence_library_progress_bars()
     try:
         settings = SamplingSettings(
             args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, args.greedy

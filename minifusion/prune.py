@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     from .monitor import collect_gate_statistics
     from .tokenizer import load_tokenizer
     from .training import ValidationSet, evaluate
+    from .utils import silence_library_progress_bars
 
     parser = argparse.ArgumentParser(prog="python -m minifusion.prune", description=main.__doc__)
     parser.add_argument("--run", required=True, type=Path, help="a finished run folder")
@@ -288,7 +289,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="validation loss a removal may cost, nats/token")  # fmt: skip
     parser.add_argument("--blocks", type=int, default=64, help="validation blocks to measure on")
     parser.add_argument("--context", type=int, default=512, help="prompt tokens for decode timing")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (transformers' 'Loading weights' bar on stderr)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.no_progress:
+        silence_library_progress_bars()
 
     model_dir, val_file = args.run / "model", args.run / "val.bin"
     for needed, hint in ((model_dir, "finish the run (it exports at max_steps)"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -97,3 +98,17 @@ def write_plays(folder, plays: int = 6, turns: int = 80, seed: int = 0):
             paragraphs.append("\n".join([f"{rng.choice(cast)}.", *lines]))
         (folder / f"play{p}.txt").write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
     return folder
+
+
+@contextlib.contextmanager
+def library_progress_bar_on():
+    """transformers' progress bars switched on, as in a fresh process (a command's
+    ``--no-progress`` must switch them off), and restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()

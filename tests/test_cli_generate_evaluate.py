@@ -13,7 +13,7 @@ from minifusion.data import TokenFile, prepare_data
 from minifusion.model import MiniFusionForCausalLM
 from minifusion.tokenizer import load_tokenizer
 
-from .conftest import write_words_corpus
+from .conftest import library_progress_bar_on, write_words_corpus
 from .test_model import small_config
 
 
@@ -41,9 +41,13 @@ def saved(tmp_path_factory):
 
 def test_generate_greedy_equals_the_library_call(saved, capsys):
     folder = saved["root"] / "ours"
-    assert generate.main(["--model", str(folder), "--prompt", "the", "--greedy",
-                          "--max-new-tokens", "12", "--no-stream", "--device", "cpu"]) == 0  # fmt: skip
-    printed = capsys.readouterr().out.strip()
+    with library_progress_bar_on():
+        assert generate.main(["--model", str(folder), "--prompt", "the", "--greedy",
+                              "--max-new-tokens", "12", "--no-stream", "--device", "cpu",
+                              "--no-progress"]) == 0  # fmt: skip
+    printed, err = capsys.readouterr()
+    printed = printed.strip()
+    assert "Loading weights" not in err  # transformers' own bar obeys --no-progress
     tokenizer, model = saved["tokenizer"], saved["model"].eval()
     ids = tokenizer("the", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -136,16 +140,10 @@ def test_a_preset_style_config_evaluates_the_documents_training_held_out(saved, 
 
 @pytest.mark.parametrize("model_folder", ["ours", "llama"])
 def test_evaluate_prints_loss_perplexity_and_bpc(saved, capsys, model_folder):
-    from transformers.utils import logging as hf_logging
-
     folder = saved["root"] / model_folder
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.enable_progress_bar()  # as in a fresh process: --no-progress must switch it off
-    try:
+    with library_progress_bar_on():
         assert evaluate.main(["--model", str(folder), "--data", str(saved["corpus"] / "*.txt"),
                               "--block-size", "32", "--no-progress", "--device", "cpu"]) == 0  # fmt: skip
-    finally:
-        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
     out, err = capsys.readouterr()
     assert "Loading weights" not in err  # transformers' own bar obeys --no-progress too
     assert "6 document(s)" in out
