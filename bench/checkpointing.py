@@ -11,8 +11,11 @@ on random tokens, three ways:
   (``model.activation_checkpointing_enable()``).
 
 Memory is the peak over what was in use before the step (the weights; the gradients are freed
-between steps, so they count in every row alike), measured by :mod:`bench.memory`; time is the
-best of ``--repeats`` steps after a warm-up. The table gives both relative to ``none``.
+between steps, so they count in every row alike), measured by :mod:`bench.memory` twice: the
+device's peak (on CPU the process's resident size, which also holds the allocator's slack and the
+libraries' scratch memory), and the exact peak of the tensors the step creates
+(:class:`~bench.memory.LiveTensorBytes`, the same on every run). Time is the best of
+``--repeats`` steps after a warm-up. The table gives each relative to ``none``.
 
 :func:`checkpointing_table` renders its section of ``bench/RESULTS.md`` (each device's
 :func:`markdown`) from the data :mod:`bench.report` stores.
@@ -40,7 +43,7 @@ from minifusion.config import MiniFusionConfig
 from minifusion.model import MiniFusionForCausalLM
 
 from . import RESULTS_DIR
-from .memory import format_mib, peak_memory_bytes
+from .memory import LiveTensorBytes, format_mib, format_ratio, peak_memory_bytes
 from .tables import PerDevice, _device_blocks
 from .timing import machine_description
 from .training import best_seconds
@@ -54,6 +57,7 @@ class CheckpointingResult:
     mode: str
     peak_bytes: int | None
     seconds: float
+    tensor_peak_bytes: int | None = None  # exact: the tensors the step creates, at their peak
 
 
 def build(preset: str, mode: str, device: torch.device) -> MiniFusionForCausalLM:
@@ -109,10 +113,16 @@ def measure(
     for _ in range(repeats):
         for mode, step in steps.items():
             best[mode] = min(best[mode], best_seconds(step, 1, device, warm_up=False))
+    tensor_peaks = {}
+    for mode, step in steps.items():
+        with LiveTensorBytes() as count:
+            step()
+        tensor_peaks[mode] = count.peak
     steps.clear()
     peaks = {mode: [_peak(preset, mode, ids) for _ in range(memory_runs)] for mode in MODES}
     return [
-        CheckpointingResult(mode, None if None in peaks[mode] else min(peaks[mode]), best[mode])
+        CheckpointingResult(mode, None if None in peaks[mode] else min(peaks[mode]), best[mode],
+                            tensor_peaks[mode])  # fmt: skip
         for mode in MODES
     ]
 
@@ -146,18 +156,17 @@ def markdown(record: dict[str, Any]) -> str:
         f"`{s['preset']}`, batch {s['batch_size']} × {s['seq_len']} tokens, "
         f"{record['machine']}, {record['date']}.",
         "",
-        "| checkpointing | peak memory MiB | × none | step s | × none |",
-        "|---|---|---|---|---|",
+        "| checkpointing | peak memory MiB | × none | tensors at their peak MiB | × none | step s "
+        "| × none |",
+        "|---|---|---|---|---|---|---|",
     ]
     for mode in MODES:
         r = rows[mode]
-        memory = (
-            "n/a"
-            if r["peak_bytes"] is None or not base["peak_bytes"]
-            else f"{r['peak_bytes'] / base['peak_bytes']:.2f}"
-        )
+        tensors = r.get("tensor_peak_bytes")  # absent from records saved before it was counted
         lines.append(
-            f"| {mode} | {format_mib(r['peak_bytes'])} | {memory} | {r['seconds']:.2f} "
+            f"| {mode} | {format_mib(r['peak_bytes'])} "
+            f"| {format_ratio(r['peak_bytes'], base['peak_bytes'])} | {format_mib(tensors)} "
+            f"| {format_ratio(tensors, base.get('tensor_peak_bytes'))} | {r['seconds']:.2f} "
             f"| {r['seconds'] / base['seconds']:.2f} |"
         )
     return "\n".join(lines)

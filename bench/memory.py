@@ -6,14 +6,22 @@ resetting it (``/proc/self/clear_refs``), and tell glibc's ``malloc`` to hand la
 straight back to the operating system, so that freed memory is not silently reused and the
 high-water mark reflects what the measured code needed; before each measurement, whatever it
 still holds unused is released too (``malloc_trim``).
+
+:class:`LiveTensorBytes` counts exactly instead, on any device, but only tensors: the bytes of
+every tensor storage an operation creates while it is active, until that storage is freed. It
+tells what a step leaves allocated behind it, which the resident size cannot (a step that frees
+what the previous one left hides its own growth there).
 """
 
 import ctypes
 import gc
 import sys
+import weakref
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _configured = False
@@ -98,3 +106,48 @@ def format_mib(value: int | None, digits: int = 1) -> str:
 def format_ratio(value: int | None, reference: int | None) -> str:
     """``value / reference`` for a table cell; ``n/a`` where either is missing or zero."""
     return "n/a" if value is None or not reference else f"{value / reference:.2f}"
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Exact bytes of the tensor storages created inside the ``with`` block that are alive.
+
+    Every operation dispatched while the mode is active (forward, backward — autograd runs CPU
+    work on the calling thread and carries the mode along — and recomputation) is seen once its
+    outputs exist; a new storage (not a view of, or written in place into, one of the inputs) is
+    counted until Python's reference to it and every tensor sharing it are gone. ``peak``: the
+    largest total at any operation's end; ``live_after``: what is still allocated when the block
+    exits (after a garbage collection). Storages older than the block are not counted, and
+    neither is scratch memory an operation frees before returning.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.live_after: int | None = None
+        self._sizes: dict[int, int] = {}  # data pointer -> bytes, for the storages alive
+
+    def _freed(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}  # fmt: skip
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if size == 0 or key in inputs or key in self._sizes:
+                continue
+            self._sizes[key] = size
+            self.live += size
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, key)
+        return out
+
+    def __exit__(self, *exc_info):
+        result = super().__exit__(*exc_info)
+        gc.collect()
+        self.live_after = self.live
+        return result

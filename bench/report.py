@@ -527,7 +527,8 @@ SECTIONS = (
         "One training step of the `small` preset (`python -m bench.checkpointing`) with nothing "
         "recomputed, with only the attention and Mamba branches recomputed in backward "
         "(FusionTree's branch-selective checkpointing) and with whole layers recomputed: peak "
-        "memory over the weights, and the step's time, relative to none.",
+        "memory over the weights (the device's, and the exact peak of the tensors the step "
+        "creates), and the step's time, relative to none.",
         checkpointing_table, None, None,
     ),
 )  # fmt: skip

@@ -54,6 +54,18 @@ def binary_entropy(g: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return -(g * g.log() + (1 - g) * (1 - g).log())
 
 
+def _recomputing_in_backward() -> bool:
+    """Whether this forward runs inside a backward pass: activation checkpointing (whole layers,
+    reentrant or not, or DeepSpeed's) recomputes a layer there to rebuild the activations it did
+    not keep. Such a pass must not replace :attr:`GatedFusion.last_gate`: the recomputed gate's
+    autograd graph holds every activation recomputed upstream of it (both branches), which would
+    then stay allocated until the next forward — 470 MiB after each step of ``small`` at
+    2 × 512 tokens. (``torch.utils.checkpoint`` tells the two passes apart the same way.)"""
+    if torch.compiler.is_compiling():
+        return False  # a compiled model recomputes inside its compiled backward, not through here
+    return torch._C._current_graph_task_id() != -1
+
+
 class GatedFusion(nn.Module):
     """Fuse ``mamba_out`` and ``attn_out`` ``(B, T, H)`` into one ``(B, T, H)`` output.
 
@@ -62,7 +74,7 @@ class GatedFusion(nn.Module):
     ``mamba_norm`` and ``attn_norm`` (``fusion_branch_norm``); ``fusion_proj`` ``(H, H)``.
     After each forward pass, :attr:`last_gate` holds the gate (with gradient) for the
     regularisers, and the buffers ``gate_mean``, ``gate_std`` and ``gate_channel_mean`` its
-    statistics. While decoding with a cache the statistics are skipped (a few small operations
+    statistics (activation checkpointing's second pass, in backward, leaves both alone). While decoding with a cache the statistics are skipped (a few small operations
     per token that nobody reads there) unless :attr:`record_while_decoding` is set.
 
     ``keep="attention"`` or ``"mamba"`` builds the fusion of a pruned layer: no gate, only the kept
@@ -129,9 +141,10 @@ class GatedFusion(nn.Module):
         if self.mamba_norm is not None:
             mamba_out, attn_out = self.mamba_norm(mamba_out), self.attn_norm(attn_out)
         g = self.gate(mamba_out, attn_out)
-        if not decoding or self.record_while_decoding:
-            self._record(g, mamba_out.shape[-1])
-        self.last_gate = g
+        if not _recomputing_in_backward():
+            if not decoding or self.record_while_decoding:
+                self._record(g, mamba_out.shape[-1])
+            self.last_gate = g
         return self.fusion_proj(g * mamba_out + (1 - g) * attn_out)
 
     @torch.no_grad()

@@ -111,10 +111,11 @@ def fake_runners(scale: float = 1.0, why_hybrid: str | None = "| task | score |\
     def fake_checkpointing(device, **kwargs):
         record = {"settings": {"preset": "small", "batch_size": 2, "seq_len": 512},
                   "machine": "m", "date": "2000-01-01 00:00 UTC", "seconds": 10.0,
-                  "results": [{"mode": m, "peak_bytes": b, "seconds": scale * t}
-                              for m, b, t in (("none", 400 * 2**20, 2.0),
-                                              ("branches", 250 * 2**20, 2.4),
-                                              ("layers", 100 * 2**20, 2.8))]}  # fmt: skip
+                  "results": [{"mode": m, "peak_bytes": b, "seconds": scale * t,
+                               "tensor_peak_bytes": exact}
+                              for m, b, t, exact in (("none", 400 * 2**20, 2.0, 300 * 2**20),
+                                                     ("branches", 250 * 2**20, 2.4, 180 * 2**20),
+                                                     ("layers", 100 * 2**20, 2.8, 60 * 2**20))]}  # fmt: skip
         return {"record": record}
 
     return {
@@ -153,7 +154,7 @@ def test_results_have_every_section_and_read_back(tmp_path):
     # the ablation pairs each seed with its default: Δ = (−0.02, −0.01) → −0.015 ± 0.007
     assert "| srte: SRTE, sinusoidal, on the Mamba branch | 10 | 1,034,880 | 2.695 ± 0.021 " \
         "| -0.015 ± 0.007 | 2 of 2 | 8,900 (0.99×) | 1.0 | 10,000 |" in text
-    assert "| branches | 250.0 | 0.62 | 2.40 | 1.20 |" in text  # checkpointing, × none
+    assert "| branches | 250.0 | 0.62 | 180.0 | 0.60 | 2.40 | 1.20 |" in text  # checkpointing
     assert "| head of tiny | 0.50 | 0.10 | — | — |" in text  # the loss: chunked / full
     assert "a whole training step of `tiny` runs 1.25× as fast with it" in text
     assert report.read_data(tmp_path / "RESULTS.md") == stored

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import minifusion  # noqa: F401  (registers the Auto classes)
+from bench.memory import LiveTensorBytes
 from minifusion.config import MiniFusionConfig
 from minifusion.fusion import GatedFusion, binary_entropy
 from minifusion.model import MiniFusionForCausalLM, parameter_breakdown_of
@@ -160,6 +161,34 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_recomputed_layers_leave_the_gate_and_no_activations_behind(use_reentrant):
+    """Whole-layer checkpointing runs each layer again inside backward. That pass must not
+    replace ``last_gate``: the recomputed gate's graph would keep the layer's recomputed
+    activations allocated after the step (the live tensors the step created, counted exactly,
+    would then exceed those of the same step without checkpointing)."""
+    torch.manual_seed(0)
+    model = MiniFusionForCausalLM(small_config("hybrid-dense")).train()
+    ids = torch.randint(0, 61, (2, 10))
+    fusions = [layer.fusion for layer in model.model.layers if layer.fusion is not None]
+
+    def step() -> list[torch.Tensor]:
+        loss = model(ids, labels=ids).loss
+        gates = [fusion.last_gate for fusion in fusions]
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return gates
+
+    step()  # lazily created state (optimizer-free here, but caches, RoPE tables) outside the count
+    with LiveTensorBytes() as plain:
+        step()
+    model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+    with LiveTensorBytes() as checkpointed:
+        gates = step()
+    assert fusions and all(f.last_gate is g for f, g in zip(fusions, gates, strict=True))
+    assert 0 < plain.peak and checkpointed.live_after <= plain.live_after
 
 
 def test_branch_checkpointing_recomputes_only_the_branches_and_keeps_the_gradients():
