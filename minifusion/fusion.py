@@ -74,8 +74,9 @@ class GatedFusion(nn.Module):
     ``mamba_norm`` and ``attn_norm`` (``fusion_branch_norm``); ``fusion_proj`` ``(H, H)``.
     After each forward pass, :attr:`last_gate` holds the gate (with gradient) for the
     regularisers, and the buffers ``gate_mean``, ``gate_std`` and ``gate_channel_mean`` its
-    statistics (activation checkpointing's second pass, in backward, leaves both alone). While decoding with a cache the statistics are skipped (a few small operations
-    per token that nobody reads there) unless :attr:`record_while_decoding` is set.
+    statistics (activation checkpointing's second pass, in backward, leaves both alone). While
+    decoding with a cache the statistics are skipped (a few small operations per token that
+    nobody reads there) unless :attr:`record_while_decoding` is set.
 
     ``keep="attention"`` or ``"mamba"`` builds the fusion of a pruned layer: no gate, only the kept
     branch's norm and ``fusion_proj``; ``forward`` then takes ``None`` for the removed branch.
