@@ -1069,12 +1069,13 @@ the same batches; print a table sorted by validation bits per character (lower i
 save it to bench/results/race.json (one record per seconds/lr/batch/seq-len/seed setting).
 
 Recipe (flags change it for every entry alike): AdamW, betas 0.9/0.99, weight decay 0.1 on
-weight matrices (not embeddings, norms, biases); peak --lr with a 50-step linear warm-up, then a cosine over the time budget down
-to 10 %; gradient clipping 1.0; --batch-size random sequences of --seq-len tokens from the
-training split, fixed by --seed (as are the initial weights). Only training steps count
-towards --seconds. Data (--corpus): Shakespeare, two whole works held out for validation, or
-SymPy's Python modules (python-code), 43 of them held out; a 4096-token BPE of the training
-split; prepared once and cached in bench/results/race_data/ (race_data_python-code/)."""
+weight matrices (not embeddings, norms, biases); peak --lr with a 50-step linear warm-up, then
+a cosine over the time budget down to 10 %; gradient clipping 1.0; --batch-size random
+sequences of --seq-len tokens from the training split, fixed by --seed (as are the initial
+weights). Only training steps count towards --seconds. Data (--corpus): Shakespeare, two whole
+works held out for validation, or SymPy's Python modules (python-code), 43 of them held out; a
+4096-token BPE of the training split; prepared once and cached in bench/results/race_data/
+(race_data_python-code/)."""
 
 
 def _help_epilog() -> str:

@@ -383,11 +383,15 @@ def merge(
     machine: str,
     seconds: float,
     date: str,
+    rebuilt: Iterable[str] = (),
 ) -> dict[str, Any]:
-    """``stored`` with this run's ``results`` on ``device``; every other entry is kept."""
+    """``stored`` with this run's ``results`` on ``device``; every other entry is kept.
+    ``rebuilt``: the names among ``results`` that came from their saved files (``--saved``), not
+    from a measurement in this run."""
     merged = json.loads(json.dumps(stored))  # a deep copy
     entry = merged.setdefault(device, {})
-    entry.update(machine=machine, date=date, seconds=seconds, ran=sorted(results))
+    entry.update(machine=machine, date=date, seconds=seconds, ran=sorted(results),
+                 rebuilt=sorted(set(rebuilt) & set(results)))  # fmt: skip
     entry.setdefault("benchmarks", {}).update(results)
     return merged
 
@@ -588,10 +592,20 @@ def render_results(stored: dict[str, Any]) -> str:
         else:
             lines.append(
                 f"| {GROUP[device]} | {entry['machine']} | {entry['date']} "
-                f"| {', '.join(entry['ran'])} | {format_duration(entry['seconds'])} |"
+                f"| {ran_cell(entry)} | {format_duration(entry['seconds'])} |"
             )
     body = [render_section(section, stored) for section in SECTIONS]
     return "\n".join(lines) + "\n\n" + "\n\n".join(body) + "\n\n" + data_block(stored) + "\n"
+
+
+def ran_cell(entry: dict[str, Any]) -> str:
+    """The benchmarks of a device's last run; those rebuilt from their saved results are marked
+    (the run time is then the rebuild's, not the measurement's)."""
+    rebuilt = set(entry.get("rebuilt", ()))
+    return ", ".join(
+        f"{name} (rebuilt from its saved results)" if name in rebuilt else name
+        for name in entry["ran"]
+    )
 
 
 def format_duration(seconds: float) -> str:
@@ -731,9 +745,8 @@ def run_and_write(
     started = time.perf_counter()
     results, failed = run_benchmarks(only or list(RUNNERS), device, sizes, isolate=isolate)
     seconds = time.perf_counter() - started
-    stored = merge(
-        previous, key, results, machine=machine_description(device), seconds=seconds, date=_now()
-    )
+    stored = merge(previous, key, results, machine=machine_description(device), seconds=seconds,
+                   date=_now(), rebuilt=saved)  # fmt: skip
     write_results(results_path, stored)
     print(f"[bench] wrote {results_path} in {format_duration(seconds)}")
     if failed:

@@ -141,6 +141,21 @@ def run_fake(tmp_path, device: str, scale: float = 1.0, **kwargs):
     return stored
 
 
+def test_header_marks_sections_rebuilt_from_their_saved_results(tmp_path):
+    stored = run_fake(tmp_path, "cpu")
+
+    def rerun(name, date, **kwargs):  # a later run of one benchmark, merged into the file
+        results = {name: stored["cpu"]["benchmarks"][name]}
+        merged = report.merge(stored, "cpu", results, machine="m", seconds=5.0, date=date, **kwargs)
+        return merged, report.render_results(merged).split("\n## ")[0]  # its header
+
+    merged, header = rerun("checkpointing", "2000-01-02", rebuilt=["checkpointing", "race"])
+    assert merged["cpu"]["rebuilt"] == ["checkpointing"]  # only what this run produced
+    assert "| 2000-01-02 | checkpointing (rebuilt from its saved results) | 5 s |" in header
+    merged, header = rerun("moe", "2000-01-03")
+    assert merged["cpu"]["rebuilt"] == [] and "| 2000-01-03 | moe | 5 s |" in header
+
+
 def test_results_have_every_section_and_read_back(tmp_path):
     stored = run_fake(tmp_path, "cpu")
     text = (tmp_path / "RESULTS.md").read_text()
