@@ -59,7 +59,7 @@ class TrainConfig:
     eval_every: int = 50  # steps between evaluations (and the last step always)
     eval_batches: int = 8  # validation batches per periodic evaluation (the final one uses all)
     sample_prompt: str = "ROMEO:"
-    sample_tokens: int = 60
+    sample_tokens: int = 60  # generated after each evaluation, into samples.txt (0: none)
     sample_temperature: float = 0.8
     tensorboard: bool = True
     # Never losing work
@@ -119,6 +119,7 @@ class TrainConfig:
                 "log_every, eval_every and save_every must be ≥ 1",
             ),  # fmt: skip
             (self.eval_batches >= 1, "eval_batches must be ≥ 1"),
+            (self.sample_tokens >= 0, "sample_tokens must be ≥ 0 (0: no sample texts)"),
             (self.loss_chunk_rows >= 0, "loss_chunk_rows must be ≥ 0 (0: the full logits)"),
             (self.keep_last >= 1, "keep_last must be ≥ 1"),
             (self.max_bad_steps >= 1, "max_bad_steps must be ≥ 1"),

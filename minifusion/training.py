@@ -496,7 +496,7 @@ class Trainer:
     ) -> EvalResult:
         with self.gate_monitor.evaluating(self.step):
             result = self.evaluate(None if final else -1)
-        text = self.sample()
+        text = self.sample() if self.config.sample_tokens else None  # 0: no sample
         record = {
             "kind": "eval",
             "step": self.step,
@@ -517,12 +517,14 @@ class Trainer:
         if not self.is_main:
             return result
         self.metrics.append(record)
-        with open(self.out_dir / "samples.txt", "a", encoding="utf-8") as handle:
-            handle.write(f"--- step {self.step}, val_loss {result.loss:.4f}\n{text}\n\n")
+        if text is not None:
+            with open(self.out_dir / "samples.txt", "a", encoding="utf-8") as handle:
+                handle.write(f"--- step {self.step}, val_loss {result.loss:.4f}\n{text}\n\n")
         if writer is not None:
             writer.add_scalar("val/loss", result.loss, self.step)
             writer.add_scalar("val/bpc", result.bpc, self.step)
-            writer.add_text("sample", text, self.step)
+            if text is not None:
+                writer.add_text("sample", text, self.step)
             writer.flush()
         plot_loss_curve(self.metrics.read(), self.out_dir / "loss_curve.png")
         plot_gate_heatmaps(self.gate_monitor, self.out_dir / "gate_heatmaps.png")

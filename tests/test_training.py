@@ -351,6 +351,16 @@ def test_metrics_jsonl_format(prepared, tmp_path):
     assert result.records == records
 
 
+def test_sample_tokens_zero_evaluates_without_sample_texts(prepared, tmp_path):
+    trainer = _trainer(prepared, tmp_path, pattern="llama", max_steps=2, eval_every=2,
+                       save_every=2, sample_tokens=0, tensorboard=True)  # fmt: skip
+    result = trainer.fit(export=False)
+    assert result.final_eval is not None and math.isfinite(result.final_eval.bpc)
+    assert trainer.last_sample is None and not (tmp_path / "samples.txt").exists()
+    with pytest.raises(ValueError, match="sample_tokens must be ≥ 0"):
+        TrainConfig.from_dict({"sample_tokens": -1})
+
+
 def test_tensorboard_events_are_written(prepared, tmp_path):
     _trainer(prepared, tmp_path, pattern="llama", tensorboard=True, max_steps=4).fit(export=False)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
