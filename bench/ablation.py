@@ -225,9 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(race.load_records(args.results)))
         return 0
     budget = race._QUICK if args.quick else {"seconds": args.seconds}
+    every_seed = [race.settings_or_exit("python -m bench.ablation", **budget, lr=args.lr,
+                                        seed=seed, turn_seconds=args.turn_seconds)
+                  for seed in args.seeds]  # fmt: skip
     records = []
-    for seed in args.seeds:
-        settings = RaceSettings(**budget, lr=args.lr, seed=seed, turn_seconds=args.turn_seconds)
+    for settings in every_seed:
+        seed = settings.seed
         record = run(args.variants, settings)
         records.append(record)
         if not (args.quick or args.no_save):

@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(race.load_records(args.results)))
         return 0
     quick = race._QUICK if args.quick else {"seconds": args.seconds}
-    settings = RaceSettings(**quick, lr=args.lr, seed=args.seed, turn_seconds=args.turn_seconds)
+    settings = race.settings_or_exit("python -m bench.designs", **quick, lr=args.lr,
+                                     seed=args.seed, turn_seconds=args.turn_seconds)  # fmt: skip
     record = run(args.designs, settings, corpus=args.corpus)
     print()
     print(record_markdown(record))

@@ -50,6 +50,7 @@ def run(
         raise ValueError(f"copies must be at least 2 to have a spread, got {copies}")
     if entry not in race.ENTRIES:
         raise ValueError(f"unknown entry {entry!r}; choose one of {', '.join(race.ENTRIES)}")
+    race.RaceSettings(seconds=seconds)  # refuses a budget no copy can train for, before the data
     data, _ = race.prepare_race_data(corpus, data_dir)
     schedules = {}
     for turn in SCHEDULES:
@@ -150,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.show:
         print(markdown(load_records(args.results)))
         return 0
-    record = run(args.entry, args.copies, args.seconds)
+    try:
+        record = run(args.entry, args.copies, args.seconds)
+    except ValueError as error:  # a refused --copies or --seconds
+        raise SystemExit(f"python -m bench.host_drift: error: {error}") from None
     print()
     print(record_markdown(record))
     if not args.no_save:

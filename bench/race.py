@@ -147,6 +147,28 @@ class RaceSettings:
     eval_blocks: int | None = None  # validation blocks scored; None: all of them
     turn_seconds: float = TURN_SECONDS  # entries take turns of this much training; 0: one by one
 
+    def __post_init__(self) -> None:
+        """Refuse a recipe no race can run, naming the flag and what it takes (a zero budget or
+        batch would otherwise fail inside every worker, after the data and models were built)."""
+        rules = {  # setting: (holds, what it must be, what it means)
+            "seconds": (0 < self.seconds < math.inf, "finite and > 0", "training seconds each"),
+            "lr": (0 < self.lr < math.inf, "finite and > 0", "the peak learning rate, e.g. 1e-3"),
+            "batch_size": (self.batch_size >= 1, "≥ 1", "sequences per step"),
+            "seq_len": (self.seq_len >= 1, "≥ 1", "tokens per sequence"),
+            "threads": (self.threads >= 1, "≥ 1", "torch threads per worker"),
+            "turn_seconds": (0 <= self.turn_seconds < math.inf, "finite and ≥ 0",
+                             "0: one after another"),
+            "eval_blocks": (self.eval_blocks is None or self.eval_blocks >= 1, "≥ 1 or None",
+                            "validation blocks scored; None: all"),
+            "warmup_steps": (self.warmup_steps >= 0, "≥ 0", "steps of linear warm-up"),
+            "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]", "the cosine's floor"),
+            "grad_clip": (self.grad_clip >= 0, "≥ 0", "0: no clipping"),
+        }  # fmt: skip
+        for name, (holds, rule, meaning) in rules.items():
+            if not holds:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be {rule}, not {getattr(self, name)} ({meaning}).")
+
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "betas": list(self.betas)}
 
@@ -1167,9 +1189,19 @@ def add_turns_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def settings_or_exit(prog: str, **values: Any) -> RaceSettings:
+    """``RaceSettings(**values)`` for a command line: a refused value ends the command with its
+    reason (``prog: error: --seconds must be > 0, …``), before any data or model is built."""
+    try:
+        return RaceSettings(**values)
+    except ValueError as error:
+        raise SystemExit(f"{prog}: error: {error}") from None
+
+
 def settings_from_args(args: argparse.Namespace) -> RaceSettings:
     quick = _QUICK if args.quick else {}
-    return RaceSettings(
+    return settings_or_exit(
+        "python -m bench.race",
         **{**quick, **({"seconds": args.seconds} if args.seconds is not None else {})},
         lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, threads=args.threads,
         seed=args.seed, turn_seconds=args.turn_seconds,
@@ -1183,7 +1215,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.show:
         print(markdown(load_records(args.results)))
         return 0
-    record = run(args.models, settings_from_args(args), corpus=args.corpus)
+    settings = settings_from_args(args)
+    record = run(args.models, settings, corpus=args.corpus)
     print()
     print(record_markdown(record))
     if not (args.quick or args.no_save):

@@ -51,11 +51,14 @@ def test_records_are_kept_per_machine_entry_and_budget_and_rendered(tmp_path):
     assert host_drift.markdown([]).startswith("No run saved yet")
 
 
-def test_bad_requests_are_refused_before_any_training():
+def test_bad_requests_are_refused_before_any_training(monkeypatch):
     with pytest.raises(ValueError, match="at least 2"):
         host_drift.run(copies=1)
     with pytest.raises(ValueError, match="unknown entry 'gpt3'"):
         host_drift.run(entry="gpt3")
+    monkeypatch.setattr(race, "prepare_race_data", lambda *a: pytest.fail("refused too late"))
+    with pytest.raises(SystemExit, match="host_drift: error: --seconds must be finite and > 0"):
+        host_drift.main(["--seconds", "0", "--no-save"])
 
 
 @pytest.mark.slow

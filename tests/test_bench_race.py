@@ -269,6 +269,27 @@ def test_command_line_settings():
     assert race.RaceSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--seconds", "0"], "--seconds must be finite and > 0, not 0.0"),
+        (["--seconds", "inf"], "--seconds must be finite and > 0, not inf"),
+        (["--lr=-1e-3"], "--lr must be finite and > 0, not -0.001"),
+        (["--batch-size", "0"], "--batch-size must be ≥ 1, not 0"),
+        (["--seq-len", "0"], "--seq-len must be ≥ 1, not 0"),
+        (["--threads", "0"], "--threads must be ≥ 1, not 0"),
+        (["--turn-seconds", "-1"], "--turn-seconds must be finite and ≥ 0, not -1.0"),
+    ],
+)
+def test_a_setting_no_race_can_run_ends_the_command_with_its_reason(flags, message, monkeypatch):
+    monkeypatch.setattr(race, "run", lambda *a, **k: pytest.fail("raced with a refused setting"))
+    with pytest.raises(SystemExit) as stop:
+        race.main(flags)
+    assert str(stop.value).startswith(f"python -m bench.race: error: {message} (")
+    with pytest.raises(ValueError, match="--eval-blocks must be ≥ 1 or None"):
+        race.RaceSettings(eval_blocks=0)
+
+
 def test_a_setting_label_names_everything_that_tells_two_races_apart():
     # two saved 240 s seed-0 races differed only in their batch shape (16 × 128 and 4 × 512):
     # the label (RESULTS.md headings, the README headline, chapter 16c) must name it
