@@ -406,6 +406,26 @@ class ExportInfo:
     files: list[str]
 
 
+def export_target_problem(directory: str | Path) -> str | None:
+    """Why an export may not be written to ``directory`` (``None``: it may).
+
+    An export replaces the folder whole. That is right for an earlier export (it has a
+    ``config.json``) or an empty or missing folder; anything else there — a file, or a folder of
+    someone's files — would be deleted, so it is refused instead.
+    """
+    directory = Path(directory)
+    if not directory.exists():
+        return None
+    if not directory.is_dir():
+        return (f"{directory} is a file; an export is a folder. Choose another path, or remove "
+                "the file first.")  # fmt: skip
+    if any(directory.iterdir()) and not (directory / "config.json").is_file():
+        return (f"{directory} holds files that are not a model export (it has no config.json); "
+                "an export replaces the whole folder and would delete them. Choose a new or "
+                "empty folder, or move those files away first.")  # fmt: skip
+    return None
+
+
 def export_pretrained(
     model, tokenizer, directory: str | Path, training: dict[str, str] | None = None
 ) -> ExportInfo:
@@ -416,9 +436,13 @@ def export_pretrained(
     directory, trust_remote_code=True)`` loads it without this package, and plain
     ``from_pretrained(directory)`` after ``import minifusion``. Like checkpoints, the folder is
     built under a temporary name and swapped in whole, so an interrupted export leaves the
-    previous export intact.
+    previous export intact. A ``directory`` that holds anything but an earlier export is refused
+    (:func:`export_target_problem`), never deleted.
     """
     directory = Path(directory)
+    problem = export_target_problem(directory)
+    if problem is not None:
+        raise FileExistsError(problem)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
     from transformers import AutoModelForCausalLM
 
+    from .checkpoint import export_target_problem
     from .inference import measure_decode
     from .monitor import collect_gate_statistics
     from .tokenizer import load_tokenizer
@@ -283,8 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minifusion.prune", description=main.__doc__)
     parser.add_argument("--run", required=True, type=Path, help="a finished run folder")
     parser.add_argument("--out", type=Path, help="where to export (default <run>/pruned)")
-    parser.add_argument("--mamba-above", type=float, default=0.9)
-    parser.add_argument("--attention-below", type=float, default=0.1)
+    parser.add_argument("--mamba-above", type=float, default=0.9,
+                        help="a layer whose mean gate is at least this keeps only Mamba (0.9)")
+    parser.add_argument("--attention-below", type=float, default=0.1,
+                        help="a layer whose mean gate is at most this keeps only attention (0.1)")
     parser.add_argument("--max-loss-increase", type=float, default=0.02,
                         help="validation loss a removal may cost, nats/token")  # fmt: skip
     parser.add_argument("--blocks", type=int, default=64, help="validation blocks to measure on")
@@ -295,9 +298,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_progress:
         silence_library_progress_bars()
 
+    # Every argument is checked before the minutes of gate statistics and decode timing.
+    if not 0.0 <= args.attention_below < args.mamba_above <= 1.0:
+        parser.error(f"--attention-below {args.attention_below:g} and --mamba-above "
+                     f"{args.mamba_above:g} must satisfy 0 ≤ attention-below < mamba-above ≤ 1 "
+                     "(the defaults: 0.1 and 0.9).")  # fmt: skip
+    for flag, value in (("--blocks", args.blocks), ("--context", args.context)):
+        if value < 1:
+            parser.error(f"{flag} must be ≥ 1, not {value}.")
+    if not args.max_loss_increase >= 0:
+        parser.error(f"--max-loss-increase must be ≥ 0 nats/token, not {args.max_loss_increase}.")
+    out = args.out or args.run / "pruned"
+    if (problem := export_target_problem(out)) is not None:
+        parser.error(f"--out: {problem}")
     model_dir, val_file = args.run / "model", args.run / "val.bin"
     for needed, hint in ((model_dir, "finish the run (it exports at max_steps)"),
-                         (val_file, "point --run at a run folder of minifusion.train")):  # fmt: skip
+                         (val_file, "point --run at a run folder of minifusion.train"),
+                         (args.run / "config.yaml", "point --run at a run folder of "
+                          "minifusion.train")):  # fmt: skip
         if not needed.exists():
             parser.error(f"{needed} does not exist: {hint}.")
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -320,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                       max_loss_increase=args.max_loss_increase, max_blocks=blocks)  # fmt: skip
     print(f"gate statistics and plan on {blocks} validation blocks of {block_size} tokens:")
     print(plan.table())
-    out = export_pruned(model, plan, tokenizer, args.out or args.run / "pruned")
+    out = export_pruned(model, plan, tokenizer, out)
     pruned = AutoModelForCausalLM.from_pretrained(out).eval()
     context = min(args.context, model.config.max_position_embeddings - 32)
     print(f"\n{'':<10}{'val loss':>10}{'val bpc':>9}{'parameters':>12}"

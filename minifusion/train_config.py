@@ -9,6 +9,7 @@ it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +114,18 @@ class TrainConfig:
                 f"train.warmup_steps={max(self.max_steps // 10, 0)})",
             ),
             (self.grad_clip >= 0, "grad_clip must be ≥ 0 (0 switches clipping off)"),
+            (0 <= self.weight_decay < math.inf, "weight_decay must be ≥ 0 (e.g. 0.1; 0: none)"),
+            (
+                0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
+                f"beta1 and beta2 must be in [0, 1); they are {self.beta1} and {self.beta2} "
+                "(AdamW's usual: 0.9 and 0.95)",
+            ),
+            (0 < self.eps < math.inf, "eps must be > 0 (AdamW's usual: 1e-8)"),
+            (
+                0 < self.sample_temperature < math.inf,
+                "sample_temperature must be > 0 (sampling divides the logits by it; lower it, "
+                "e.g. 0.2, for more predictable samples, or set sample_tokens=0 for none)",
+            ),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (
                 min(self.log_every, self.eval_every, self.save_every) >= 1,

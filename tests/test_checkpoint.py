@@ -146,6 +146,16 @@ def test_export_loads_with_auto_class_and_gives_same_logits(tmp_path, small_toke
     # A second export replaces the folder whole.
     export_pretrained(model, small_tokenizer, tmp_path / "model")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # Anything else there is refused, not replaced: a folder of other files, a file.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    (tmp_path / "a_file").write_text("keep me too")
+    for target, reason in (("notes", "not a model export"), ("a_file", "is a file")):
+        with pytest.raises(FileExistsError, match=reason):
+            export_pretrained(model, small_tokenizer, tmp_path / target)
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
+    assert (tmp_path / "a_file").read_text() == "keep me too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "model", "notes"]
 
 
 _KILLED_WRITER = textwrap.dedent(

@@ -139,7 +139,7 @@ def test_a_preset_style_config_evaluates_the_documents_training_held_out(saved, 
 
 
 @pytest.mark.parametrize("model_folder", ["ours", "llama"])
-def test_evaluate_prints_loss_perplexity_and_bpc(saved, capsys, model_folder):
+def test_evaluate_prints_loss_perplexity_and_bpc(saved, capsys, tmp_path, model_folder):
     folder = saved["root"] / model_folder
     with library_progress_bar_on():
         assert evaluate.main(["--model", str(folder), "--data", str(saved["corpus"] / "*.txt"),
@@ -154,6 +154,9 @@ def test_evaluate_prints_loss_perplexity_and_bpc(saved, capsys, model_folder):
         evaluate.main(["--model", str(folder), "--data", str(saved["corpus"] / "*.txt"),
                        "--block-size", "4096"])  # fmt: skip
     assert "exceeds the model's 128 positions" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused before the model is loaded or a block scored
+        evaluate.main(["--model", str(tmp_path / "none"), "--data", "none", "--max-blocks", "0"])
+    assert "--max-blocks must be at least 1, not 0" in capsys.readouterr().err
 
 
 def test_evaluate_per_position_writes_the_loss_at_every_position(saved, capsys, tmp_path):

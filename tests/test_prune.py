@@ -228,10 +228,36 @@ def test_command_line_explains_a_model_without_hybrid_layers(tmp_path, capsys):
     config = base.replaced(mixer_types=["attention", "mamba"] * (base.num_hidden_layers // 2))
     MiniFusionForCausalLM(config).save_pretrained(run / "model")
     (run / "val.bin").write_bytes(b"")  # never read: the model is refused first
+    (run / "config.yaml").write_text("data: {block_size: 16}\n")
     with pytest.raises(SystemExit):
         prune_main(["--run", str(run)])
     error = capsys.readouterr().err
     assert "no parallel hybrid layer" in error and "tiny-parallel.yaml" in error
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--blocks", "0"], "--blocks must be ≥ 1, not 0"),
+        (["--context", "0"], "--context must be ≥ 1, not 0"),
+        (["--mamba-above", "0.05"], "must satisfy 0 ≤ attention-below < mamba-above ≤ 1"),
+        (["--max-loss-increase", "nan"], "--max-loss-increase must be ≥ 0"),
+        (["--out", "{notes}"], "not a model export (it has no config.json)"),
+    ],
+)
+def test_command_line_refuses_bad_arguments_before_loading_anything(
+    tmp_path, capsys, monkeypatch, flags, message
+):
+    from minifusion import prune
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("keep me")
+    monkeypatch.setattr(prune, "export_pruned", lambda *a: pytest.fail("exported"))
+    with pytest.raises(SystemExit):  # the run folder does not exist: checked after the flags
+        prune.main(["--run", str(tmp_path / "no-run"), *(f.format(notes=notes) for f in flags)])
+    assert message in capsys.readouterr().err
+    assert (notes / "mine.txt").read_text() == "keep me"
 
 
 def test_check_plan_names_non_hybrid_layers_and_pruning_keeps_dtypes():

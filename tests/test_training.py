@@ -121,6 +121,23 @@ def test_train_config_from_dict_checks_names_and_values():
         TrainConfig.from_dict({"max_steps": 5, "warmup_steps": 10})
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"weight_decay": "nan"}, "weight_decay must be ≥ 0"),
+        ({"beta1": 1.5}, r"beta1 and beta2 must be in \[0, 1\); they are 1.5 and 0.95"),
+        ({"beta2": 1.0}, "beta1 and beta2 must be in"),
+        ({"eps": -1}, "eps must be > 0"),
+        ({"sample_temperature": 0}, "sample_temperature must be > 0 .*sample_tokens=0"),
+    ],
+)
+def test_optimizer_and_sampling_settings_are_checked_before_any_step(settings, message):
+    # torch would refuse these only when the optimizer is built (after the data is prepared),
+    # and transformers a temperature of 0 only at the first evaluation.
+    with pytest.raises(ValueError, match=f"Invalid training setting: {message}"):
+        TrainConfig.from_dict(settings)
+
+
 # ----------------------------------------------------------------------------- data ---------
 def test_batch_stream_is_a_function_of_position_and_shards_ranks(prepared):
     data, _ = prepared
