@@ -22,6 +22,7 @@ from minifusion.attention import Attention
 from minifusion.config import MiniFusionConfig
 from minifusion.rope import RotaryEmbedding
 
+from .arguments import positive_int
 from .memory import format_mib, format_ratio, peak_memory_bytes
 from .tables import Data, PerDevice, _ratio, _sorted_union, grouped_table
 from .timing import median_seconds
@@ -167,13 +168,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.attention", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=list(DEFAULT_SEQ_LENS))
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--window", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seq-lens", type=positive_int, nargs="+", default=list(DEFAULT_SEQ_LENS))
+    parser.add_argument("--hidden-size", type=positive_int, default=256)
+    parser.add_argument("--heads", type=positive_int, default=4)
+    parser.add_argument("--kv-heads", type=positive_int, default=2)
+    parser.add_argument("--window", type=positive_int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 

@@ -43,6 +43,7 @@ from minifusion.config import MiniFusionConfig
 from minifusion.model import MiniFusionForCausalLM
 
 from . import RESULTS_DIR
+from .arguments import positive_int
 from .memory import LiveTensorBytes, format_mib, format_ratio, peak_memory_bytes
 from .tables import PerDevice, _device_blocks
 from .timing import machine_description
@@ -216,9 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         "checkpointing, branch-selective checkpointing and whole-layer checkpointing.",
     )
     parser.add_argument("--preset", default="small", help="model preset (%(default)s)")
-    parser.add_argument("--batch-size", type=int, default=2, help="sequences (%(default)s)")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens each (%(default)s)")
-    parser.add_argument("--repeats", type=int, default=4, help="timed steps (%(default)s)")
+    size = positive_int
+    parser.add_argument("--batch-size", type=size, default=2, help="sequences (%(default)s)")
+    parser.add_argument("--seq-len", type=size, default=512, help="tokens each (%(default)s)")
+    parser.add_argument("--repeats", type=positive_int, default=4, help="timed steps (%(default)s)")
     parser.add_argument("--no-save", action="store_true", help=f"do not write {RESULTS_FILE.name}")
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # [preset, mode, ids]: one peak
     args = parser.parse_args(argv)

@@ -48,6 +48,7 @@ from minifusion.config import MiniFusionConfig
 from minifusion.inference import full_attention_config, measure_decode, new_cache
 from minifusion.model import MiniFusionForCausalLM
 
+from .arguments import non_negative_int, positive_int
 from .tables import Data, PerDevice, _ratio, _sorted_union, grouped_table
 
 MODELS = ("hybrid", "full_attention", "llama")
@@ -541,17 +542,18 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m bench.decode", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS))
+    parser.add_argument("--contexts", type=positive_int, nargs="+", default=list(DEFAULT_CONTEXTS))
     parser.add_argument(
         "--batch-sizes", type=int, nargs="+", default=list(DEFAULT_BATCH_SIZES)
     )
     parser.add_argument(
-        "--prefill-context", type=int, default=DEFAULT_PREFILL_CONTEXT,
+        "--prefill-context", type=non_negative_int, default=DEFAULT_PREFILL_CONTEXT,
         help="prompt length whose prefill is timed (0: skip)",
     )  # fmt: skip
-    parser.add_argument("--new-tokens", type=int, default=DEFAULT_NEW_TOKENS)
-    parser.add_argument("--cache-lengths", type=int, nargs="*", default=list(DEFAULT_CACHE_LENGTHS))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=positive_int, default=DEFAULT_NEW_TOKENS)
+    parser.add_argument("--cache-lengths", type=positive_int, nargs="*",
+                        default=list(DEFAULT_CACHE_LENGTHS))
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     print(

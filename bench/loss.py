@@ -32,6 +32,7 @@ from minifusion.config import MiniFusionConfig
 from minifusion.model import MiniFusionForCausalLM
 from minifusion.training import TrainConfig, build_optimizer, compute_loss
 
+from .arguments import positive_int
 from .memory import format_mib, peak_memory_bytes
 from .tables import Data, PerDevice, _ratio, grouped_table
 from .timing import side_by_side_seconds
@@ -198,10 +199,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.loss", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--chunk-rows", type=int, default=None,
+    parser.add_argument("--chunk-rows", type=positive_int, default=None,
                         help="rows per slice of the chunked loss (default: each head's "
                              "minifusion.chunked_loss.default_chunk_rows)")  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     started = time.perf_counter()

@@ -26,6 +26,7 @@ from minifusion.config import MiniFusionConfig
 from minifusion.mlp import SwiGLU
 from minifusion.moe import MoE
 
+from .arguments import positive_int
 from .tables import Data, PerDevice, _ratio, grouped_table
 from .timing import median_seconds
 
@@ -127,12 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.moe", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--expert-size", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tokens", type=positive_int, default=1024)
+    parser.add_argument("--hidden-size", type=positive_int, default=256)
+    parser.add_argument("--experts", type=positive_int, default=8)
+    parser.add_argument("--top-k", type=positive_int, default=2)
+    parser.add_argument("--expert-size", type=positive_int, default=512)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     print(

@@ -45,6 +45,7 @@ from minifusion.mamba import (
     selective_scan_sequential,
 )
 
+from .arguments import non_negative_int, positive_int
 from .memory import format_mib, format_ratio, peak_memory_bytes
 from .tables import MISSING, Data, PerDevice, _ratio, _sorted_union, grouped_table
 from .timing import median_seconds
@@ -305,15 +306,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.scan", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=list(DEFAULT_SEQ_LENS))
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--d-inner", type=int, default=512)
-    parser.add_argument("--d-state", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seq-lens", type=positive_int, nargs="+", default=list(DEFAULT_SEQ_LENS))
+    parser.add_argument("--batch-size", type=positive_int, default=2)
+    parser.add_argument("--d-inner", type=positive_int, default=512)
+    parser.add_argument("--d-state", type=positive_int, default=16)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--min-seconds", type=float, default=MIN_TIMED_SECONDS,
                         help="time fast scans until their runs add up to this long (at most "
                         "100 runs)")  # fmt: skip
-    parser.add_argument("--reference-max-len", type=int, default=REFERENCE_MAX_LEN)
+    parser.add_argument("--reference-max-len", type=non_negative_int, default=REFERENCE_MAX_LEN)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--save", help="also write the table to this Markdown file")
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # internal: one isolated measurement

@@ -36,6 +36,7 @@ from minifusion.model import MiniFusionForCausalLM
 from minifusion.moe import MoE
 from minifusion.training import TrainConfig, autocast_dtype, build_optimizer, compute_loss
 
+from .arguments import non_negative_int, positive_int
 from .tables import MISSING, Data, PerDevice, grouped_table
 from .timing import synchronize
 
@@ -319,11 +320,12 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m bench.training", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--presets", nargs="+", help="default: tiny and small")
-    parser.add_argument("--batch-size", type=int, help="default: per preset and device")
-    parser.add_argument("--seq-len", type=int, help="default: per preset and device")
-    parser.add_argument("--matmul-sizes", type=int, nargs="+", default=list(DEFAULT_MATMUL_SIZES))
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup-steps", type=int, default=1)
+    parser.add_argument("--batch-size", type=positive_int, help="default: per preset and device")
+    parser.add_argument("--seq-len", type=positive_int, help="default: per preset and device")
+    parser.add_argument("--matmul-sizes", type=positive_int, nargs="+",
+                        default=list(DEFAULT_MATMUL_SIZES))
+    parser.add_argument("--steps", type=positive_int, default=3)
+    parser.add_argument("--warmup-steps", type=non_negative_int, default=1)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

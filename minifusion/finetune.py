@@ -23,11 +23,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -60,6 +62,7 @@ DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_
 # exact match on held-out plays) and one they do not (who_said needs copying a name from the
 # context, which a model this small has not learnt: it stays near chance; chapter 17).
 DEFAULT_TASKS = ("is_question", "who_said")
+LORA_RANK, LORA_ALPHA = 16, 32.0  # the command's adapter defaults (chapter 17 uses them too)
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "loss_curve.png", "samples.txt",
                "model", "adapter", "eval.json", "gate_heatmaps.png")  # fmt: skip
 
@@ -192,11 +195,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base", required=True, help="a saved model folder, e.g. runs/tiny/model")
     parser.add_argument("--out", required=True, help="run folder (checkpoints, logs, model/)")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters, not every weight")
-    parser.add_argument("--lora-rank", type=int, default=16, help="adapter rank r (default: %(default)s)")
-    parser.add_argument("--lora-alpha", type=float, default=32.0,
-                        help="adapter updates are scaled by alpha / rank (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS),
-                        help="comma-separated linear layer names (default: %(default)s)")  # fmt: skip
+    # The adapter flags default to None, so that giving one without --lora can be refused.
+    parser.add_argument("--lora-rank", type=int, help=f"adapter rank r (default: {LORA_RANK})")
+    parser.add_argument("--lora-alpha", type=float,
+                        help="adapter updates are scaled by alpha / rank (default: "
+                        f"{LORA_ALPHA:g})")  # fmt: skip
+    parser.add_argument("--lora-targets",
+                        help="comma-separated linear layer names (default: "
+                        f"{','.join(DEFAULT_LORA_TARGETS)})")  # fmt: skip
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                         help=f"comma-separated, from {', '.join(TASKS)} (default: %(default)s)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps (default: 400)")
@@ -219,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="pause after this step: save a checkpoint and exit (rerun to go on)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    problem = _argument_problem(args)
+    if problem is not None:
+        parser.error(problem)
     if args.no_progress:
         from .utils import silence_library_progress_bars
 
@@ -230,11 +239,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _argument_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags, checked before a model is loaded (``None``: nothing); fills
+    in the adapter defaults."""
+    adapter_flags = (args.lora_rank, args.lora_alpha, args.lora_targets)
+    if not args.lora and any(flag is not None for flag in adapter_flags):
+        return ("--lora-rank, --lora-alpha and --lora-targets shape LoRA adapters: add --lora to "
+                "train adapters, or leave them out to train every weight.")  # fmt: skip
+    args.lora_rank = LORA_RANK if args.lora_rank is None else args.lora_rank
+    args.lora_alpha = LORA_ALPHA if args.lora_alpha is None else args.lora_alpha
+    args.lora_targets = args.lora_targets or ",".join(DEFAULT_LORA_TARGETS)
+    checks = (
+        (args.lora_rank >= 1, f"--lora-rank must be ≥ 1 (e.g. {LORA_RANK}), not "
+                              f"{args.lora_rank}"),  # fmt: skip
+        (0 < args.lora_alpha < math.inf, f"--lora-alpha must be > 0 (e.g. {LORA_ALPHA:g}), not "
+                                         f"{args.lora_alpha}"),  # fmt: skip
+        (bool(_names(args.lora_targets)), "--lora-targets names no layer (e.g. q_proj,v_proj)"),
+        (bool(_names(args.tasks)), f"--tasks names no task: one or more of {', '.join(TASKS)}"),
+        (args.steps >= 1, f"--steps must be ≥ 1, not {args.steps}"),
+        (args.batch_size >= 1, f"--batch-size must be ≥ 1, not {args.batch_size}"),
+        (args.test_per_task >= 1, f"--test-per-task must be ≥ 1, not {args.test_per_task}"),
+        (args.stop_at is None or args.stop_at >= 1, f"--stop-at must be ≥ 1, not {args.stop_at}"),
+    )
+    return next((f"{message}." for holds, message in checks if not holds), None)
+
+
+def _names(comma_separated: str) -> list[str]:
+    return [name.strip() for name in comma_separated.split(",") if name.strip()]
+
+
+def _check_resumes_the_same_run(eval_path: Path, facts: dict[str, Any]) -> None:
+    """Refuse to go on with a run folder fine-tuned on other tasks, or with(out) LoRA: its
+    checkpoints, data and base measurement belong to that run."""
+    if not eval_path.is_file():
+        return
+    saved = json.loads(eval_path.read_text(encoding="utf-8"))
+    for key, flag in (("tasks", "--tasks"), ("lora", "--lora")):
+        if key in saved and saved[key] != facts[key]:
+            raise ValueError(
+                f"{eval_path.parent} was fine-tuned with {key} = {saved[key]}, this command asks "
+                f"for {facts[key]} ({flag}). Rerun with the run's own settings to resume it, or "
+                "start over with --fresh (or choose another --out)."
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     from .model_folder import load_model_folder
     from .utils import seed_everything
 
     out_dir = Path(args.out)
+    tasks = _names(args.tasks)
+    facts = {"tasks": tasks, "lora": bool(args.lora)}  # what a resumed run must share
+    eval_path = out_dir / "eval.json"
+    if not args.fresh:
+        _check_resumes_the_same_run(eval_path, facts)
     model, tokenizer = load_model_folder(args.base)
     if getattr(model.config, "model_type", None) != "minifusion":
         raise ValueError(
@@ -242,7 +300,6 @@ def run(args: argparse.Namespace) -> int:
             "MiniFusion models (its loop adds their auxiliary losses)."
         )
     tokenizer = with_chat_template(tokenizer)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     data = InstructionData.from_corpus(args.corpus, val_fraction=args.val_fraction,
                                        split_seed=args.split_seed, seed=args.seed,
                                        test_per_task=args.test_per_task, tasks=tasks)  # fmt: skip
@@ -250,17 +307,17 @@ def run(args: argparse.Namespace) -> int:
     if args.fresh:
         remove_run_outputs(out_dir, RUN_OUTPUTS)
     before = None
-    eval_path = out_dir / "eval.json"
     if eval_path.is_file():  # a resumed run measured its base already
         before = json.loads(eval_path.read_text(encoding="utf-8")).get("base")
     if before is None:
         before = exact_match(model, tokenizer, data.test)
-        eval_path.write_text(json.dumps({"base": before}, indent=2) + "\n", encoding="utf-8")
+        eval_path.write_text(json.dumps({**facts, "base": before}, indent=2) + "\n",
+                             encoding="utf-8")  # fmt: skip
 
     seed_everything(args.seed)
     if args.lora:
-        targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-        model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, targets=targets)
+        model = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha,
+                         targets=_names(args.lora_targets))  # fmt: skip
     lr = args.lr if args.lr is not None else (5e-3 if args.lora else 1e-3)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": data.test[0].prompt}],
                                            add_generation_prompt=True, tokenize=False)  # fmt: skip
@@ -286,8 +343,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"[3/3] stopped by {result.stopped_by} at step {trainer.step}; rerun to go on")
         return 0
     after = exact_match(trainer.model, tokenizer, data.test)
-    eval_path.write_text(json.dumps({"base": before, "finetuned": after}, indent=2) + "\n",
-                         encoding="utf-8")  # fmt: skip
+    eval_path.write_text(json.dumps({**facts, "base": before, "finetuned": after}, indent=2)
+                         + "\n", encoding="utf-8")  # fmt: skip
     print(f"[3/3] exact match on the held-out plays ({len(data.test)} questions):")
     print(f"      {'task':<14} {'base':>6} {'tuned':>6}")
     for task in [*tasks, "all"]:

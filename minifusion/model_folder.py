@@ -16,7 +16,7 @@ from torch import nn
 
 from . import model as _registers_minifusion  # noqa: F401  (AutoModel then knows "minifusion")
 
-__all__ = ["ModelFolderError", "load_model_folder", "resolve_device"]
+__all__ = ["ModelFolderError", "device_named", "load_model_folder", "resolve_device"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
@@ -76,7 +76,23 @@ def load_model_folder(
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"``: CUDA if available, else the CPU; any other name as given."""
+    """``"auto"``: CUDA if available, else the CPU; any other name as :func:`device_named`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return device_named(name)
+
+
+def device_named(name: str) -> torch.device:
+    """The device a user named (``cpu``, ``cuda``, ``cuda:1``, ``mps``). A name torch does not
+    know, or a device this machine lacks, is a ``ValueError`` saying what to use instead (the
+    commands print it as their error line) rather than a failure at the first tensor moved."""
+    from .utils import pick_device
+
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{name!r} is not a device: use auto, cpu, cuda, cuda:N or mps.") from None
+    try:
+        return pick_device(name)
+    except RuntimeError as error:  # e.g. "Device 'cuda' was requested but CUDA is not available"
+        raise ValueError(str(error)) from None

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import math
 import os
 import sys
 import time
@@ -100,10 +101,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="--dry-run's tokens/s estimate: the share of that peak a training "
                         f"step is assumed to reach (default {DEFAULT_MFU:g})")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.stop_at is not None and args.stop_at < 1:
+        parser.error(f"--stop-at must be a step ≥ 1, not {args.stop_at}.")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; a run folder holds the data, checkpoints and "
+                     "logs. Choose another path.")  # fmt: skip
     try:
         if args.dry_run:
             return dry_run(args)
         return run(args)
+    except yaml.YAMLError as error:  # the preset itself: where it stops parsing, and why
+        print(f"error: {args.config} is not valid YAML:\n{error}", file=sys.stderr)
+        return 1
     except (CheckpointError, StaleBuildLockError, TrainingDivergedError, ValueError,
             FileNotFoundError) as error:  # fmt: skip
         print(f"error: {error}", file=sys.stderr)
@@ -131,7 +140,7 @@ def dry_run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, args.overrides)
     train_config = TrainConfig.from_dict(settings["train"])
     model_config = MiniFusionConfig.from_section(settings["model"], where=str(args.config))
-    gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "1"))
+    gpus = args.gpus if args.gpus is not None else int(os.environ.get("WORLD_SIZE", "1"))
     if gpus < 1:
         raise ValueError(f"--gpus must be ≥ 1 (got {gpus}).")
     model_flops = training_flops_per_token(model_config, train_config.block_size)
@@ -207,7 +216,7 @@ def training_flops_per_token(config: MiniFusionConfig, seq_len: int, checkpointi
 
 def expected_tokens_per_second(flops_per_token: float, *, peak_tflops: float, mfu: float) -> float:
     """Tokens/s of one GPU that runs ``mfu`` of its ``peak_tflops``: an estimate, not a measurement."""
-    if peak_tflops <= 0 or not 0 < mfu <= 1:
+    if not (0 < peak_tflops < math.inf and 0 < mfu <= 1):  # refuses nan too
         raise ValueError(
             f"--peak-tflops must be > 0 and --mfu in (0, 1] (got {peak_tflops:g} and {mfu:g})."
         )

@@ -677,6 +677,7 @@ class Trainer:
 
 
 def _resolve_device(name: str) -> torch.device:
+    from .model_folder import device_named
     from .utils import pick_device
 
-    return pick_device(None if name == "auto" else name)
+    return pick_device() if name == "auto" else device_named(name)

@@ -90,6 +90,22 @@ def test_generate_explains_a_folder_it_cannot_use(saved, capsys, tmp_path, folde
     assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("bogus", "'bogus' is not a device: use auto, cpu, cuda, cuda:N or mps."),
+        pytest.param("cuda", "CUDA is not available", marks=pytest.mark.skipif(
+            torch.cuda.is_available(), reason="this machine has CUDA")),
+    ],
+)
+def test_both_commands_name_a_device_they_cannot_use(saved, capsys, device, message):
+    for command, extra in ((generate.main, ["--prompt", "the"]), (evaluate.main, ["--data",
+                           str(saved["corpus"] / "*.txt")])):  # fmt: skip
+        with pytest.raises(SystemExit) as stop:
+            command(["--model", str(saved["root"] / "ours"), "--device", device, *extra])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_sampling_settings_are_checked():
     with pytest.raises(ValueError, match="--greedy"):
         generate.SamplingSettings(temperature=0)

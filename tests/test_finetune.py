@@ -50,7 +50,7 @@ def _train_losses(run):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_an_interrupted_fine_tuning_resumes_to_the_same_result(base, tmp_path, lora):
+def test_an_interrupted_fine_tuning_resumes_to_the_same_result(base, tmp_path, capsys, lora):
     extra = ["--lora", "--lora-rank", "2"] if lora else []
     assert _finetune(base, tmp_path / "straight", *extra) == 0
     assert _finetune(base, tmp_path / "resumed", *extra, "--stop-at", "3") == 0
@@ -64,7 +64,14 @@ def test_an_interrupted_fine_tuning_resumes_to_the_same_result(base, tmp_path, l
     straight_losses = dict(_train_losses(tmp_path / "straight"))
     assert dict(_train_losses(tmp_path / "resumed"))[6] == straight_losses[6]  # exact floats
     scores = json.loads((tmp_path / "resumed" / "eval.json").read_text())
-    assert set(scores) == {"base", "finetuned"} and 0 <= scores["finetuned"]["all"] <= 1
+    assert set(scores) == {"tasks", "lora", "base", "finetuned"} and scores["lora"] == lora
+    assert 0 <= scores["finetuned"]["all"] <= 1
+    # the run resumes only as itself: not with LoRA switched, not on other tasks
+    switched = [] if lora else ["--lora"]
+    for flags, named in ((switched, "--lora"), ([*extra, "--tasks", "who_said"], "--tasks")):
+        assert _finetune(base, tmp_path / "resumed", *flags) == 1
+        error = capsys.readouterr().err
+        assert f"({named}). Rerun with the run's own settings" in error and "--fresh" in error
     assert (tmp_path / "resumed" / "adapter" / "adapter_config.json").is_file() == lora
     tokenizer_config = json.loads(
         (tmp_path / "resumed" / "model" / "tokenizer_config.json").read_text()
@@ -101,3 +108,21 @@ def test_bad_targets_and_missing_base_are_named(base, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert _finetune(base, tmp_path / "o", "--tasks", "who_said,rhymes") == 1
     assert "Unknown task(s) ['rhymes']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lora-rank", "4"], "shape LoRA adapters: add --lora to train adapters"),
+        (["--lora", "--lora-rank", "0"], "--lora-rank must be ≥ 1 (e.g. 16), not 0."),
+        (["--lora", "--lora-alpha", "nan"], "--lora-alpha must be > 0 (e.g. 32), not nan."),
+        (["--lora", "--lora-targets", ","], "--lora-targets names no layer"),
+        (["--tasks", ","], "--tasks names no task: one or more of"),
+        (["--steps", "0"], "--steps must be ≥ 1, not 0."),
+        (["--test-per-task", "0"], "--test-per-task must be ≥ 1, not 0."),
+    ],
+)
+def test_flags_are_checked_before_the_base_model_is_loaded(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as stop:  # the base does not exist: the flags come first
+        main(["--base", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), *flags])
+    assert stop.value.code == 2 and message in capsys.readouterr().err

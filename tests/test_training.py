@@ -559,6 +559,24 @@ def test_script_trains_resumes_and_exports(prepared, tmp_path, capsys):
     assert "Unknown train setting(s) ['typo']" in capsys.readouterr().err
 
 
+def test_script_names_a_bad_preset_out_folder_or_device(prepared, tmp_path, capsys):
+    preset = _preset(tmp_path, prepared)
+    (tmp_path / "a_file").write_text("not a run")
+    with pytest.raises(SystemExit):
+        main(["--config", str(preset), "--out", str(tmp_path / "a_file")])
+    assert "--out" in capsys.readouterr().err and (tmp_path / "a_file").read_text() == "not a run"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  hidden_size: [32\n", encoding="utf-8")
+    assert main(["--config", str(broken), "--out", str(tmp_path / "run")]) == 1
+    error = capsys.readouterr().err
+    assert f"error: {broken} is not valid YAML" in error and "line 2" in error
+    for device, message in (("bogus", "'bogus' is not a device: use auto, cpu, cuda"),
+                            ("cuda:x", "'cuda:x' is not a device")):  # fmt: skip
+        assert main(["--config", str(preset), "--out", str(tmp_path / "run"), "--no-progress",
+                     "--set", f"train.device={device}"]) == 1  # fmt: skip
+        assert message in capsys.readouterr().err
+
+
 def test_script_trains_on_a_streamed_corpus(prepared, tmp_path, capsys):
     preset, out = _preset(tmp_path, prepared), tmp_path / "run"
     assert main(["--config", str(preset), "--out", str(out), "--no-progress",
@@ -684,6 +702,15 @@ def test_dry_run_plans_the_reference_run_without_building_it(tmp_path, capsys, m
     expected = {k: n * v / 2**30 for k, v in bytes_per_parameter(2, 8).items()}
     for name, gib in expected.items():
         assert f"#   {name:<12} {gib:8.2f} GiB" in printed
+    # a plan for no GPU, or an estimate from nan TFLOPS, is refused (not planned for 1, not nan)
+    preset = ["--config", str(REPO / "configs/tiny.yaml"), "--out", str(out), "--dry-run"]
+    for flags, message in ((["--gpus", "0"], "--gpus must be ≥ 1 (got 0)"),
+                           (["--peak-tflops", "nan"], "--peak-tflops must be > 0")):  # fmt: skip
+        assert main([*preset, *flags]) == 1
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*preset, "--stop-at", "-3"])
+    assert "--stop-at must be a step ≥ 1, not -3" in capsys.readouterr().err
 
 
 
