@@ -435,8 +435,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Prepare a corpus: fetch it, train the tokenizer, write the token files "
         "(what `python -m minifusion.train` does first, on its own).",
     )
-    parser.add_argument("--config", default="configs/tiny.yaml", help="preset YAML (model + data)")
-    parser.add_argument("--out", default="runs/tiny", help="output folder")
+    parser.add_argument("--config", default="configs/tiny.yaml",
+                        help="preset YAML (model + data; default: %(default)s)")  # fmt: skip
+    parser.add_argument("--out", default="runs/tiny",
+                        help="output folder (default: %(default)s, where `make train` looks)")  # fmt: skip
     parser.add_argument(
         "--source",
         help="override data.source: 'shakespeare', 'python-code', a path/glob, hf:<name>",
@@ -447,6 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "one --set, or --set repeated)")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="redo every step")
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; the prepared data is a folder. Choose another "
+                     "path.")  # fmt: skip
 
     overrides = [*args.overrides, *([f"data.source={args.source}"] if args.source else [])]
     try:

@@ -358,6 +358,19 @@ def test_command_line_prints_summary(tmp_path, text_corpus):
     assert (tmp_path / "out" / "train.bin").is_file() and (
         tmp_path / "out" / "tokenizer" / "tokenizer.json"
     ).is_file()
+    from minifusion.data import main as data_main
+
+    (tmp_path / "a_file").write_text("not data")
+    with pytest.raises(SystemExit):  # a file at --out is named, not half-written into
+        data_main(["--config", str(config), "--out", str(tmp_path / "a_file")])
+    assert (tmp_path / "a_file").read_text() == "not data"
+
+
+def test_the_environment_report_has_a_help_text():
+    result = subprocess.run([sys.executable, "-m", "minifusion", "--help"], capture_output=True,
+                            text=True, cwd=REPO, timeout=300)  # fmt: skip
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m minifusion")
+    assert "PyTorch" in result.stdout and "lock" in result.stdout
 
 
 # --------------------------------------------------------------------- the default corpus ---
