@@ -458,7 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.config, overrides)
         vocab_size = int(settings["model"].get("vocab_size", MiniFusionConfig().vocab_size))
         prepared = preparation_for(settings["data"], vocab_size)(args.out, force=args.force)
-    except (ValueError, FileNotFoundError) as error:  # UnicodeDecodeError is a ValueError
+    # UnicodeDecodeError is a ValueError; IsADirectoryError: a corpus folder instead of its files
+    except (ValueError, FileNotFoundError, IsADirectoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(prepared.summary())

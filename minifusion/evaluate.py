@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, tokenizer = load_model_folder(args.model, resolve_device(args.device))
         texts, description = evaluation_documents(args.data)
-    except (ModelFolderError, ValueError, FileNotFoundError) as error:
+    except (ModelFolderError, ValueError, FileNotFoundError, IsADirectoryError) as error:
         parser.error(str(error))
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and args.block_size > positions:

@@ -234,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         silence_library_progress_bars()
     try:
         return run(args)
-    except (CheckpointError, TrainingDivergedError, ValueError, FileNotFoundError) as error:
+    except (CheckpointError, TrainingDivergedError, ValueError, FileNotFoundError,
+            IsADirectoryError) as error:  # fmt: skip
         print(f"error: {error}", file=sys.stderr)
         return 1
 

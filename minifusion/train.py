@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {args.config} is not valid YAML:\n{error}", file=sys.stderr)
         return 1
     except (CheckpointError, StaleBuildLockError, TrainingDivergedError, ValueError,
-            FileNotFoundError) as error:  # fmt: skip
+            FileNotFoundError, IsADirectoryError) as error:  # fmt: skip
         print(f"error: {error}", file=sys.stderr)
         return 1
 
