@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         silence_library_progress_bars()
     if args.block_size < 1 or args.batch_size < 1:
         parser.error("--block-size and --batch-size must be at least 1.")
+    if args.per_position is not None and args.per_position.is_dir():
+        parser.error(f"--per-position {args.per_position} is a folder; give a CSV file to write, "
+                     f"e.g. {args.per_position / 'loss_by_position.csv'}.")  # fmt: skip
     if args.max_blocks is not None and args.max_blocks < 1:
         parser.error(f"--max-blocks must be at least 1, not {args.max_blocks} (leave it out to "
                      "score every block).")  # fmt: skip

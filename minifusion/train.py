@@ -140,6 +140,7 @@ def dry_run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, args.overrides)
     train_config = TrainConfig.from_dict(settings["train"])
     model_config = MiniFusionConfig.from_section(settings["model"], where=str(args.config))
+    check_block_fits(model_config, train_config)
     gpus = args.gpus if args.gpus is not None else int(os.environ.get("WORLD_SIZE", "1"))
     if gpus < 1:
         raise ValueError(f"--gpus must be ≥ 1 (got {gpus}).")
@@ -223,6 +224,19 @@ def expected_tokens_per_second(flops_per_token: float, *, peak_tflops: float, mf
     return mfu * peak_tflops * 1e12 / flops_per_token
 
 
+def check_block_fits(model_config: MiniFusionConfig, train_config: TrainConfig) -> None:
+    """Refuse training sequences longer than the model's positions (RoPE would still run, but
+    the model would learn positions its config says it does not have, and ``evaluate`` refuses
+    them)."""
+    if train_config.block_size > model_config.max_position_embeddings:
+        raise ValueError(
+            f"The training sequences ({train_config.block_size:,} tokens: data.block_size, or "
+            f"train.block_size) are longer than model.max_position_embeddings "
+            f"({model_config.max_position_embeddings:,}). Lower the block size, or raise "
+            "model.max_position_embeddings."
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     out_dir = Path(args.out)
@@ -243,6 +257,7 @@ def run(args: argparse.Namespace) -> int:
             start_fresh(out_dir)
     _barrier(args)
     model_config = MiniFusionConfig.from_yaml(out_dir / "config.yaml")  # validates every field
+    check_block_fits(model_config, train_config)
 
     print(f"[1/4] data → {out_dir}")
     prepare = preparation_for(settings["data"], model_config.vocab_size)

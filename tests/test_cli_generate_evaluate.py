@@ -173,6 +173,10 @@ def test_evaluate_prints_loss_perplexity_and_bpc(saved, capsys, tmp_path, model_
     with pytest.raises(SystemExit):  # refused before the model is loaded or a block scored
         evaluate.main(["--model", str(tmp_path / "none"), "--data", "none", "--max-blocks", "0"])
     assert "--max-blocks must be at least 1, not 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # checked before the scoring, not after
+        evaluate.main(["--model", str(tmp_path / "none"), "--data", "none", "--per-position",
+                       str(tmp_path)])  # fmt: skip
+    assert "is a folder; give a CSV file to write" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a corpus folder rather than its files: the fix is named
         evaluate.main(["--model", str(folder), "--data", str(saved["corpus"])])
     assert f"give the files in it, e.g. '{saved['corpus']}/*.txt'" in capsys.readouterr().err

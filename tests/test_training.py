@@ -575,6 +575,11 @@ def test_script_names_a_bad_preset_out_folder_or_device(prepared, tmp_path, caps
         assert main(["--config", str(preset), "--out", str(tmp_path / "run"), "--no-progress",
                      "--set", f"train.device={device}"]) == 1  # fmt: skip
         assert message in capsys.readouterr().err
+    assert main(["--config", str(preset), "--out", str(tmp_path / "long"), "--no-progress",
+                 "--set", "data.block_size=4096"]) == 1  # fmt: skip
+    error = capsys.readouterr().err
+    assert "(4,096 tokens: data.block_size, or train.block_size) are longer than" in error
+    assert not (tmp_path / "long" / "train.bin").exists()  # refused before the data is prepared
 
 
 def test_script_trains_on_a_streamed_corpus(prepared, tmp_path, capsys):
