@@ -780,6 +780,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         return _child(args.child, args.device, args.child_kwargs, args.child_out)
+    if args.readme_only and args.no_readme:
+        parser.error("--readme-only with --no-readme leaves nothing to do; drop one of them.")
+    if not args.no_readme and not Path(args.readme).is_file():
+        parser.error(f"--readme {args.readme} does not exist; its results section is where the "
+                     "tables go (the repository's README.md by default).")  # fmt: skip
     failed = []
     if not args.readme_only:
         failed = run_and_write(

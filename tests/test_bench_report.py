@@ -310,6 +310,16 @@ def test_real_benchmarks_at_tiny_sizes_through_the_command(tmp_path, monkeypatch
     assert report.main(["--readme-only", *files]) == 0
 
 
+def test_readme_flags_that_cannot_work_are_refused(tmp_path, capsys):
+    missing = tmp_path / "missing.md"
+    for flags, message in ((["--readme-only", "--no-readme"], "leaves nothing to do"),
+                           (["--readme-only", "--readme", str(missing)], "does not exist")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            report.main(flags)
+        assert message in capsys.readouterr().err
+    assert not missing.exists()
+
+
 @pytest.mark.gpu
 def test_cuda_run_fills_the_gpu_columns(tmp_path, monkeypatch):
     run_fake(tmp_path, "cpu")
