@@ -47,7 +47,8 @@ class SamplingSettings:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1].")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} must be at least 1 (or None for no limit).")
+            raise ValueError(f"top_k={self.top_k} must be at least 1 (no limit: None; --top-k 0 on "
+                             "the command line).")
 
     def generate_kwargs(self) -> dict:
         """The keyword arguments of ``model.generate()``."""
