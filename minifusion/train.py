@@ -41,6 +41,7 @@ from .checkpoint import CheckpointError, remove_run_outputs
 from .config import MiniFusionConfig
 from .data import PreparedStream, preparation_for
 from .distributed import StaleBuildLockError
+from .model_folder import device_named
 from .settings import apply_overrides, load_settings  # noqa: F401  (apply_overrides: re-export)
 from .tokenizer import load_tokenizer
 from .training import StreamingBatches, TrainConfig, Trainer, TrainingDivergedError
@@ -242,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     settings = load_settings(args.config, args.overrides)
     train_config = TrainConfig.from_dict(settings["train"])
+    if train_config.device != "auto":  # an absent device is named now, not after the data
+        device_named(train_config.device)
     rank = 0
     if args.deepspeed:
         from .distributed import init_distributed

@@ -342,7 +342,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per GPU")
     parser.add_argument("--seq-len", type=int, default=2048)
     args = parser.parse_args(argv)
-    config = MiniFusionConfig.from_preset(args.preset)
+    for flag, value in (("--gpus", args.gpus), ("--batch-size", args.batch_size),
+                        ("--seq-len", args.seq_len)):  # fmt: skip
+        if value < 1:
+            parser.error(f"{flag} must be ≥ 1, not {value}.")
+    try:
+        config = MiniFusionConfig.from_preset(args.preset)
+    except (ValueError, FileNotFoundError) as error:  # an unknown preset, a bad value in one
+        parser.error(str(error))
     per_token = activation_bytes_per_token(config, seq_len=min(args.seq_len, 512))
     print(
         f"{args.preset}: {config.estimate_parameters():,} parameters; micro-batch "

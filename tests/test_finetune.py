@@ -126,3 +126,7 @@ def test_flags_are_checked_before_the_base_model_is_loaded(tmp_path, capsys, fla
     with pytest.raises(SystemExit) as stop:  # the base does not exist: the flags come first
         main(["--base", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), *flags])
     assert stop.value.code == 2 and message in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("not a run")
+    with pytest.raises(SystemExit):
+        main(["--base", str(tmp_path / "nowhere"), "--out", str(tmp_path / "a_file")])
+    assert "--out" in capsys.readouterr().err and (tmp_path / "a_file").read_text() == "not a run"

@@ -575,6 +575,7 @@ def test_script_names_a_bad_preset_out_folder_or_device(prepared, tmp_path, caps
         assert main(["--config", str(preset), "--out", str(tmp_path / "run"), "--no-progress",
                      "--set", f"train.device={device}"]) == 1  # fmt: skip
         assert message in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()  # named before the run folder and its data
     assert main(["--config", str(preset), "--out", str(tmp_path / "long"), "--no-progress",
                  "--set", "data.block_size=4096"]) == 1  # fmt: skip
     error = capsys.readouterr().err

@@ -138,6 +138,11 @@ def test_memory_table_command(capsys):
     expected = MiniFusionConfig.from_preset("tiny").estimate_parameters()
     assert lines[0].startswith(f"tiny: {expected:,} parameters")
     assert len(lines) == 9 and sum("(ckpt)" in line for line in lines) == 4
+    for flags, message in ((["--gpus", "0"], "--gpus must be ≥ 1, not 0."),
+                           (["--preset", "tinyy"], "tinyy")):  # fmt: skip
+        with pytest.raises(SystemExit) as stop:  # an argparse error line, not a traceback
+            main(flags)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
 def _lock(root: Path, extension: str, age_seconds: float) -> Path:
