@@ -217,9 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         "checkpointing, branch-selective checkpointing and whole-layer checkpointing.",
     )
     parser.add_argument("--preset", default="small", help="model preset (%(default)s)")
-    size = positive_int
-    parser.add_argument("--batch-size", type=size, default=2, help="sequences (%(default)s)")
-    parser.add_argument("--seq-len", type=size, default=512, help="tokens each (%(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=2,
+                        help="sequences (%(default)s)")  # fmt: skip
+    parser.add_argument("--seq-len", type=positive_int, default=512,
+                        help="tokens each (%(default)s)")  # fmt: skip
     parser.add_argument("--repeats", type=positive_int, default=4, help="timed steps (%(default)s)")
     parser.add_argument("--no-save", action="store_true", help=f"do not write {RESULTS_FILE.name}")
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # [preset, mode, ids]: one peak

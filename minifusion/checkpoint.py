@@ -406,6 +406,14 @@ class ExportInfo:
     files: list[str]
 
 
+def file_in_the_way(out: str | Path, folder: str) -> str | None:
+    """The error when ``--out`` names a file where a command writes a folder (``folder`` says what
+    that folder is); ``None`` when it does not."""
+    if Path(out).exists() and not Path(out).is_dir():
+        return f"--out {out} is a file; {folder}. Choose another path."
+    return None
+
+
 def export_target_problem(directory: str | Path) -> str | None:
     """Why an export may not be written to ``directory`` (``None``: it may).
 

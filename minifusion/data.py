@@ -427,6 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m minifusion.data --config configs/tiny.yaml --out runs/tiny``."""
     import argparse
 
+    from .checkpoint import file_in_the_way
     from .config import MiniFusionConfig
     from .settings import load_settings
 
@@ -449,9 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "one --set, or --set repeated)")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="redo every step")
     args = parser.parse_args(argv)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        parser.error(f"--out {args.out} is a file; the prepared data is a folder. Choose another "
-                     "path.")  # fmt: skip
+    if problem := file_in_the_way(args.out, "the prepared data is a folder"):
+        parser.error(problem)
 
     overrides = [*args.overrides, *([f"data.source={args.source}"] if args.source else [])]
     try:

@@ -33,7 +33,12 @@ from typing import Any
 
 from torch import nn
 
-from .checkpoint import CheckpointError, export_pretrained, remove_run_outputs
+from .checkpoint import (
+    CheckpointError,
+    export_pretrained,
+    file_in_the_way,
+    remove_run_outputs,
+)
 from .instruct import (
     TASKS,
     Example,
@@ -243,8 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _argument_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the flags, checked before a model is loaded (``None``: nothing); fills
     in the adapter defaults."""
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        return f"--out {args.out} is a file; a fine-tuning run is a folder. Choose another path."
+    if problem := file_in_the_way(args.out, "a fine-tuning run is a folder"):
+        return problem
     adapter_flags = (args.lora_rank, args.lora_alpha, args.lora_targets)
     if not args.lora and any(flag is not None for flag in adapter_flags):
         return ("--lora-rank, --lora-alpha and --lora-targets shape LoRA adapters: add --lora to "

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import yaml
 
-from .checkpoint import CheckpointError, remove_run_outputs
+from .checkpoint import CheckpointError, file_in_the_way, remove_run_outputs
 from .config import MiniFusionConfig
 from .data import PreparedStream, preparation_for
 from .distributed import StaleBuildLockError
@@ -104,9 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.stop_at is not None and args.stop_at < 1:
         parser.error(f"--stop-at must be a step ≥ 1, not {args.stop_at}.")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        parser.error(f"--out {args.out} is a file; a run folder holds the data, checkpoints and "
-                     "logs. Choose another path.")  # fmt: skip
+    if problem := file_in_the_way(args.out, "a run folder holds the data, checkpoints and logs"):
+        parser.error(problem)
     try:
         if args.dry_run:
             return dry_run(args)
