@@ -347,6 +347,11 @@ def _resolve_files(source: str | Path | Sequence[str | Path]) -> list[Path]:
     return files
 
 
+# How the training commands spell "substitute U+FFFD": the error below names it; a command with
+# its own flag for the setting (``evaluate --encoding-errors``) puts that in its place.
+COMMAND_LINE_REPLACE = "--set data.encoding_errors=replace"
+
+
 def _utf8_error(
     path: Path, line_no: int, raw: bytes, exc: UnicodeDecodeError
 ) -> UnicodeDecodeError:
@@ -355,7 +360,7 @@ def _utf8_error(
         "utf-8", raw, exc.start, exc.end,
         f"{path}, line {line_no}: bytes {raw[exc.start : exc.end]!r} are not valid UTF-8. "
         "Re-encode the file as UTF-8, or substitute U+FFFD for such bytes: "
-        "encoding_errors='replace' (on the command line: --set data.encoding_errors=replace)",
+        f"encoding_errors='replace' (on the command line: {COMMAND_LINE_REPLACE})",
     )  # fmt: skip
 
 

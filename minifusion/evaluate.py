@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .corpus import COMMAND_LINE_REPLACE
 from .model_folder import ModelFolderError, load_model_folder, resolve_device
 from .utils import silence_library_progress_bars
 
@@ -127,10 +128,11 @@ def score_stream(
     return TextScore(nats, tokens, characters)
 
 
-def evaluation_documents(data: str) -> tuple[list[str], str]:
+def evaluation_documents(data: str, encoding_errors: str = "strict") -> tuple[list[str], str]:
     """``(texts, description)`` for ``--data``: a preset / config's held-out documents (the split
     training made: whole documents, ``val_fraction`` of them, or the first ``val_documents`` of a
-    streamed corpus), or every document of the files ``data`` names."""
+    streamed corpus), or every document of the files ``data`` names. Bytes that are not UTF-8
+    raise, unless ``encoding_errors`` or the config's ``data.encoding_errors`` is ``"replace"``."""
     from .config import PRESETS_DIR
     from .data import load_documents, split_documents
     from .settings import load_settings
@@ -139,7 +141,8 @@ def evaluation_documents(data: str) -> tuple[list[str], str]:
     if not path.is_file():
         if data.endswith((".yaml", ".yml")):
             raise FileNotFoundError(f"--data {data}: no such config file.")
-        documents = load_documents(data)  # files; its own error names what it could not read
+        # files; its own error names what it could not read
+        documents = load_documents(data, encoding_errors=encoding_errors)
         return list(documents["text"]), f"{len(documents)} document(s) from {data}"
     settings = load_settings(path)["data"]
     if settings["streaming"]:
@@ -147,8 +150,10 @@ def evaluation_documents(data: str) -> tuple[list[str], str]:
                                 streaming=True)  # fmt: skip
         texts = [row["text"] for _, row in zip(range(int(settings["val_documents"])), stream)]
         return texts, f"{path.name}'s held-out documents (the first {len(texts)} of the stream)"
+    if encoding_errors == "strict":
+        encoding_errors = settings["encoding_errors"]
     documents = load_documents(settings["source"], text_field=settings["text_field"],
-                               encoding_errors=settings["encoding_errors"])  # fmt: skip
+                               encoding_errors=encoding_errors)  # fmt: skip
     # the split prepare_data makes for training (seed 0), so these documents were never trained on
     _, validation = split_documents(documents, float(settings["val_fraction"]))
     names = list(validation["source"]) if "source" in validation.column_names else []
@@ -171,6 +176,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
                         help="tokens of context per block (256; at most the model's positions)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (8)")
     parser.add_argument("--max-blocks", type=int, help="score only the first N blocks (quick look)")
+    parser.add_argument("--encoding-errors", choices=("strict", "replace"), default="strict",
+                        help="bytes that are not UTF-8: an error naming file and line (strict, "
+                             "the default, unless a --data config says replace) or U+FFFD in "
+                             "their place (replace)")  # fmt: skip
     parser.add_argument("--per-position", type=Path, metavar="CSV",
                         help="also write the mean loss at every position of a block to CSV")  # fmt: skip
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
@@ -192,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                      "score every block).")  # fmt: skip
     try:
         model, tokenizer = load_model_folder(args.model, resolve_device(args.device))
-        texts, description = evaluation_documents(args.data)
+        texts, description = evaluation_documents(args.data, args.encoding_errors)
+    except UnicodeDecodeError as error:  # its text names the fix as training spells it
+        parser.error(error.reason.replace(COMMAND_LINE_REPLACE, "--encoding-errors replace"))
     except (ModelFolderError, ValueError, FileNotFoundError, IsADirectoryError) as error:
         parser.error(str(error))
     positions = getattr(model.config, "max_position_embeddings", None)

@@ -182,6 +182,22 @@ def test_evaluate_prints_loss_perplexity_and_bpc(saved, capsys, tmp_path, model_
     assert f"give the files in it, e.g. '{saved['corpus']}/*.txt'" in capsys.readouterr().err
 
 
+def test_evaluate_names_its_own_flag_for_text_that_is_not_utf8(saved, capsys, tmp_path):
+    """A file with a Latin-1 byte: refused with evaluate's flag as the fix (the training
+    commands' --set does not exist here), then scored with it."""
+    text = tmp_path / "latin1.txt"
+    text.write_bytes("the caf\xe9 and the river\n".encode("latin-1") * 20)
+    command = ["--model", str(saved["root"] / "ours"), "--data", str(text), "--block-size", "16",
+               "--no-progress", "--device", "cpu"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        evaluate.main(command)
+    err = capsys.readouterr().err
+    assert f"{text}, line 1: bytes b'\\xe9' are not valid UTF-8" in err
+    assert "--encoding-errors replace" in err and "--set" not in err
+    assert evaluate.main([*command, "--encoding-errors", "replace"]) == 0
+    assert "1 document(s)" in capsys.readouterr().out
+
+
 def test_evaluate_per_position_writes_the_loss_at_every_position(saved, capsys, tmp_path):
     """The CSV's mean over positions equals the loss the command prints (same blocks: the stream
     splits into whole blocks plus a remainder, and only whole blocks enter the CSV)."""
