@@ -267,6 +267,9 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
         (args.steps >= 1, f"--steps must be ≥ 1, not {args.steps}"),
         (args.batch_size >= 1, f"--batch-size must be ≥ 1, not {args.batch_size}"),
         (args.test_per_task >= 1, f"--test-per-task must be ≥ 1, not {args.test_per_task}"),
+        (0 < args.val_fraction < 1, f"--val-fraction must be between 0 and 1, not "
+                                    f"{args.val_fraction}: the held-out plays are where the "
+                                    "fine-tuned model is tested (0.1: one play in ten)"),  # fmt: skip
         (args.stop_at is None or args.stop_at >= 1, f"--stop-at must be ≥ 1, not {args.stop_at}"),
     )
     return next((f"{message}." for holds, message in checks if not holds), None)

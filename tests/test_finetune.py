@@ -120,6 +120,8 @@ def test_bad_targets_and_missing_base_are_named(base, tmp_path, capsys):
         (["--tasks", ","], "--tasks names no task: one or more of"),
         (["--steps", "0"], "--steps must be ≥ 1, not 0."),
         (["--test-per-task", "0"], "--test-per-task must be ≥ 1, not 0."),
+        (["--val-fraction", "0"], "--val-fraction must be between 0 and 1, not 0.0: the held-out"),
+        (["--val-fraction", "1"], "--val-fraction must be between 0 and 1, not 1.0"),
     ],
 )
 def test_flags_are_checked_before_the_base_model_is_loaded(tmp_path, capsys, flags, message):
