@@ -40,6 +40,7 @@ from minifusion.tasks import (
 )
 
 from . import RESULTS_DIR
+from .arguments import output_file
 from .stats import mean_and_spread
 from .timing import machine_description
 
@@ -226,9 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes; seconds; not saved")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help=f"exported model for the loss by position ({DEFAULT_MODEL})")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=RESULTS_FILE,
+    parser.add_argument("--out", type=output_file, default=RESULTS_FILE,
                         help="where the full run's JSON is saved")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.model != DEFAULT_MODEL and not (args.model / "config.json").is_file():
+        parser.error(f"--model {args.model} is not an exported model (a folder with config.json, "
+                     f"such as a run's model/); leave --model out to use {DEFAULT_MODEL}, which "
+                     "`make train` writes.")  # fmt: skip
     results = run(quick=args.quick, model_dir=args.model)
     if not args.quick:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ from minifusion.mamba import (
     selective_scan_sequential,
 )
 
-from .arguments import non_negative_int, positive_int
+from .arguments import non_negative_float, non_negative_int, output_file, positive_int
 from .memory import format_mib, format_ratio, peak_memory_bytes
 from .tables import MISSING, Data, PerDevice, _ratio, _sorted_union, grouped_table
 from .timing import median_seconds
@@ -311,12 +311,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--d-inner", type=positive_int, default=512)
     parser.add_argument("--d-state", type=positive_int, default=16)
     parser.add_argument("--repeats", type=positive_int, default=3)
-    parser.add_argument("--min-seconds", type=float, default=MIN_TIMED_SECONDS,
+    parser.add_argument("--min-seconds", type=non_negative_float, default=MIN_TIMED_SECONDS,
                         help="time fast scans until their runs add up to this long (at most "
                         "100 runs)")  # fmt: skip
     parser.add_argument("--reference-max-len", type=non_negative_int, default=REFERENCE_MAX_LEN)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--save", help="also write the table to this Markdown file")
+    parser.add_argument("--save", type=output_file,
+                        help="also write the table to this Markdown file")  # fmt: skip
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)  # internal: one isolated measurement
     args = parser.parse_args(argv)
     if args.peak_of:

@@ -45,6 +45,7 @@ from minifusion.tokenizer import load_tokenizer
 from minifusion.training import ValidationSet
 
 from . import RESULTS_DIR
+from .arguments import output_file
 from .stats import mean_and_spread, wins_in_every_seed
 from .timing import machine_description
 
@@ -361,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes; seconds; not saved")
     parser.add_argument(
-        "--out", type=Path, default=RESULTS_FILE, help="where the full run's JSON is saved"
+        "--out", type=output_file, default=RESULTS_FILE, help="where the full run's JSON is saved"
     )
     args = parser.parse_args(argv)
     results = run(quick=args.quick)
