@@ -312,10 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     if (problem := export_target_problem(out)) is not None:
         parser.error(f"--out: {problem}")
     model_dir, val_file = args.run / "model", args.run / "val.bin"
+    not_a_run = "point --run at a run folder of minifusion.train"
     for needed, hint in ((model_dir, "finish the run (it exports at max_steps)"),
-                         (val_file, "point --run at a run folder of minifusion.train"),
-                         (args.run / "config.yaml", "point --run at a run folder of "
-                          "minifusion.train")):  # fmt: skip
+                         (val_file, not_a_run), (args.run / "config.yaml", not_a_run)):  # fmt: skip
         if not needed.exists():
             parser.error(f"{needed} does not exist: {hint}.")
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
