@@ -4,7 +4,7 @@ Two extensions are compiled just in time with ``torch.utils.cpp_extension`` and 
 ``$TORCH_EXTENSIONS_DIR`` (``make`` points it into ``.venv``):
 
 * **our fused selective scan** (``minifusion/csrc/selective_scan.cpp``, chapter 09) — C++ with
-  OpenMP, built the first time a CPU Mamba layer runs (about half a minute), then loaded from
+  OpenMP, built the first time a CPU Mamba layer runs (about 15 s), then loaded from
   the cache. Without a C++ compiler the scan falls back to the chunked PyTorch scan, with one
   warning that says how to get the fast one;
 * **DeepSpeed's CPU communication op** (chapter 14), built by DeepSpeed's own op builder.
@@ -96,7 +96,7 @@ def _environment_tools_first():
     The build tool is ``ninja`` from ``PATH``. The environment installs its own (``make`` puts
     ``.venv/bin`` first), a system may have another version, and the two keep different build
     logs: a process started by ``make`` and one started as ``.venv/bin/python …`` from a plain
-    shell would then each rebuild the extension the other built (half a minute every time).
+    shell would then each rebuild the extension the other built (15 s every time).
     Always using the environment's own tools makes every process agree.
     """
     tools = str(Path(sys.executable).parent)
@@ -160,7 +160,7 @@ def scan_kernel() -> ModuleType | None:
 
 def scan_kernel_status() -> str:
     """Where our compiled CPU scan stands, in one line, *without* building it (a build takes
-    half a minute; the environment report that shows this line should not)."""
+    about 15 s; the environment report that shows this line should not)."""
     if _switched_off():
         return f"off ({DISABLE_VARIABLE}=0): CPU Mamba layers use the chunked PyTorch scan"
     root = extension_build_root()
