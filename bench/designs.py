@@ -93,6 +93,13 @@ DESIGNS: dict[str, Design] = {
     "interleaved-AMMM-e1-noffn": Design(
         "1 attention : 3 Mamba (A-M-M-M), Mamba expand 1, no FFN after Mamba", "Jamba ratio",
         {"mixer_types": [A, M, M, M], "ffn_types": [D, N, N, N], "mamba_expand": 1}),
+    "interleaved-AMAM-e1-mamba-ffn": Design(
+        "layers A-M-A-M, Mamba expand 1, FFN after Mamba only (none after attention)",
+        "Mamba-2-Hybrid", {"ffn_types": [N, D, N, D]}, preset_global_heads=True),
+    "interleaved-MAMA-e1-mamba-ffn": Design(
+        "layers M-A-M-A, Mamba expand 1, FFN after Mamba only (none after attention)",
+        "Mamba-2-Hybrid", {"mixer_types": [M, A, M, A], "ffn_types": [D, N, D, N],
+                           "mamba_expand": 1}),
     "tiny-state-32": Design(
         "`tiny` with a Mamba state of 32 per channel (the preset's 16 doubled)", "Mamba state size",
         {"mamba_d_state": 32}, preset_global_heads=True),
