@@ -49,6 +49,7 @@ from .extensions import (  # re-exported: DeepSpeed runs are where these first m
     StaleBuildLockError,
     build_extensions,
     check_build_locks,
+    environment_build_tools,
 )
 from .training import (
     EvalResult,
@@ -95,7 +96,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        with environment_build_tools():  # on CPUs DeepSpeed loads (or builds) its comm op here
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 

@@ -33,6 +33,7 @@ __all__ = [
     "StaleBuildLockError",
     "build_extensions",
     "check_build_locks",
+    "environment_build_tools",
     "extension_build_root",
     "scan_kernel",
     "scan_kernel_status",
@@ -90,14 +91,16 @@ def check_build_locks(root: str | Path | None = None, now: float | None = None) 
 
 
 @contextlib.contextmanager
-def _environment_tools_first():
-    """Put this interpreter's ``bin`` folder first on ``PATH`` while building.
+def environment_build_tools():
+    """Put this interpreter's ``bin`` folder first on ``PATH`` while extensions are built or
+    loaded — ours here, DeepSpeed's when it loads its own (``distributed.init_distributed``).
 
     The build tool is ``ninja`` from ``PATH``. The environment installs its own (``make`` puts
-    ``.venv/bin`` first), a system may have another version, and the two keep different build
-    logs: a process started by ``make`` and one started as ``.venv/bin/python …`` from a plain
-    shell would then each rebuild the extension the other built (15 s every time).
-    Always using the environment's own tools makes every process agree.
+    ``.venv/bin`` first), a system may have another version, and the two keep incompatible build
+    logs (ninja 1.13 hashes commands differently from 1.11): a process started by ``make`` and
+    one started as ``.venv/bin/python …`` or ``.venv/bin/torchrun …`` from a plain shell would
+    then each rebuild the extension the other built (15 s for our scan, about 30 s for
+    DeepSpeed's op, every time). Always using the environment's own tools makes them agree.
     """
     tools = str(Path(sys.executable).parent)
     old = os.environ.get("PATH", "")
@@ -137,7 +140,7 @@ def scan_kernel() -> ModuleType | None:
     from torch.utils.cpp_extension import load
 
     try:
-        with _environment_tools_first():
+        with environment_build_tools():
             return load(
                 name=SCAN_EXTENSION,
                 sources=[str(SCAN_SOURCE)],
@@ -200,5 +203,5 @@ def build_extensions() -> None:
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is not None and builder.is_compatible():
-        with _environment_tools_first():
+        with environment_build_tools():
             builder.load(verbose=False)

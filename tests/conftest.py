@@ -31,6 +31,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _child_processes_keep_temporary_files_here(tmp_path_factory):
+    """Processes the tests start (torchrun and its ranks, benchmark workers, command-line runs,
+    the browser) write their temporary files under this session's pytest folder, which pytest
+    prunes, not in the system's: torchrun alone makes a ``torchelastic_*`` folder for every launch
+    and never removes it. This process keeps its own temporary folder (already chosen)."""
+    folder = tmp_path_factory.mktemp("tmp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(autouse=True)
 def _quiet_datasets():
     import datasets

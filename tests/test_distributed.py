@@ -273,3 +273,28 @@ def test_finish_distributed_leaves_the_group_and_keeps_the_last_barrier(tmp_path
     # The main thread, not gloo's worker, must drop the barrier's work (finish_distributed says why)
     [barrier] = distributed._FINAL_BARRIER
     assert barrier.is_completed()
+
+
+def test_deepspeed_loads_its_op_with_the_environments_build_tools(tmp_path, monkeypatch):
+    # DeepSpeed builds its CPU comm op with the `ninja` it finds on PATH. From a plain shell that
+    # can be the system's, whose build log the environment's ninja (which `make` and
+    # build_extensions use) cannot read: each switch between them rebuilt the op (~30 s).
+    import deepspeed
+
+    from minifusion import distributed
+
+    first_on_path = []
+
+    def fake_init_distributed(dist_backend, verbose):
+        first_on_path.append(os.environ["PATH"].split(os.pathsep)[0])
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}",
+                                             rank=0, world_size=1)  # fmt: skip
+
+    monkeypatch.setattr(deepspeed, "init_distributed", fake_init_distributed)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    try:
+        assert distributed.init_distributed()[:2] == (0, 1)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert first_on_path == [str(Path(sys.executable).parent)]
+    assert os.environ["PATH"] == "/usr/bin:/bin"  # only while DeepSpeed sets up
