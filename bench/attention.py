@@ -1,8 +1,12 @@
 """Attention cost vs sequence length: full causal, all-local (sliding window) and mixed heads.
 
 For each sequence length it times one forward + backward pass of :class:`minifusion.attention.
-Attention` (the ``sdpa`` path the model uses) and measures the peak extra memory of that pass,
-then prints a table with each pattern's ratio to full causal attention.
+Attention` (the ``sdpa`` path the model uses) and measures the peak extra memory of that pass
+twice: as the allocator (CUDA) or the process's resident size (CPU) sees it, which includes the
+kernels' scratch memory but on CPU cannot resolve less than about a MiB, and as the exact bytes
+of the tensors alive at the peak (:class:`bench.memory.LiveTensorBytes`), which resolves every
+byte but leaves out the kernels' scratch. It prints a table with each pattern's ratio to full
+causal attention.
 
 :func:`attention_table`, :func:`attention_reading` and :func:`attention_detail` render its
 section of ``bench/RESULTS.md`` from the data :mod:`bench.report` stores (one column group
@@ -23,7 +27,7 @@ from minifusion.config import MiniFusionConfig
 from minifusion.rope import RotaryEmbedding
 
 from .arguments import positive_int
-from .memory import format_mib, format_ratio, peak_memory_bytes
+from .memory import LiveTensorBytes, format_mib, format_ratio, peak_memory_bytes
 from .tables import Data, PerDevice, _ratio, _sorted_union, grouped_table
 from .timing import median_seconds
 
@@ -36,7 +40,8 @@ class Measurement:
     pattern: str
     seq_len: int
     seconds: float  # median forward+backward time
-    peak_bytes: int | None
+    peak_bytes: int | None  # allocator (CUDA) or resident-size (CPU) peak; None: not measurable
+    tensor_peak_bytes: int | None = None  # exact tensor bytes at the peak (None: older records)
 
 
 def attention_config(
@@ -66,7 +71,8 @@ def measure(
     repeats: int = 3,
     device: str | torch.device = "cpu",
 ) -> Measurement:
-    """Median time of ``repeats`` forward+backward passes (after one warm-up) and peak memory."""
+    """Median time of ``repeats`` forward+backward passes (after one warm-up), the pass's peak
+    memory as the device reports it, and the exact bytes of its tensors at their peak."""
     device = torch.device(device)
     torch.manual_seed(0)
     config = attention_config(pattern, hidden_size, num_heads, num_kv_heads, window)
@@ -82,7 +88,9 @@ def measure(
 
     seconds = median_seconds(step, repeats, device)
     peak = peak_memory_bytes(step, device)
-    return Measurement(pattern, seq_len, seconds, peak)
+    with LiveTensorBytes() as tensors:
+        step()
+    return Measurement(pattern, seq_len, seconds, peak, tensors.peak)
 
 
 def run(seq_lens: tuple[int, ...] = DEFAULT_SEQ_LENS, **kwargs) -> list[Measurement]:
@@ -90,12 +98,17 @@ def run(seq_lens: tuple[int, ...] = DEFAULT_SEQ_LENS, **kwargs) -> list[Measurem
 
 
 def format_table(results: list[Measurement]) -> str:
-    """One row per length: time and memory of each pattern and its ratio to full attention."""
+    """One row per length: time and memory of each pattern and its ratio to full attention.
+
+    ``MiB`` / ``mem``: the peak as the device reports it (:func:`bench.memory.peak_memory_bytes`);
+    ``tensor MiB`` / ``tensors``: the exact bytes of the tensors alive at the peak."""
     by_key = {(m.pattern, m.seq_len): m for m in results}
     lengths = sorted({m.seq_len for m in results})
     header = (
         "| T | full ms | local ms | mixed ms | local/full time | mixed/full time "
-        "| full MiB | local MiB | mixed MiB | local/full mem | mixed/full mem |"
+        "| full MiB | local MiB | mixed MiB | local/full mem | mixed/full mem "
+        "| full tensor MiB | local tensor MiB | mixed tensor MiB | local/full tensors "
+        "| mixed/full tensors |"
     )
     lines = [header, _separator(header)]
     for n in lengths:
@@ -105,8 +118,15 @@ def format_table(results: list[Measurement]) -> str:
         row += [f"{m.seconds / full.seconds:.2f}" for m in (local, mixed)]
         row += [format_mib(m.peak_bytes) for m in (full, local, mixed)]
         row += [format_ratio(m.peak_bytes, full.peak_bytes) for m in (local, mixed)]
+        row += [format_mib(m.tensor_peak_bytes, 2) for m in (full, local, mixed)]
+        row += [_exact_ratio(m.tensor_peak_bytes, full.tensor_peak_bytes) for m in (local, mixed)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _exact_ratio(value: int | None, reference: int | None) -> str:
+    """Three decimals: exact byte counts can tell differences a resident size cannot."""
+    return "n/a" if value is None or not reference else f"{value / reference:.3f}"
 
 
 def _separator(header: str) -> str:
@@ -122,7 +142,8 @@ def _attention_index(data: Data) -> dict[tuple[str, int], dict]:
 
 def attention_table(per_device: PerDevice) -> str:
     columns = ["local / full time", "mixed / full time", "local / full memory",
-               "mixed / full memory"]  # fmt: skip
+               "mixed / full memory", "local / full tensor bytes",
+               "mixed / full tensor bytes"]  # fmt: skip
     cells = {}
     for device, data in per_device.items():
         index, rows = _attention_index(data), {}
@@ -135,6 +156,8 @@ def attention_table(per_device: PerDevice) -> str:
                 _ratio(mixed["seconds"], full["seconds"]),
                 _ratio(local["peak_bytes"], full["peak_bytes"]),
                 _ratio(mixed["peak_bytes"], full["peak_bytes"]),
+                _exact_ratio(local.get("tensor_peak_bytes"), full.get("tensor_peak_bytes")),
+                _exact_ratio(mixed.get("tensor_peak_bytes"), full.get("tensor_peak_bytes")),
             ]
         cells[device] = rows
     keys = _sorted_union(per_device, lambda d: (m["seq_len"] for m in d["measurements"]))
@@ -151,6 +174,13 @@ def attention_reading(data: Data) -> str:
     )
     if full["peak_bytes"] and local["peak_bytes"] is not None:
         text += f" and {local['peak_bytes'] / full['peak_bytes']:.2f}× its peak memory"
+    full_tensors, local_tensors = full.get("tensor_peak_bytes"), local.get("tensor_peak_bytes")
+    if full_tensors and local_tensors is not None:
+        text += (
+            f"; counted exactly, its tensors peak at {local_tensors / 2**20:.2f} MiB against "
+            f"{full_tensors / 2**20:.2f} MiB ({local_tensors / full_tensors:.3f}×, "
+            f"{(local_tensors - full_tensors) / 2**20:+.2f} MiB)"
+        )
     return text + "."
 
 
@@ -158,10 +188,14 @@ def attention_detail(data: Data) -> str:
     return format_table([Measurement(**m) for m in data["measurements"]])
 
 
-def _headline_attention(data: Data, key: str) -> str:
+def _headline_attention(data: Data, key: str) -> str | None:
+    """All-local over full heads at the longest T for ``key`` (``None``: not in the record)."""
     index = _attention_index(data)
     n = max(m["seq_len"] for m in data["measurements"])
-    return f"{_ratio(index[('local', n)][key], index[('full', n)][key], '×')} (T = {n})"
+    local, full = index[("local", n)].get(key), index[("full", n)].get(key)
+    if key == "tensor_peak_bytes":
+        return None if local is None or not full else f"{_exact_ratio(local, full)}× (T = {n})"
+    return f"{_ratio(local, full, '×')} (T = {n})"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -181,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"Attention forward+backward on {args.device}: hidden {args.hidden_size}, {args.heads} "
         f"query heads / {args.kv_heads} KV heads, window {args.window}, batch {args.batch_size}. "
-        "'mixed' = half global, half local heads. Memory = peak extra memory of one pass."
+        "'mixed' = half global, half local heads. Memory = peak extra memory of one pass "
+        "(MiB: as the device reports it; tensor MiB: the exact bytes of the tensors alive)."
     )
     started = time.perf_counter()
     results = run(

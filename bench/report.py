@@ -315,6 +315,8 @@ def run_benchmarks(
             continue
         data.setdefault("elapsed_s", time.perf_counter() - started)  # saved results keep theirs
         data.setdefault("date", _now())
+        if not sizes.get(name, {}).get("saved"):  # a saved result was measured elsewhere
+            data.setdefault("machine", machine_description(device))
         results[name] = data
         for section in SECTIONS_BY_BENCHMARK[name]:
             print(section.detail(data) if section.detail else data.get("markdown", ""))
@@ -562,12 +564,16 @@ def render_section(section: Section, stored: dict[str, Any]) -> str:
 
 
 def _measured_line(per_device: PerDevice) -> str:
-    parts = [
-        f"{GROUP[d]} {per_device[d]['date']} ({per_device[d]['elapsed_s']:.0f} s)"
-        if d in per_device
-        else f"{GROUP[d]} not yet"
-        for d in DEVICES
-    ]
+    """When and (for results stored with it) on which machine each device's numbers were taken:
+    the sections of one file can come from different runs on different hosts."""
+    parts = []
+    for d in DEVICES:
+        if d not in per_device:
+            parts.append(f"{GROUP[d]} not yet")
+            continue
+        data = per_device[d]
+        where = f", {data['machine']}" if data.get("machine") else ""
+        parts.append(f"{GROUP[d]} {data['date']} ({data['elapsed_s']:.0f} s{where})")
     return "_Measured: " + "; ".join(parts) + "._"
 
 
@@ -653,6 +659,8 @@ HEADLINES: tuple[tuple[str, str, Callable[[Data], str | None]], ...] = (
      lambda d: _headline_attention(d, "seconds")),
     ("Attention: all-local vs full heads, peak memory at the longest T", "attention",
      lambda d: _headline_attention(d, "peak_bytes")),
+    ("Attention: all-local vs full heads, exact tensor bytes at the peak, longest T",
+     "attention", lambda d: _headline_attention(d, "tensor_peak_bytes")),
     ("MoE: grouped dispatch vs dense SwiGLU (same active parameters), time", "moe",
      lambda d: f"{d['seconds']['grouped'] / d['seconds']['dense']:.2f}×"),
     ("Decode: hybrid vs transformers Llama, tokens/s at the longest context", "decode",

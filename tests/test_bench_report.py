@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench import attention, decode, race, report, scan, training
+from bench.timing import machine_description
 from tests.conftest import write_words_corpus
 
 README = """# Project
@@ -349,3 +350,19 @@ def test_saved_sections_come_from_their_files_without_a_new_run(tmp_path, monkey
     )
     assert failed == [] and results["race"]["date"] == "2000-01-02 03:04 UTC"
     assert report.run_race(torch.device("cuda"), saved=True) is None  # a CPU-only race
+
+
+def test_each_measured_section_names_the_machine_it_ran_on(tmp_path):
+    """Sections of one RESULTS.md come from different runs, possibly on different hosts: each
+    measured one records its machine, a section rebuilt from saved results does not claim one."""
+    results, failed = report.run_benchmarks(
+        ["moe", "race"], torch.device("cpu"), sizes={"race": {"saved": True}},
+        runners=fake_runners(1.0),
+    )  # fmt: skip
+    assert not failed
+    here = machine_description(torch.device("cpu"))
+    assert results["moe"]["machine"] == here and "machine" not in results["race"]
+    stored = report.merge({}, "cpu", results, machine="run machine", seconds=1.0, date="d")
+    text = report.render_results(stored)
+    moe_section = text.split("\n## Mixture-of-Experts dispatch\n")[1].split("\n## ")[0]
+    assert f"s, {here}); GPU not yet._" in moe_section
