@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import platform
 import shutil
@@ -116,11 +117,28 @@ def _compiler_flags() -> list[str]:
     for every lane and selected (vectorised) without changing any result; unrolled loops (the
     vector loops over a block's channels run a few iterations each, and unrolling them took
     about 7 % off a forward + backward scan, with the same bits out); on x86-64 also the build
-    machine's own vector instructions (AVX2, AVX-512), where the cached build is used."""
+    machine's own vector instructions (AVX2, AVX-512), where the cached build is used.
+
+    ``-march=native`` reads the same on every machine, so a build cached on one CPU would load
+    on another that lacks its instructions (a shared home folder on a cluster, a copied
+    environment) and stop the process with an illegal instruction. The CPU's feature list is
+    therefore part of the flags (:func:`cpu_features_tag`): PyTorch rebuilds when the flags
+    change, so each kind of CPU runs a build made for it."""
     flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-funroll-loops"]
     if platform.machine().lower() in ("x86_64", "amd64"):
-        flags.append("-march=native")
+        flags += ["-march=native", f"-DMINIFUSION_BUILD_CPU={cpu_features_tag()}"]
     return flags
+
+
+def cpu_features_tag(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """12 hex digits naming this CPU's instruction-set features (Linux: the ``flags`` line of
+    ``cpuinfo``; elsewhere the processor's name): equal on CPUs that can run the same build."""
+    try:
+        lines = Path(cpuinfo).read_text(encoding="utf-8", errors="replace").splitlines()
+        features = next(line for line in lines if line.startswith("flags"))
+    except (OSError, StopIteration):
+        features = platform.processor() or platform.machine()
+    return hashlib.sha256(" ".join(sorted(features.split())).encode()).hexdigest()[:12]
 
 
 def _switched_off() -> bool:

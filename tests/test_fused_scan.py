@@ -233,3 +233,23 @@ def test_the_environment_report_says_where_the_kernel_stands_without_building_it
     assert "no C++ compiler" in extensions.scan_kernel_status()
     monkeypatch.setenv(extensions.DISABLE_VARIABLE, "0")
     assert extensions.scan_kernel_status().startswith(f"off ({extensions.DISABLE_VARIABLE}=0)")
+
+
+def test_the_build_flags_name_the_cpus_features(tmp_path, monkeypatch):
+    """``-march=native`` reads the same everywhere: a build cached on a CPU with AVX-512 would
+    load on one without it and die of an illegal instruction. The flags carry the feature list,
+    so PyTorch (which rebuilds when the flags change) builds again on a different kind of CPU."""
+    def cpuinfo(flags: str) -> str:
+        path = tmp_path / f"cpuinfo-{len(flags)}"
+        path.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
+        return str(path)
+
+    avx2, avx512 = "fpu sse2 avx avx2 fma", "fpu sse2 avx avx2 fma avx512f avx512bw"
+    assert extensions.cpu_features_tag(cpuinfo(avx2)) != extensions.cpu_features_tag(cpuinfo(avx512))
+    # the order of the features does not matter, only which ones there are
+    assert extensions.cpu_features_tag(cpuinfo(avx2)) == extensions.cpu_features_tag(
+        cpuinfo("avx2 fma fpu avx sse2"))
+    monkeypatch.setattr(extensions.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(extensions, "cpu_features_tag", lambda: "0123456789ab")
+    flags = extensions._compiler_flags()
+    assert "-march=native" in flags and "-DMINIFUSION_BUILD_CPU=0123456789ab" in flags
