@@ -126,7 +126,7 @@ def format_table(results: list[Measurement]) -> str:
 
 def _exact_ratio(value: int | None, reference: int | None) -> str:
     """Three decimals: exact byte counts can tell differences a resident size cannot."""
-    return "n/a" if value is None or not reference else f"{value / reference:.3f}"
+    return format_ratio(value, reference, digits=3)
 
 
 def _separator(header: str) -> str:

@@ -103,9 +103,9 @@ def format_mib(value: int | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value / 2**20:.{digits}f}"
 
 
-def format_ratio(value: int | None, reference: int | None) -> str:
+def format_ratio(value: int | None, reference: int | None, digits: int = 2) -> str:
     """``value / reference`` for a table cell; ``n/a`` where either is missing or zero."""
-    return "n/a" if value is None or not reference else f"{value / reference:.2f}"
+    return "n/a" if value is None or not reference else f"{value / reference:.{digits}f}"
 
 
 class LiveTensorBytes(TorchDispatchMode):
