@@ -70,10 +70,12 @@ extensions: setup
 	$(BIN)/python -c "from minifusion.extensions import build_extensions; build_extensions()"
 
 # Hub access is switched off for tests: everything they read is local or comes from PyPI.
+# --durations=20 (here, in the notebook passes and in test-latest): each run's log names its
+# slowest tests, so a CI run that creeps towards its time limit shows where the time went.
 # The browser test has its own target (below), so it does not run here a second time.
 unit: extensions
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg \
-	  $(BIN)/python -m pytest -n 2 --dist loadscope -m "not browser" tests
+	  $(BIN)/python -m pytest -n 2 --dist loadscope --durations=20 -m "not browser" tests
 
 # JupyterLab in headless Chromium (tests/test_browser.py, about a minute): chapter 04 runs from
 # the menu without an error, its slider changes the output tied to it, its links open, and the
@@ -89,7 +91,7 @@ corpus: setup  # fetch the corpus and build matplotlib's font cache once, before
 	$(BIN)/python -c "import matplotlib.pyplot; from minifusion.data import fetch_shakespeare; fetch_shakespeare(verbose=True)"
 
 NBVAL := OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
-  $(BIN)/python -m pytest -n 2 --dist loadscope -p no:cacheprovider \
+  $(BIN)/python -m pytest -n 2 --dist loadscope -p no:cacheprovider --durations=20 \
   --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 notebooks: extensions corpus
 	$(NBVAL) notebooks/*.ipynb chapters/*/solutions.ipynb
@@ -123,7 +125,7 @@ notebooks-kernels: extensions
 LATEST := .venv-latest
 test-latest: latest-env  ## unit tests against the newest releases of every dependency
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg TORCH_EXTENSIONS_DIR=$(abspath $(LATEST))/torch_extensions \
-	  $(LATEST)/bin/python -m pytest -n 2 --dist loadscope -p no:cacheprovider -m "not distributed and not slow and not browser" tests
+	  $(LATEST)/bin/python -m pytest -n 2 --dist loadscope -p no:cacheprovider --durations=20 -m "not distributed and not slow and not browser" tests
 
 # Its environment, on its own: CI installs it (mostly downloads) while `make test` keeps the CPUs
 # busy. Running it again upgrades whatever has had a release since.
