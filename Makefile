@@ -123,7 +123,12 @@ notebooks-kernels: extensions
 # or browser (`make browser` runs it).
 # It tells the day an upstream release breaks us; fix minifusion/compat.py, then raise the cap.
 LATEST := .venv-latest
-test-latest: latest-env  ## unit tests against the newest releases of every dependency
+# LATEST_INSTALL= skips the install step, for a caller that has just run `make latest-env`
+# (.ci/run installs it in the background while `make test` runs).
+LATEST_INSTALL ?= latest-env
+test-latest: $(LATEST_INSTALL)  ## unit tests against the newest releases of every dependency
+	@test -x $(LATEST)/bin/python || { echo "test-latest: $(LATEST) is missing; run 'make latest-env'"; exit 1; }
+	@$(LATEST)/bin/python -m minifusion  # the versions under test, in the log
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg TORCH_EXTENSIONS_DIR=$(abspath $(LATEST))/torch_extensions \
 	  $(LATEST)/bin/python -m pytest -n 2 --dist loadscope -p no:cacheprovider --durations=20 -m "not distributed and not slow and not browser" tests
 
@@ -135,7 +140,6 @@ latest-env:
 	$(LATEST)/bin/python requirements/latest.py > $(LATEST)/requirements.txt
 	$(LATEST)/bin/python -m pip install $(PIP) --upgrade --upgrade-strategy eager -r $(LATEST)/requirements.txt
 	@$(LATEST)/bin/python -m pip install $(PIP) --no-deps -e .
-	@$(LATEST)/bin/python -m minifusion
 
 # Scans, attention, MoE dispatch, training MFU, decode and cache memory (+ bench/why_hybrid.py
 # where present), on CUDA if there is a GPU; the other device's columns in RESULTS.md are kept.
