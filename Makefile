@@ -70,9 +70,9 @@ extensions: setup
 	$(BIN)/python -c "from minifusion.extensions import build_extensions; build_extensions()"
 
 # Hub access is switched off for tests: everything they read is local or comes from PyPI.
+# The browser test has its own target (below), so it does not run here a second time.
 # --durations=20 (here, in the notebook passes and in test-latest): each run's log names its
 # slowest tests, so a CI run that creeps towards its time limit shows where the time went.
-# The browser test has its own target (below), so it does not run here a second time.
 unit: extensions
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg \
 	  $(BIN)/python -m pytest -n 2 --dist loadscope --durations=20 -m "not browser" tests

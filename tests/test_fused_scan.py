@@ -240,7 +240,7 @@ def test_the_build_flags_name_the_cpus_features(tmp_path, monkeypatch):
     load on one without it and die of an illegal instruction. The flags carry the feature list,
     so PyTorch (which rebuilds when the flags change) builds again on a different kind of CPU."""
     def cpuinfo(flags: str) -> str:
-        path = tmp_path / f"cpuinfo-{len(flags)}"
+        path = tmp_path / f"cpuinfo-{len(list(tmp_path.iterdir()))}"  # a new file per call
         path.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
         return str(path)
 
