@@ -73,8 +73,13 @@ extensions: setup
 # The browser test has its own target (below), so it does not run here a second time.
 # --durations=20 (here, in the notebook passes and in test-latest): each run's log names its
 # slowest tests, so a CI run that creeps towards its time limit shows where the time went.
+# OMP_NUM_THREADS=1 (here and in test-latest, as in the notebook passes): two workers that each
+# start one thread per core oversubscribe the cores, and the tests' many small tensor operations
+# then wait at OpenMP barriers for a thread that is not running. On 2 cores the suite took
+# 368 s with one thread per worker against 468-553 s without (one fp16 training test: 53 s
+# in CI, 2.5 s on its own). Tests that measure threads set them themselves.
 unit: extensions
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg \
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg \
 	  $(BIN)/python -m pytest -n 2 --dist loadscope --durations=20 -m "not browser" tests
 
 # JupyterLab in headless Chromium (tests/test_browser.py, about a minute): chapter 04 runs from
@@ -129,7 +134,7 @@ LATEST_INSTALL ?= latest-env
 test-latest: $(LATEST_INSTALL)  ## unit tests against the newest releases of every dependency
 	@test -x $(LATEST)/bin/python || { echo "test-latest: $(LATEST) is missing; run 'make latest-env'"; exit 1; }
 	@$(LATEST)/bin/python -m minifusion  # the versions under test, in the log
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg TORCH_EXTENSIONS_DIR=$(abspath $(LATEST))/torch_extensions \
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg TORCH_EXTENSIONS_DIR=$(abspath $(LATEST))/torch_extensions \
 	  $(LATEST)/bin/python -m pytest -n 2 --dist loadscope -p no:cacheprovider --durations=20 -m "not distributed and not slow and not browser" tests
 
 # Its environment, on its own: CI installs it (mostly downloads) while `make test` keeps the CPUs
