@@ -91,6 +91,29 @@ inline float exp_fast(float x) {
 }
 inline double exp_fast(double x) { return std::exp(x); }
 
+// 2^y for float, vectorisable, for the decays exp(Δ A) = 2^(Δ · A log2 e) (the blocks keep A
+// times log2 e): the same reduction as exp_fast, y = k + f with k = round(y) and f in [−½, ½],
+// but 2^f needs no second step for ln 2 and is one degree-6 polynomial, 6 multiply-adds
+// (coefficients fitted to 2^f's relative error on [−½, ½]; about 2 ulp). The decays are most of
+// the scan's arithmetic: the forward pass ran about 8 % faster with it than with exp_fast.
+inline float exp2_fast(float y) {
+  y = std::min(std::max(y, -126.0f), 127.0f);
+  const float k = (y + 12582912.0f) - 12582912.0f;
+  const float f = y - k;
+  float p = 1.5345812e-4f;
+  p = p * f + 1.3399931e-3f;
+  p = p * f + 9.6184891e-3f;
+  p = p * f + 5.5503286e-2f;
+  p = p * f + 2.4022646e-1f;
+  p = p * f + 6.9314718e-1f;
+  p = p * f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline double exp2_fast(double y) { return std::exp2(y); }
+
 // log for positive normal floats, vectorisable: x = m · 2^e with m in [√½, √2), log m from
 // Cephes' logf polynomial in m − 1, e · ln 2 added in two parts.
 inline float log_fast(float x) {
@@ -158,16 +181,21 @@ template <typename T, int W> struct Block {
   int64_t b, d0, width;
   T bias[W], skip[W];        // delta_bias and D of the block's channels (zeros if absent)
   std::vector<T> A_block;    // (N, W): A of the block's channels, slot by slot
+  std::vector<T> A2_block;   // (N, W): the same times log2 e, for exp2_fast
 
   Block(const ScanArgs<T>& args, int64_t b_, int64_t d0_, int64_t width_)
-      : a(args), b(b_), d0(d0_), width(width_), A_block(args.state * W, T(0)) {
+      : a(args), b(b_), d0(d0_), width(width_), A_block(args.state * W, T(0)),
+        A2_block(args.state * W, T(0)) {
     for (int w = 0; w < W; ++w) {
       const bool real = w < width;
       bias[w] = real && a.delta_bias != nullptr ? a.delta_bias[d0 + w] : T(0);
       skip[w] = real && a.D != nullptr ? a.D[d0 + w] : T(0);
     }
     for (int64_t n = 0; n < a.state; ++n)
-      for (int w = 0; w < width; ++w) A_block[n * W + w] = a.A_t[n * a.channels + d0 + w];
+      for (int w = 0; w < width; ++w) {
+        A_block[n * W + w] = a.A_t[n * a.channels + d0 + w];
+        A2_block[n * W + w] = A_block[n * W + w] * T(1.44269504088896340736);
+      }
   }
 
   // Load W values of a (B, L, D) tensor at position t (zeros past `width`). Full blocks take
@@ -186,16 +214,27 @@ template <typename T, int W> struct Block {
     T* row = x + (b * a.length + t) * a.channels + d0;
     for (int w = 0; w < width; ++w) row[w] = in[w];
   }
-  // Δ_t and the raw (pre-softplus) argument for the W channels at position t.
-  void step_sizes(int64_t t, T* __restrict dt, T* __restrict raw) const {
+  // Δ_t for the W channels at position t and, with kSlope, dΔ/d(delta) there: softplus' is the
+  // sigmoid, which comes from the softplus' own exponential e = exp(−|x|) (σ(x) = 1 / (1 + e)
+  // for x > 0, e / (1 + e) otherwise), so the backward pass needs no second one.
+  template <bool kSlope>
+  void step_sizes(int64_t t, T* __restrict dt, T* __restrict slope) const {
+    T raw[W];
     load(a.delta, t, raw);
-#pragma omp simd
-    for (int w = 0; w < W; ++w) raw[w] += bias[w];
     if (a.softplus) {
 #pragma omp simd
-      for (int w = 0; w < W; ++w) dt[w] = softplus_of(raw[w]);
+      for (int w = 0; w < W; ++w) {
+        const T x = raw[w] + bias[w];
+        const T e = exp_fast(x > T(0) ? -x : x);
+        dt[w] = x > T(20) ? x : (x > T(0) ? x : T(0)) + log1p_small(e);
+        if constexpr (kSlope) slope[w] = (x > T(0) ? T(1) : e) / (T(1) + e);
+      }
     } else {
-      for (int w = 0; w < W; ++w) dt[w] = raw[w];
+#pragma omp simd
+      for (int w = 0; w < W; ++w) {
+        dt[w] = raw[w] + bias[w];
+        if constexpr (kSlope) slope[w] = T(1);
+      }
     }
   }
   // One step of the recurrence: h ← exp(Δ A) h_prev + Δ u B_t; returns Σ_n C_t h in y, and
@@ -213,10 +252,10 @@ template <typename T, int W> struct Block {
       const T Bn = B_t[n], Cn = C_t[n];
       const T* hp = h_prev + n * W;
       T* hn = h + n * W;
-      const T* An = A_block.data() + n * W;
+      const T* An = A2_block.data() + n * W;
 #pragma omp simd
       for (int w = 0; w < W; ++w) {
-        const T decay_w = exp_fast(dt[w] * An[w]);
+        const T decay_w = exp2_fast(dt[w] * An[w]);
         hn[w] = decay_w * hp[w] + dtu[w] * Bn;
         acc[w] += Cn * hn[w];
         if constexpr (kKeepDecay) decay[n * W + w] = decay_w;
@@ -243,7 +282,7 @@ void forward_block(const ScanArgs<T>& a, int64_t b, int64_t d0, int64_t width, T
   const Block<T, W> block(a, b, d0, width);
   const int64_t N = a.state;
   std::vector<T> h(N * W, T(0));
-  T u[W], dt[W], raw[W], y[W];
+  T u[W], dt[W], y[W];
   for (int64_t t = 0; t < a.length; ++t) {
     if (t % kSegment == 0) {  // the state entering this segment, for the backward pass
       T* dst = saved + ((b * a.segments() + t / kSegment) * N) * a.channels + d0;
@@ -251,7 +290,7 @@ void forward_block(const ScanArgs<T>& a, int64_t b, int64_t d0, int64_t width, T
         for (int w = 0; w < width; ++w) dst[n * a.channels + w] = h[n * W + w];
     }
     block.load(a.u, t, u);
-    block.step_sizes(t, dt, raw);
+    block.template step_sizes<false>(t, dt, nullptr);
     block.template advance<false>(t, dt, u, h.data(), h.data(), y, nullptr);
     block.finish(t, u, y);
     block.store(out, t, y);
@@ -273,18 +312,39 @@ template <typename T> struct Grads {
   T* dD_part; T* dbias_part;                  // (B, D)
 };
 
+// A buffer of at least `count` values owned by the calling thread, reused by its later calls.
+template <typename T> T* thread_scratch(int64_t count) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(count);
+  return buffer.data();
+}
+
 template <typename T, int W>
 void backward_block(const ScanArgs<T>& a, const Grads<T>& g, const T* saved, int64_t b,
                     int64_t block_index, int64_t d0, int64_t width) {
   const Block<T, W> block(a, b, d0, width);
   const int64_t N = a.state, L = a.length, D = a.channels;
-  std::vector<T> lam(N * W, T(0)), dA(N * W, T(0));
+  // Scratch space kept by each thread across calls (0.6 MiB at N = 16, 128 channels): buffers
+  // this large, allocated afresh, can come from the operating system as new pages on every
+  // call (glibc returns freed memory above its trim threshold), and in a loop of backward passes
+  // their page faults took 31.6 ms per pass against 22.7 ms with this buffer (B 2, L 2048,
+  // 512 channels, N 16).
+  const int64_t state_size = N * W, row_size = kSegment * W;
+  T* const scratch = thread_scratch<T>(2 * state_size + (2 * kSegment + 1) * state_size +
+                                       4 * row_size);
+  T* const lam = scratch;
+  T* const dA = lam + state_size;
+  std::fill(lam, lam + 2 * state_size, T(0));
   if (g.grad_last != nullptr)
     for (int64_t n = 0; n < N; ++n)
       for (int w = 0; w < width; ++w) lam[n * W + w] = g.grad_last[(b * N + n) * D + d0 + w];
-  // One segment's recomputed states (entry state first), decays, Δ, raw Δ, u and Σ_n C h.
-  std::vector<T> hs((kSegment + 1) * N * W), decays(kSegment * N * W);
-  std::vector<T> dts(kSegment * W), raws(kSegment * W), us(kSegment * W), ys(kSegment * W);
+  // One segment's recomputed states (entry state first), decays, Δ, dΔ/d(delta), u and Σ_n C h.
+  T* const hs = dA + state_size;
+  T* const decays = hs + (kSegment + 1) * state_size;
+  T* const dts = decays + kSegment * state_size;
+  T* const slopes = dts + row_size;
+  T* const us = slopes + row_size;
+  T* const ys = us + row_size;
   T dD[W] = {}, dbias[W] = {};
   T* dB_part = g.dB_part + (block_index * a.batch + b) * L * N;
   T* dC_part = g.dC_part + (block_index * a.batch + b) * L * N;
@@ -297,13 +357,13 @@ void backward_block(const ScanArgs<T>& a, const Grads<T>& g, const T* saved, int
     for (int64_t t = t0; t < t1; ++t) {  // recompute the segment's states
       const int64_t i = t - t0;
       block.load(a.u, t, &us[i * W]);
-      block.step_sizes(t, &dts[i * W], &raws[i * W]);
+      block.template step_sizes<true>(t, &dts[i * W], &slopes[i * W]);
       block.template advance<true>(t, &dts[i * W], &us[i * W], &hs[i * N * W],
                                    &hs[(i + 1) * N * W], &ys[i * W], &decays[i * N * W]);
     }
     for (int64_t t = t1 - 1; t >= t0; --t) {  // and walk back through them
       const int64_t i = t - t0;
-      const T *u = &us[i * W], *dt = &dts[i * W], *raw = &raws[i * W];
+      const T *u = &us[i * W], *dt = &dts[i * W], *slope = &slopes[i * W];
       const T *h_prev = &hs[i * N * W], *h = &hs[(i + 1) * N * W], *decay = &decays[i * N * W];
       T gy[W], du[W], ddt[W], s[W], dtu[W];
       block.load(g.grad_out, t, gy);  // ∂loss/∂out_t
@@ -332,21 +392,24 @@ void backward_block(const ScanArgs<T>& a, const Grads<T>& g, const T* saved, int
       const T* C_t = a.C + (b * L + t) * N;
       for (int64_t n = 0; n < N; ++n) {
         const T Bn = B_t[n], Cn = C_t[n];
-        T* lam_n = &lam[n * W];
-        const T *h_n = h + n * W, *hp_n = h_prev + n * W, *a_n = decay + n * W;
-        const T* A_n = &block.A_block[n * W];
-        T* dA_n = &dA[n * W];
+        T* __restrict lam_n = &lam[n * W];
+        const T* __restrict h_n = h + n * W;
+        const T* __restrict hp_n = h_prev + n * W;
+        const T* __restrict a_n = decay + n * W;
+        const T* __restrict A_n = &block.A_block[n * W];
+        T* __restrict dA_n = &dA[n * W];
         T dC = T(0), dB = T(0);
 #pragma omp simd reduction(+ : dC, dB)
         for (int w = 0; w < W; ++w) {
-          lam_n[w] += Cn * gy[w];                       // λ_t = ∂loss/∂h_t
+          const T lam_w = lam_n[w] + Cn * gy[w];        // λ_t = ∂loss/∂h_t
+          const T a_w = a_n[w];
           dC += gy[w] * h_n[w];
-          dB += lam_n[w] * dtu[w];
-          s[w] += lam_n[w] * Bn;                        // ∂loss/∂(Δ_t u_t)
-          const T dlog = lam_n[w] * a_n[w] * hp_n[w];   // ∂loss/∂(Δ_t A)
+          dB += lam_w * dtu[w];
+          s[w] += lam_w * Bn;                           // ∂loss/∂(Δ_t u_t)
+          const T dlog = lam_w * a_w * hp_n[w];         // ∂loss/∂(Δ_t A)
           dA_n[w] += dlog * dt[w];
           ddt[w] += dlog * A_n[w];
-          lam_n[w] *= a_n[w];                           // handed back to t − 1
+          lam_n[w] = lam_w * a_w;                       // handed back to t − 1
         }
         dC_part[t * N + n] = dC;
         dB_part[t * N + n] = dB;
@@ -356,10 +419,8 @@ void backward_block(const ScanArgs<T>& a, const Grads<T>& g, const T* saved, int
         du[w] += s[w] * dt[w];
         ddt[w] += s[w] * u[w];
       }
-      if (a.softplus) {
 #pragma omp simd
-        for (int w = 0; w < W; ++w) ddt[w] *= sigmoid(raw[w]);  // softplus' = sigmoid
-      }
+      for (int w = 0; w < W; ++w) ddt[w] *= slope[w];  // through the softplus
       for (int w = 0; w < W; ++w) dbias[w] += ddt[w];
       block.store(g.du, t, du);
       block.store(g.ddelta, t, ddt);
