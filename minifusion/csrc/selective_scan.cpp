@@ -237,13 +237,14 @@ template <typename T, int W> struct Block {
       }
     }
   }
-  // One step of the recurrence: h ← exp(Δ A) h_prev + Δ u B_t; returns Σ_n C_t h in y, and
-  // with kKeepDecay the decay factors exp(Δ A) in `decay` (the backward pass reuses them).
-  // h_prev and h may be the same buffer (the forward pass updates its state in place) or two
-  // (the backward pass keeps every state of a segment, and so copies nothing).
-  template <bool kKeepDecay>
-  void advance(int64_t t, const T* dt, const T* u, const T* h_prev, T* h,
-               T* __restrict y, T* __restrict decay) const {
+  // One step of the recurrence: h ← exp(Δ A) h_prev + Δ u B_t; returns Σ_n C_t h in y. The
+  // backward pass's recompute (kBackward) also keeps the decay factors exp(Δ A) in `decay` for
+  // the adjoint walk, and takes C's gradient here, Σ_w gy h_t (per state slot), while h_t is
+  // at hand. h_prev and h may be the same buffer (the forward pass updates its state in place)
+  // or two (the backward pass keeps every state of a segment, and so copies nothing).
+  template <bool kBackward>
+  void advance(int64_t t, const T* dt, const T* u, const T* h_prev, T* h, T* __restrict y,
+               T* __restrict decay, const T* __restrict gy, T* __restrict dC) const {
     const T* B_t = a.B + (b * a.length + t) * a.state;
     const T* C_t = a.C + (b * a.length + t) * a.state;
     T dtu[W], acc[W];
@@ -253,13 +254,19 @@ template <typename T, int W> struct Block {
       const T* hp = h_prev + n * W;
       T* hn = h + n * W;
       const T* An = A2_block.data() + n * W;
-#pragma omp simd
+      T dC_n = T(0);
+#pragma omp simd reduction(+ : dC_n)
       for (int w = 0; w < W; ++w) {
         const T decay_w = exp2_fast(dt[w] * An[w]);
-        hn[w] = decay_w * hp[w] + dtu[w] * Bn;
-        acc[w] += Cn * hn[w];
-        if constexpr (kKeepDecay) decay[n * W + w] = decay_w;
+        const T h_w = decay_w * hp[w] + dtu[w] * Bn;
+        hn[w] = h_w;
+        acc[w] += Cn * h_w;
+        if constexpr (kBackward) {
+          decay[n * W + w] = decay_w;
+          dC_n += gy[w] * h_w;
+        }
       }
+      if constexpr (kBackward) dC[n] = dC_n;
     }
     for (int w = 0; w < W; ++w) y[w] = acc[w];
   }
@@ -291,7 +298,7 @@ void forward_block(const ScanArgs<T>& a, int64_t b, int64_t d0, int64_t width, T
     }
     block.load(a.u, t, u);
     block.template step_sizes<false>(t, dt, nullptr);
-    block.template advance<false>(t, dt, u, h.data(), h.data(), y, nullptr);
+    block.template advance<false>(t, dt, u, h.data(), h.data(), y, nullptr, nullptr, nullptr);
     block.finish(t, u, y);
     block.store(out, t, y);
   }
@@ -338,13 +345,14 @@ void backward_block(const ScanArgs<T>& a, const Grads<T>& g, const T* saved, int
   if (g.grad_last != nullptr)
     for (int64_t n = 0; n < N; ++n)
       for (int w = 0; w < width; ++w) lam[n * W + w] = g.grad_last[(b * N + n) * D + d0 + w];
-  // One segment's recomputed states (entry state first), decays, Δ, dΔ/d(delta), u and Σ_n C h.
+  // One segment's recomputed states (entry state first), decays, Δ, dΔ/d(delta), u and the
+  // gradient reaching pre = y + D u.
   T* const hs = dA + state_size;
   T* const decays = hs + (kSegment + 1) * state_size;
   T* const dts = decays + kSegment * state_size;
   T* const slopes = dts + row_size;
   T* const us = slopes + row_size;
-  T* const ys = us + row_size;
+  T* const gys = us + row_size;
   T dD[W] = {}, dbias[W] = {};
   T* dB_part = g.dB_part + (block_index * a.batch + b) * L * N;
   T* dC_part = g.dC_part + (block_index * a.batch + b) * L * N;
@@ -356,30 +364,40 @@ void backward_block(const ScanArgs<T>& a, const Grads<T>& g, const T* saved, int
       for (int w = 0; w < W; ++w) hs[n * W + w] = w < width ? entry[n * D + w] : T(0);
     for (int64_t t = t0; t < t1; ++t) {  // recompute the segment's states
       const int64_t i = t - t0;
+      const T* u = &us[i * W];
+      T* gy = &gys[i * W];
+      T grad_out[W], y[W];
       block.load(a.u, t, &us[i * W]);
       block.template step_sizes<true>(t, &dts[i * W], &slopes[i * W]);
-      block.template advance<true>(t, &dts[i * W], &us[i * W], &hs[i * N * W],
-                                   &hs[(i + 1) * N * W], &ys[i * W], &decays[i * N * W]);
-    }
-    for (int64_t t = t1 - 1; t >= t0; --t) {  // and walk back through them
-      const int64_t i = t - t0;
-      const T *u = &us[i * W], *dt = &dts[i * W], *slope = &slopes[i * W];
-      const T *h_prev = &hs[i * N * W], *h = &hs[(i + 1) * N * W], *decay = &decays[i * N * W];
-      T gy[W], du[W], ddt[W], s[W], dtu[W];
-      block.load(g.grad_out, t, gy);  // ∂loss/∂out_t
-      if (a.z != nullptr) {  // out = pre · SiLU(z): split the gradient between pre and z
-        T z[W], dz[W];
+      block.load(g.grad_out, t, grad_out);  // ∂loss/∂out_t
+      T z[W], sig[W];
+      if (a.z != nullptr) {  // out = pre · SiLU(z): the part of the gradient that reaches pre
         block.load(a.z, t, z);
-        const T* y = &ys[i * W];
+#pragma omp simd
+        for (int w = 0; w < W; ++w) {
+          sig[w] = sigmoid(z[w]);
+          gy[w] = grad_out[w] * z[w] * sig[w];
+        }
+      } else {
+        for (int w = 0; w < W; ++w) gy[w] = grad_out[w];
+      }
+      block.template advance<true>(t, &dts[i * W], u, &hs[i * N * W], &hs[(i + 1) * N * W], y,
+                                   &decays[i * N * W], gy, &dC_part[t * N]);
+      if (a.z != nullptr) {  // and the part that reaches z
+        T dz[W];
 #pragma omp simd
         for (int w = 0; w < W; ++w) {
           const T pre = y[w] + block.skip[w] * u[w];
-          const T sig = sigmoid(z[w]);
-          dz[w] = gy[w] * pre * sig * (T(1) + z[w] * (T(1) - sig));
-          gy[w] *= z[w] * sig;
+          dz[w] = grad_out[w] * pre * sig[w] * (T(1) + z[w] * (T(1) - sig[w]));
         }
         block.store(g.dz, t, dz);
       }
+    }
+    for (int64_t t = t1 - 1; t >= t0; --t) {  // and walk back through them
+      const int64_t i = t - t0;
+      const T *u = &us[i * W], *dt = &dts[i * W], *slope = &slopes[i * W], *gy = &gys[i * W];
+      const T *h_prev = &hs[i * N * W], *decay = &decays[i * N * W];
+      T du[W], ddt[W], s[W], dtu[W];
 #pragma omp simd
       for (int w = 0; w < W; ++w) {
         dD[w] += gy[w] * u[w];
@@ -393,17 +411,15 @@ void backward_block(const ScanArgs<T>& a, const Grads<T>& g, const T* saved, int
       for (int64_t n = 0; n < N; ++n) {
         const T Bn = B_t[n], Cn = C_t[n];
         T* __restrict lam_n = &lam[n * W];
-        const T* __restrict h_n = h + n * W;
         const T* __restrict hp_n = h_prev + n * W;
         const T* __restrict a_n = decay + n * W;
         const T* __restrict A_n = &block.A_block[n * W];
         T* __restrict dA_n = &dA[n * W];
-        T dC = T(0), dB = T(0);
-#pragma omp simd reduction(+ : dC, dB)
+        T dB = T(0);
+#pragma omp simd reduction(+ : dB)
         for (int w = 0; w < W; ++w) {
           const T lam_w = lam_n[w] + Cn * gy[w];        // λ_t = ∂loss/∂h_t
           const T a_w = a_n[w];
-          dC += gy[w] * h_n[w];
           dB += lam_w * dtu[w];
           s[w] += lam_w * Bn;                           // ∂loss/∂(Δ_t u_t)
           const T dlog = lam_w * a_w * hp_n[w];         // ∂loss/∂(Δ_t A)
@@ -411,7 +427,6 @@ void backward_block(const ScanArgs<T>& a, const Grads<T>& g, const T* saved, int
           ddt[w] += dlog * A_n[w];
           lam_n[w] = lam_w * a_w;                       // handed back to t − 1
         }
-        dC_part[t * N + n] = dC;
         dB_part[t * N + n] = dB;
       }
 #pragma omp simd
