@@ -14,8 +14,9 @@
 // Backward: the forward pass saves the state entering every segment of kSegment positions
 // (as mamba-ssm's kernel saves chunk states). The backward pass walks the segments from the
 // last to the first: it recomputes one segment's states from its saved entry state into a
-// small buffer, then runs the adjoint recurrence λ_{t−1} = a_t · λ_t (+ C_t · ∂y_t) backwards
-// through it. Memory: the saved entry states (L / kSegment of them) plus one segment per task.
+// small buffer (taking C's gradient on the way, while each state is at hand), then runs the
+// adjoint recurrence λ_{t−1} = a_t · λ_t (+ C_t · ∂y_t) backwards through it. Memory: the saved
+// entry states (L / kSegment of them) plus one segment per thread, kept between calls.
 //
 // Determinism: gradients of B, C (summed over channels) and of A, D, delta_bias (summed over the
 // batch) are first written per block / per sequence, then added in a fixed order, so the
