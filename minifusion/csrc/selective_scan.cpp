@@ -70,6 +70,15 @@ template <typename T, typename Fn> void with_width(int64_t channels, Fn&& fn) {
     fn(std::integral_constant<int, Width<T>::value>{});
 }
 
+// p · 2^k for a whole number k in [−126, 127], by writing k into a float's exponent bits (the
+// last step of exp_fast and exp2_fast).
+inline float times_power_of_two(float p, float k) {
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
 // exp for float that the compiler can vectorise: e^x = 2^k · e^r with k = round(x / ln 2) and
 // |r| ≤ ln(2)/2, e^r from a degree-7 polynomial (Cephes' expf coefficients), 2^k written into
 // the exponent bits. About 1 ulp; inputs are clamped to the range where 2^k stays normal.
@@ -85,10 +94,7 @@ inline float exp_fast(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return times_power_of_two(p, k);
 }
 inline double exp_fast(double x) { return std::exp(x); }
 
@@ -108,10 +114,7 @@ inline float exp2_fast(float y) {
   p = p * f + 2.4022646e-1f;
   p = p * f + 6.9314718e-1f;
   p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return times_power_of_two(p, k);
 }
 inline double exp2_fast(double y) { return std::exp2(y); }
 
@@ -153,10 +156,12 @@ template <typename T> inline T log1p_small(T t) {
 
 // torch.nn.functional.softplus with its default threshold (x > 20 passes through), written as
 // max(x, 0) + log(1 + e^−|x|) so that the exponential never overflows.
+// (softplus_from takes e = exp(−|x|), so that a caller needing the sigmoid too computes it once.)
+template <typename T> inline T softplus_from(T x, T e) {
+  return x > T(20) ? x : (x > T(0) ? x : T(0)) + log1p_small(e);
+}
 template <typename T> inline T softplus_of(T x) {
-  const T positive = x > T(0) ? x : T(0);
-  const T y = positive + log1p_small(exp_fast(x > T(0) ? -x : x));
-  return x > T(20) ? x : y;
+  return softplus_from(x, exp_fast(x > T(0) ? -x : x));
 }
 template <typename T> inline T sigmoid(T x) { return T(1) / (T(1) + exp_fast(-x)); }
 
@@ -227,7 +232,7 @@ template <typename T, int W> struct Block {
       for (int w = 0; w < W; ++w) {
         const T x = raw[w] + bias[w];
         const T e = exp_fast(x > T(0) ? -x : x);
-        dt[w] = x > T(20) ? x : (x > T(0) ? x : T(0)) + log1p_small(e);
+        dt[w] = softplus_from(x, e);
         if constexpr (kSlope) slope[w] = (x > T(0) ? T(1) : e) / (T(1) + e);
       }
     } else {
