@@ -148,7 +148,7 @@ def group_markdown(group: list[dict[str, Any]], level: int = 3) -> str:
         f"{'#' * level} {s['seconds']:g} s per run · seeds {', '.join(map(str, seeds))} · lr "
         f"{s['lr']:g} · batch {s['batch_size']} × {s['seq_len']}",
         "",
-        f"{group[-1]['date']}, {group[-1]['machine']}, {s['threads']} threads, runs trained "
+        f"{group[-1]['date']}, {group[-1]['machine']}, {race.process_text(s)}, runs trained "
         f"{race.schedule_text(s, len(group[-1]['entries']))}. Mean ± sample sd "
         "over the seeds; Δ bpc is paired with the default run of the same seed (negative: the "
         "technique helped).",
@@ -212,7 +212,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (%(default)g)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: {race.QUICK_SECONDS:g} s per run, not saved")  # fmt: skip
-    race.add_turns_argument(parser)
+    race.add_worker_arguments(parser)
     parser.add_argument("--no-save", action="store_true", help="do not write the results file")
     parser.add_argument("--show", action="store_true", help="print the saved records and exit")
     parser.add_argument("--results", type=Path, default=RESULTS_FILE, help=argparse.SUPPRESS)
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     budget = race._QUICK if args.quick else {"seconds": args.seconds}
     every_seed = [race.settings_or_exit("python -m bench.ablation", **budget, lr=args.lr,
-                                        seed=seed, turn_seconds=args.turn_seconds)
+                                        seed=seed, **race.worker_settings(args))
                   for seed in args.seeds]  # fmt: skip
     records = []
     for settings in every_seed:

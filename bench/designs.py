@@ -160,7 +160,7 @@ def record_markdown(record: dict[str, Any], level: int = 3) -> str:
     lines = [
         f"{'#' * level} {setting}",
         "",
-        f"{record['date']}, {record['machine']}, {s['threads']} threads, designs trained "
+        f"{record['date']}, {record['machine']}, {race.process_text(s)}, designs trained "
         f"{race.schedule_text(s, len(entries))}.",
         "",
         "| # | design | from | params | steps | tokens/s (× twin) | val bpc (vs twin) |",
@@ -212,7 +212,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "python -m bench.race --help)")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: {race.QUICK_SECONDS:g} s per design, not saved")  # fmt: skip
-    race.add_turns_argument(parser)
+    race.add_worker_arguments(parser)
     parser.add_argument("--no-save", action="store_true", help="do not write the results file")
     parser.add_argument("--show", action="store_true", help="print the saved records and exit")
     parser.add_argument("--results", type=Path, default=RESULTS_FILE, help=argparse.SUPPRESS)
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     quick = race._QUICK if args.quick else {"seconds": args.seconds}
     settings = race.settings_or_exit("python -m bench.designs", **quick, lr=args.lr,
-                                     seed=args.seed, turn_seconds=args.turn_seconds)  # fmt: skip
+                                     seed=args.seed, **race.worker_settings(args))  # fmt: skip
     record = run(args.designs, settings, corpus=args.corpus)
     print()
     print(record_markdown(record))

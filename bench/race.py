@@ -89,6 +89,7 @@ from torch import nn
 from minifusion.config import MiniFusionConfig
 from minifusion.corpus import BUILT_IN_CORPORA
 from minifusion.data import _datasets_progress, load_documents, prepare_data, split_documents
+from minifusion.host_memory import reuse_freed_memory
 from minifusion.model import MiniFusionForCausalLM
 from minifusion.token_files import TokenFile
 from minifusion.tokenizer import load_tokenizer
@@ -146,6 +147,7 @@ class RaceSettings:
     grad_clip: float = 1.0
     eval_blocks: int | None = None  # validation blocks scored; None: all of them
     turn_seconds: float = TURN_SECONDS  # entries take turns of this much training; 0: one by one
+    reuse_freed_memory: bool = True  # every worker: minifusion.host_memory.reuse_freed_memory
 
     def __post_init__(self) -> None:
         """Refuse a recipe no race can run, naming the flag and what it takes (a zero budget or
@@ -175,7 +177,8 @@ class RaceSettings:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RaceSettings:
         known = {f.name for f in dataclasses.fields(cls)}
-        values = {"turn_seconds": 0.0, **{k: v for k, v in values.items() if k in known}}
+        before = {"turn_seconds": 0.0, "reuse_freed_memory": False}  # records older than these
+        values = {**before, **{k: v for k, v in values.items() if k in known}}
         if "betas" in values:
             values["betas"] = tuple(values["betas"])
         return cls(**values)
@@ -588,6 +591,8 @@ def _worker_main(args: argparse.Namespace) -> int:
     transformers.logging.set_verbosity_error()  # the PyTorch-path notice goes in the table
     settings = RaceSettings.from_dict(json.loads(args.settings_json))
     torch.set_num_threads(settings.threads)
+    if settings.reuse_freed_memory:
+        reuse_freed_memory()  # where there is no glibc: nothing to change, the race runs as is
     overrides = json.loads(args.overrides_json) if args.overrides_json else None
     turns = None
     if args.control_fd is not None:  # taking turns: the first one starts after every import
@@ -802,10 +807,13 @@ def load_records(path: str | Path = RESULTS_FILE) -> list[dict[str, Any]]:
     return json.loads(path.read_text(encoding="utf-8"))["records"]
 
 
-def _measured_as(record: dict[str, Any]) -> tuple[str | None, float]:
-    """Where and how a record's entries were timed: the machine line and the turn length (0 for
-    one after another, and for records from before turns)."""
-    return record.get("machine"), record["settings"].get("turn_seconds", 0.0)
+def _measured_as(record: dict[str, Any]) -> tuple[str | None, float, bool]:
+    """Where and how a record's entries were timed: the machine line, the turn length (0 for
+    one after another, and for records from before turns) and whether freed memory was kept
+    (not in records from before that setting)."""
+    settings = record["settings"]
+    return (record.get("machine"), settings.get("turn_seconds", 0.0),
+            settings.get("reuse_freed_memory", False))  # fmt: skip
 
 
 def save_record(
@@ -816,8 +824,8 @@ def save_record(
 ) -> list[dict[str, Any]]:
     """Add ``record`` to the file: it replaces the record with the same key, keeping that one's
     entries this run did not race (a ``--models`` subset updates only those) — but only when both
-    were measured alike: on the same machine (CPU and PyTorch) and in the same schedule (in turns
-    or one after another). Entries timed otherwise are not comparable in speed, nor in score at a
+    were measured alike: on the same machine (CPU and PyTorch), in the same schedule (in turns
+    or one after another) and with the same handling of freed memory. Entries timed otherwise are not comparable in speed, nor in score at a
     fixed time budget, so they are dropped (``echo`` names them). Returns all the records."""
     records = load_records(path)
     old = next((r for r in records if record_key(r) == record_key(record)), None)
@@ -828,8 +836,13 @@ def save_record(
             record = {**record, "entries": {**old["entries"], **record["entries"]}}
         elif not_raced:
             machine = old.get("machine")
-            how = (f"on another machine ({machine})" if machine != record.get("machine")
-                   else f"with its entries trained {schedule_text(old['settings'])}")  # fmt: skip
+            if machine != record.get("machine"):
+                how = f"on another machine ({machine})"
+            elif _measured_as(old)[1] != _measured_as(record)[1]:
+                how = f"with its entries trained {schedule_text(old['settings'])}"
+            else:
+                kept = old["settings"].get("reuse_freed_memory", False)
+                how = "with freed memory " + ("kept for reuse" if kept else "returned to the system")
             echo(f"[{benchmark}] the saved record for these settings was measured {how}; "
                  f"replaced, without its entries {', '.join(not_raced)} (rerun them here to "
                  "compare)")  # fmt: skip
@@ -944,6 +957,13 @@ def schedule_text(settings: dict[str, Any], entries: int = 2) -> str:
     return f"in turns of {turn:g} s" if turn > 0 and entries > 1 else "one after another"
 
 
+def process_text(settings: dict[str, Any]) -> str:
+    """How each worker ran: ``2 threads`` and, when it did, ``freed memory kept for reuse``
+    (:mod:`minifusion.host_memory`; records from before that setting ran without it)."""
+    threads = f"{settings['threads']} threads"
+    return threads + (", freed memory kept for reuse" if settings.get("reuse_freed_memory") else "")
+
+
 def held_out_text(works: Sequence[str], listed: int = 4) -> str:
     """The held-out documents by name, or counted with the first two named when there are more
     than ``listed`` (the record keeps the whole list)."""
@@ -962,7 +982,7 @@ def record_markdown(record: dict[str, Any], level: int = 3) -> str:
     lines = [
         f"{'#' * level} {setting_label(s, corpus=record.get('corpus', CORPUS))}",
         "",
-        f"{record['date']}, {record['machine']}, {s['threads']} threads, entries trained "
+        f"{record['date']}, {record['machine']}, {process_text(s)}, entries trained "
         f"{schedule_text(s, len(record['entries']))}. Validation: "
         f"{held_out_text(validation['works'])} ({scored} of {s['seq_len']} tokens).{split}",
         "",
@@ -1156,7 +1176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the text to train and validate on (%(default)s; python-code: SymPy's modules, "
         "full of exact repetition that attention can recall)",
     )
-    add_turns_argument(parser)
+    add_worker_arguments(parser)
     parser.add_argument("--no-save", action="store_true", help=f"do not write {RESULTS_FILE.name}")
     parser.add_argument(
         "--quick",
@@ -1177,8 +1197,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def add_turns_argument(parser: argparse.ArgumentParser) -> None:
-    """``--turn-seconds``, shared by the race, ``bench.designs`` and ``bench.ablation``."""
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the entries' processes run — ``--turn-seconds`` and ``--return-freed-memory`` —
+    shared by the race, ``bench.designs`` and ``bench.ablation``
+    (:func:`worker_settings` reads them back)."""
     parser.add_argument(
         "--turn-seconds",
         type=float,
@@ -1187,6 +1209,17 @@ def add_turns_argument(parser: argparse.ArgumentParser) -> None:
         "so that a slow stretch of the host slows them all alike (%(default)g; 0: one after "
         "another)",
     )
+    parser.add_argument(
+        "--return-freed-memory",
+        action="store_true",
+        help="let glibc unmap large freed blocks, its default (otherwise every entry's process "
+        "keeps them for the next step: minifusion.host_memory)",
+    )
+
+
+def worker_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`RaceSettings` fields that :func:`add_worker_arguments` sets."""
+    return {"turn_seconds": args.turn_seconds, "reuse_freed_memory": not args.return_freed_memory}
 
 
 def settings_or_exit(prog: str, **values: Any) -> RaceSettings:
@@ -1204,7 +1237,7 @@ def settings_from_args(args: argparse.Namespace) -> RaceSettings:
         "python -m bench.race",
         **{**quick, **({"seconds": args.seconds} if args.seconds is not None else {})},
         lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, threads=args.threads,
-        seed=args.seed, turn_seconds=args.turn_seconds,
+        seed=args.seed, **worker_settings(args),
     )  # fmt: skip
 
 

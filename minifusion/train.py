@@ -41,6 +41,7 @@ from .checkpoint import CheckpointError, file_in_the_way, remove_run_outputs
 from .config import MiniFusionConfig
 from .data import PreparedStream, preparation_for
 from .distributed import StaleBuildLockError
+from .host_memory import reuse_freed_memory
 from .model_folder import device_named
 from .settings import apply_overrides, load_settings  # noqa: F401  (apply_overrides: re-export)
 from .tokenizer import load_tokenizer
@@ -296,6 +297,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         trainer = Trainer(model, tokenizer, *files, train_config, out_dir, batches=batches,
                           progress=not args.no_progress)  # fmt: skip
+    if trainer.device.type == "cpu":  # a CPU step re-allocates its large tensors every step:
+        reuse_freed_memory()  # keep the pages instead of faulting them in again (host_memory)
     count = sum(p.numel() for p in model.parameters())
     print(
         f"[2/4] model: {count:,} parameters on {trainer.device}"

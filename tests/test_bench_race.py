@@ -345,3 +345,27 @@ def test_the_table_counts_epochs_of_the_training_split():
     assert "| 10,000 | 1.0 | 5.000 | 2.100 |" in second
     failed = race._table({"gpt2": {"error": "boom"}}, train_tokens=20_000)[-1]
     assert failed.count("|") == 11
+
+
+def test_freed_memory_setting_reaches_the_record_and_its_table(tmp_path):
+    # the default keeps freed memory in every worker; --return-freed-memory gives it back
+    kept = race.settings_from_args(race.parse_args([]))
+    returned = race.settings_from_args(race.parse_args(["--return-freed-memory"]))
+    assert kept.reuse_freed_memory and not returned.reuse_freed_memory
+    # a record saved before the setting existed ran without it
+    old = race.RaceSettings().to_dict()
+    del old["reuse_freed_memory"]
+    assert race.RaceSettings.from_dict(old).reuse_freed_memory is False
+    assert race.process_text(kept.to_dict()) == "2 threads, freed memory kept for reuse"
+    assert race.process_text(old) == "2 threads"
+    # entries timed with the other setting are not mixed into the new record
+    path, said = tmp_path / "race.json", []
+    before = record(240, 1e-3, {"hybrid": entry(2.1, 5000), "attention": entry(2.2, 10000)})
+    before["settings"] = {**before["settings"], "reuse_freed_memory": False}
+    race.save_record(before, path)
+    now = record(240, 1e-3, {"hybrid": entry(2.0, 7000)})
+    now["settings"] = {**now["settings"], "reuse_freed_memory": True}
+    (saved,) = race.save_record(now, path, echo=said.append)
+    assert set(saved["entries"]) == {"hybrid"}
+    assert len(said) == 1 and "freed memory returned to the system" in said[0]
+    assert "2 threads, freed memory kept for reuse, entries trained" in race.record_markdown(saved)
