@@ -109,6 +109,9 @@ DESIGNS: dict[str, Design] = {
     "tiny-expand-2": Design(
         "`tiny` with its Mamba layers at expansion 2 (still no FFN after them: the Mamba paper's "
         "own block)", "Mamba expansion", {"mamba_expand": 2}, preset_global_heads=True),
+    "tiny-qk-norm": Design(
+        "`tiny` with QK-norm in its attention layers: each head's query and key RMS-normalised "
+        "before RoPE", "OLMo 2 / Qwen3", {"attention_qk_norm": True}, preset_global_heads=True),
     "control-AAAA-noffn": Design(
         "control: the same plan with attention in place of Mamba (A-A*-A-A*)", "control",
         {"mixer_types": [A, A, A, A], "ffn_types": [D, N, D, N]}),

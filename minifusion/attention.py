@@ -49,6 +49,7 @@ from .local_attention import (
     cpu_flash_fallback_applies,
     flash_attention_in_float32,
 )
+from .norm import RMSNorm
 from .rope import apply_rotary
 from .utils import as_dtype
 
@@ -291,6 +292,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(self.hidden_size, kv_size, bias=bias)
         self.v_proj = nn.Linear(self.hidden_size, kv_size, bias=bias)
         self.o_proj = nn.Linear(q_size, self.hidden_size, bias=bias)
+        # QK-norm: one RMSNorm over head_dim for all query heads, one for all key heads (Qwen3's
+        # placement: on each head's vector, before RoPE, so the cache holds normalised keys)
+        self.q_norm = self.k_norm = None
+        if config.attention_qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
     def new_cache(self) -> LayerKVCache:
         return LayerKVCache(window=self.window)
@@ -310,6 +317,8 @@ class Attention(nn.Module):
             return projection(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.q_proj), heads(self.k_proj), heads(self.v_proj)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         # (cos, sin), or XPos's (cos_q, sin_q, cos_k, sin_k)
         q, k = apply_rotary(q, k, *(as_dtype(table, q.dtype) for table in position_embeddings))
 

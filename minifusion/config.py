@@ -120,6 +120,9 @@ class MiniFusionConfig(ConfigCostsMixin, ConfigChecksMixin, PreTrainedConfig):
     num_key_value_heads: int | None = None
     head_dim: int | None = None
     attention_bias: bool = False
+    # QK-norm (OLMo 2, Qwen3, Gemma 3): every head's query and key scaled to unit RMS, times a
+    # learned gain, before RoPE — the logits q·k/√d cannot grow with the weights' scale
+    attention_qk_norm: bool = False
     attention_dropout: float | int = 0.0
     attention_impl: str = "sdpa"
     rope_parameters: dict | None = None

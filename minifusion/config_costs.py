@@ -47,12 +47,14 @@ class ConfigCostsMixin:
         weights = dict(
             zip(("q_proj", "k_proj", "v_proj", "o_proj"), self._attention_matmul_sizes())
         )
+        if self.attention_qk_norm:  # one gain vector over head_dim each, shared by all heads
+            weights.update(q_norm=self.head_dim, k_norm=self.head_dim)
         if not self.attention_bias:
             return weights
         q = self.num_attention_heads * self.head_dim
         kv = self.num_key_value_heads * self.head_dim
         biases = {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": self.hidden_size}
-        return {name: weights[name] + biases[name] for name in weights}
+        return {name: weights[name] + biases.get(name, 0) for name in weights}
 
     def _mamba_parameters(self) -> dict[str, int]:
         h, di = self.hidden_size, self.mamba_d_inner

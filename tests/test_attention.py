@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlamaConfig
+from transformers import LlamaConfig, Qwen3Config
 from transformers.models.llama.modeling_llama import LlamaAttention
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
 import minifusion.attention as attention_module
 import minifusion.local_attention as local_attention_module
@@ -105,6 +106,54 @@ def test_matches_llama_attention(name, heads, kv_heads, head_dim, rope, impl):
     causal = torch.full((length, length), torch.finfo(torch.float32).min).triu(1)[None, None]
     theirs_causal, _ = reference(x, position_embeddings=cos_sin, attention_mask=causal)
     assert (ours_causal - theirs_causal).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name, heads, kv_heads, head_dim", SHAPES)
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_qk_norm_matches_qwen3_attention(name, heads, kv_heads, head_dim, impl):
+    """QK-norm: transformers' Qwen3Attention normalises each head's query and key over head_dim
+    (gains q_norm, k_norm; the same parameter names) before RoPE — an independent reference."""
+    config = make_config(heads, kv_heads, head_dim, impl, attention_qk_norm=True,
+                         rms_norm_eps=1e-6, rope_parameters=dict(DEFAULT_ROPE))  # fmt: skip
+    attention, rope_module = make_pair(config)
+    with torch.no_grad():  # gains away from 1, so a skipped or misplaced gain shows
+        attention.q_norm.weight.normal_(1.0, 0.2)
+        attention.k_norm.weight.normal_(1.0, 0.2)
+    reference_config = Qwen3Config(
+        hidden_size=config.hidden_size, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=head_dim, rms_norm_eps=1e-6, max_position_embeddings=1024,
+        rope_parameters=dict(DEFAULT_ROPE), num_hidden_layers=1,
+    )  # fmt: skip
+    reference_config._attn_implementation = "eager"
+    reference = Qwen3Attention(reference_config, layer_idx=0)
+    reference.load_state_dict(attention.state_dict())  # q/k/v/o_proj, q_norm, k_norm
+
+    batch, length = 2, 40
+    x = torch.randn(batch, length, config.hidden_size)
+    cos_sin = rope_module(positions(batch, length))
+    causal = torch.full((length, length), torch.finfo(torch.float32).min).triu(1)[None, None]
+    theirs, _ = reference(x, position_embeddings=cos_sin, attention_mask=causal)
+    assert (attention(x, cos_sin) - theirs).abs().max() <= 1e-5
+    # the norms matter: without them the same weights give another output
+    plain = Attention(make_config(heads, kv_heads, head_dim, impl))
+    plain.load_state_dict(attention.state_dict(), strict=False)
+    assert (plain(x, cos_sin) - theirs).abs().max() > 1e-3
+
+
+def test_qk_norm_parameters_are_counted_and_the_cache_stays_exact():
+    config = make_config(4, 2, 16, num_global_heads=2, sliding_window=5, attention_qk_norm=True)
+    attention, rope = make_pair(config)
+    counted = config._attention_parameters()
+    assert counted["q_norm"] == counted["k_norm"] == 16
+    assert sum(counted.values()) == sum(p.numel() for p in attention.parameters())
+    x = torch.randn(2, 17, config.hidden_size)
+    with torch.no_grad():
+        full = run(attention, rope, x)
+        cache = attention.new_cache()
+        pieces = [attention(x[:, :6], rope(positions(2, 6)), kv_cache=cache)]
+        for t in range(6, 17):  # the cache holds normalised, rotated keys
+            pieces.append(attention(x[:, t : t + 1], rope(positions(2, 1, t)), kv_cache=cache))
+    assert (torch.cat(pieces, dim=1) - full).abs().max() <= 1e-5
 
 
 # ------------------------------------------------------------ explicit sliding-window reference ---
