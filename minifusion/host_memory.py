@@ -8,9 +8,12 @@ page fault per page, 8,192 for each such tensor, every step. That was about half
 head's time on two cores.
 
 :func:`reuse_freed_memory` asks malloc to take every block from its heap (``M_MMAP_MAX`` 0)
-and to keep the heap's free top instead of giving it back (``M_TRIM_THRESHOLD`` 1 GiB), so the
-next step reuses pages it already touched. The price: the process keeps its high-water mark of
-memory until it exits, which a training loop reaches every step anyway. It is a per-process
+and to keep the heap's free top instead of giving it back (``M_TRIM_THRESHOLD`` 1 GiB), so a
+step reuses pages an earlier step touched. It takes a few steps to settle: torch allocates its
+blocks aligned, which an exactly-sized freed block cannot hold, so the heap grows until freed
+stretches have coalesced (about ten steps of the head's loss, measured in
+``tests/test_host_memory.py``). The price: the process keeps its high-water mark of memory until
+it exits, which a training loop reaches every step anyway. It is a per-process
 setting; ``bench.memory`` sets the opposite in its own process, to see every allocation.
 """
 
