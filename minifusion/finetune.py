@@ -145,9 +145,13 @@ def add_lora(
         raise ValueError(
             f"LoRA targets {missing} are not linear layers of this model; it has {sorted(present)}."
         )
+    # every module whose name ends in "norm" (input_layernorm, norm, …), named one by one: peft
+    # 0.21 matched "norm" as a suffix of those names, 0.22 matches whole names only
+    norms = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
+                    if name.endswith("norm")})  # fmt: skip
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
                         bias="none", task_type="CAUSAL_LM",
-                        modules_to_save=["norm"] if train_norms else None)  # fmt: skip
+                        modules_to_save=norms if train_norms and norms else None)  # fmt: skip
     with warnings.catch_warnings():  # peft asks transformers a question it renamed
         warnings.filterwarnings(
             "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
