@@ -15,7 +15,6 @@ what the previous one left hides its own growth there).
 
 import ctypes
 import gc
-import sys
 import weakref
 from collections.abc import Callable
 
@@ -23,22 +22,18 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+from minifusion.host_memory import return_freed_memory_at_once
+
 _configured = False
 
 
 def configure_malloc() -> None:
-    """Make glibc return freed blocks of ≥ 64 KiB to the system (once per process, Linux only)."""
+    """Make glibc return freed blocks of ≥ 64 KiB to the system (once per process, Linux only:
+    :func:`minifusion.host_memory.return_freed_memory_at_once`)."""
     global _configured
-    if _configured or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 16)  # blocks ≥ 64 KiB: mmap, returned on free
-        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 16)
-    except OSError:
-        pass
-    _configured = True
+    if not _configured:
+        return_freed_memory_at_once()
+        _configured = True
 
 
 def _status_bytes(key: str) -> int:

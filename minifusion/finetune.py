@@ -145,8 +145,8 @@ def add_lora(
         raise ValueError(
             f"LoRA targets {missing} are not linear layers of this model; it has {sorted(present)}."
         )
-    # every module whose name ends in "norm" (input_layernorm, norm, …), named one by one: peft
-    # 0.21 matched "norm" as a suffix of those names, 0.22 matches whole names only
+    # every module whose name ends in "norm" (input_layernorm, norm, …), named one by one: with
+    # "norm" alone, peft 0.21 wrapped all of them but 0.22 only the final `norm`
     norms = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
                     if name.endswith("norm")})  # fmt: skip
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,

@@ -23,19 +23,16 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["TRIM_THRESHOLD", "reuse_freed_memory"]
+__all__ = ["TRIM_THRESHOLD", "return_freed_memory_at_once", "reuse_freed_memory"]
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt's parameter numbers in glibc's malloc.h
+# mallopt's parameter numbers in glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 TRIM_THRESHOLD = 1 << 30  # free memory at the heap's top kept before any is returned
 
 
-def reuse_freed_memory() -> bool:
-    """Make this process's ``malloc`` reuse freed blocks instead of unmapping them.
-
-    Returns ``True`` when glibc took both settings; ``False`` where there is no glibc (macOS,
-    Windows, musl's ``mallopt`` is a no-op): nothing changes there, the program runs as before.
-    Calling it again is harmless.
-    """
+def _mallopt(settings: dict[int, int]) -> bool:
+    """Apply ``{parameter: value}`` with glibc's ``mallopt``; ``True`` when every one took,
+    ``False`` where there is no glibc (macOS, Windows; musl's ``mallopt`` is a no-op)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -44,5 +41,22 @@ def reuse_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    # mallopt returns 1 on success; both must hold, or large blocks still come and go
-    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    results = [mallopt(parameter, value) == 1 for parameter, value in settings.items()]
+    return all(results)  # mallopt returns 1 on success
+
+
+def reuse_freed_memory() -> bool:
+    """Make this process's ``malloc`` reuse freed blocks instead of unmapping them.
+
+    Returns ``True`` when glibc took both settings; ``False`` where there is no glibc: nothing
+    changes there, the program runs as before. Calling it again is harmless.
+    """
+    # both must hold, or large blocks still come and go
+    return _mallopt({_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: TRIM_THRESHOLD})
+
+
+def return_freed_memory_at_once() -> bool:
+    """The opposite, for measuring memory: blocks of 64 KiB and more are mapped on their own and
+    unmapped on ``free``, and the heap's free top goes back above 64 KiB, so the resident size
+    shows what the measured code needed, not what an earlier step left for reuse."""
+    return _mallopt({_M_MMAP_THRESHOLD: 1 << 16, _M_TRIM_THRESHOLD: 1 << 16})
