@@ -18,6 +18,8 @@ The designs are the ones the field uses (chapter 10 explains each):
   its scan; NVIDIA's Mamba-2-Hybrid keeps its MLPs as separate layers, not after every Mamba);
 * **a richer Mamba layer** — ``tiny`` with a larger state per channel (32 or 64 instead of 16;
   the scan's work grows with it) or at expansion 2 (the Mamba paper's own block);
+* **a better attention layer** — QK-norm (OLMo 2, Qwen3) and, on top, a sigmoid gate on every
+  head's output (Qwen3-Next; Qiu et al. 2025, "Gated Attention for Large Language Models");
 * **a control** — the last plan with attention in place of Mamba, to tell what the Mamba layers
   bring from what removing feed-forward blocks brings.
 
@@ -112,6 +114,13 @@ DESIGNS: dict[str, Design] = {
     "tiny-qk-norm": Design(
         "`tiny` with QK-norm in its attention layers: each head's query and key RMS-normalised "
         "before RoPE", "OLMo 2 / Qwen3", {"attention_qk_norm": True}, preset_global_heads=True),
+    "tiny-qk-norm-global-both": Design(
+        "`tiny` with QK-norm and global heads in both attention layers", "OLMo 2 / Qwen3",
+        {"attention_qk_norm": True}),
+    "tiny-gated-attention": Design(
+        "`tiny` with Qwen3-Next's attention — QK-norm and a sigmoid gate on every head's output — "
+        "and global heads in both attention layers", "Qwen3-Next / gated attention",
+        {"attention_qk_norm": True, "attention_output_gate": True}),
     "control-AAAA-noffn": Design(
         "control: the same plan with attention in place of Mamba (A-A*-A-A*)", "control",
         {"mixer_types": [A, A, A, A], "ffn_types": [D, N, D, N]}),

@@ -298,6 +298,11 @@ class Attention(nn.Module):
         if config.attention_qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        # Output gate: one sigmoid per head channel, computed from the layer's input, scales what
+        # each head hands to o_proj (Qwen3-Next's gate; it folds it into q_proj's output)
+        self.g_proj = (
+            nn.Linear(self.hidden_size, q_size, bias=bias) if config.attention_output_gate else None
+        )
 
     def new_cache(self) -> LayerKVCache:
         return LayerKVCache(window=self.window)
@@ -361,6 +366,8 @@ class Attention(nn.Module):
         outputs = [out.transpose(1, 2) for out in outputs]  # (B, T, h, D)
         out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
         out = out.reshape(batch, length, self.num_heads * self.head_dim)
+        if self.g_proj is not None:
+            out = out * torch.sigmoid(self.g_proj(hidden_states))
         return self.o_proj(out)
 
     # --------------------------------------------------------------------------- helpers ---

@@ -123,6 +123,9 @@ class MiniFusionConfig(ConfigCostsMixin, ConfigChecksMixin, PreTrainedConfig):
     # QK-norm (OLMo 2, Qwen3, Gemma 3): every head's query and key scaled to unit RMS, times a
     # learned gain, before RoPE — the logits q·k/√d cannot grow with the weights' scale
     attention_qk_norm: bool = False
+    # Gated attention (Qwen3-Next; Qiu et al. 2025): every head's output times sigmoid(g_proj(x))
+    # before o_proj, so a head can pass nothing on instead of parking its weight on a sink token
+    attention_output_gate: bool = False
     attention_dropout: float | int = 0.0
     attention_impl: str = "sdpa"
     rope_parameters: dict | None = None

@@ -44,16 +44,15 @@ class ConfigCostsMixin:
     # ----------------------------------------------------------------------- parameters ---
     def _attention_parameters(self) -> dict[str, int]:
         """Weights of q/k/v/o (from :meth:`_attention_matmul_sizes`) plus their optional biases."""
-        weights = dict(
-            zip(("q_proj", "k_proj", "v_proj", "o_proj"), self._attention_matmul_sizes())
-        )
+        names = ("q_proj", "k_proj", "v_proj", "o_proj", "g_proj")  # g_proj: the output gate
+        weights = dict(zip(names, self._attention_matmul_sizes()))
         if self.attention_qk_norm:  # one gain vector over head_dim each, shared by all heads
             weights.update(q_norm=self.head_dim, k_norm=self.head_dim)
         if not self.attention_bias:
             return weights
         q = self.num_attention_heads * self.head_dim
         kv = self.num_key_value_heads * self.head_dim
-        biases = {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": self.hidden_size}
+        biases = {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": self.hidden_size, "g_proj": q}
         return {name: weights[name] + biases.get(name, 0) for name in weights}
 
     def _mamba_parameters(self) -> dict[str, int]:
@@ -226,10 +225,11 @@ class ConfigCostsMixin:
         return out
 
     def _attention_matmul_sizes(self) -> list[int]:
-        """Weight-matrix sizes of q_proj, k_proj, v_proj, o_proj (shared by counts and FLOPs)."""
+        """Weight-matrix sizes of q_proj, k_proj, v_proj, o_proj and, with the output gate, g_proj
+        (shared by counts and FLOPs)."""
         h, d = self.hidden_size, self.head_dim
         q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
-        return [h * q, h * kv, h * kv, q * h]
+        return [h * q, h * kv, h * kv, q * h] + ([h * q] if self.attention_output_gate else [])
 
     def estimate_flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token at sequence length ``seq_len`` (see :meth:`flops_breakdown`).

@@ -12,6 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, Qwen3Config
 from transformers.models.llama.modeling_llama import LlamaAttention
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
+from transformers.models.qwen3_next.configuration_qwen3_next import Qwen3NextConfig
+from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextAttention
 
 import minifusion.attention as attention_module
 import minifusion.local_attention as local_attention_module
@@ -152,6 +154,76 @@ def test_qk_norm_parameters_are_counted_and_the_cache_stays_exact():
         cache = attention.new_cache()
         pieces = [attention(x[:, :6], rope(positions(2, 6)), kv_cache=cache)]
         for t in range(6, 17):  # the cache holds normalised, rotated keys
+            pieces.append(attention(x[:, t : t + 1], rope(positions(2, 1, t)), kv_cache=cache))
+    assert (torch.cat(pieces, dim=1) - full).abs().max() <= 1e-5
+
+
+def qwen3_next_state(attention: Attention) -> dict[str, torch.Tensor]:
+    """Our gated attention's weights in Qwen3-Next's layout: its q_proj emits, head by head, the
+    query's head_dim rows and then the gate's; its RMSNorm scales by (1 + weight)."""
+    heads, d = attention.num_heads, attention.head_dim
+    state = dict(attention.state_dict())
+    query = state.pop("q_proj.weight").view(heads, d, -1)
+    gate = state.pop("g_proj.weight").view(heads, d, -1)
+    state["q_proj.weight"] = torch.cat([query, gate], dim=1).reshape(2 * heads * d, -1)
+    state["q_norm.weight"] = state["q_norm.weight"] - 1
+    state["k_norm.weight"] = state["k_norm.weight"] - 1
+    return state
+
+
+@pytest.mark.parametrize("name, heads, kv_heads, head_dim", SHAPES)
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_output_gate_matches_qwen3_next_attention(name, heads, kv_heads, head_dim, impl):
+    """Gated attention: transformers' Qwen3NextAttention multiplies every head's output by the
+    sigmoid of a projection of the layer's input before o_proj (with QK-norm, as ours here)."""
+    config = make_config(heads, kv_heads, head_dim, impl, attention_qk_norm=True,
+                         attention_output_gate=True, rms_norm_eps=1e-6,
+                         rope_parameters=dict(DEFAULT_ROPE))  # fmt: skip
+    attention, rope_module = make_pair(config)
+    with torch.no_grad():  # gains away from 1; gate logits of order 1, so sigmoid is not ~0.5
+        attention.q_norm.weight.normal_(1.0, 0.2)
+        attention.k_norm.weight.normal_(1.0, 0.2)
+        attention.g_proj.weight.normal_(0.0, 1.0 / math.sqrt(config.hidden_size))
+    reference_config = Qwen3NextConfig(
+        hidden_size=config.hidden_size, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=head_dim, rms_norm_eps=1e-6, max_position_embeddings=1024, num_hidden_layers=1,
+    )  # fmt: skip
+    reference_config._attn_implementation = "eager"
+    reference = Qwen3NextAttention(reference_config, layer_idx=0)
+    reference.load_state_dict(qwen3_next_state(attention))
+
+    batch, length = 2, 40
+    x = torch.randn(batch, length, config.hidden_size)
+    cos_sin = rope_module(positions(batch, length))  # full-width rotary, given to both
+    causal = torch.full((length, length), torch.finfo(torch.float32).min).triu(1)[None, None]
+    theirs, _ = reference(x, position_embeddings=cos_sin, attention_mask=causal)
+    assert (attention(x, cos_sin) - theirs).abs().max() <= 1e-5
+    # the gate matters: the same weights without it give another output
+    ungated = Attention(make_config(heads, kv_heads, head_dim, impl, attention_qk_norm=True))
+    ungated.load_state_dict(attention.state_dict(), strict=False)
+    assert (ungated(x, cos_sin) - theirs).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_output_gate_parameters_are_counted_and_the_cache_stays_exact(bias):
+    config = make_config(4, 2, 16, num_global_heads=2, sliding_window=5, attention_bias=bias,
+                         attention_output_gate=True)  # fmt: skip
+    attention, rope = make_pair(config)
+    counted = config._attention_parameters()
+    assert counted["g_proj"] == 64 * 64 + (64 if bias else 0)  # hidden → every head's channels
+    assert sum(counted.values()) == sum(p.numel() for p in attention.parameters())
+    # one more hidden × hidden matmul per token in every attention layer: 2 FLOPs per weight
+    plain = make_config(4, 2, 16, num_global_heads=2, sliding_window=5, attention_bias=bias)
+    layers = sum(mixer in ("attention", "hybrid") for mixer in config.mixer_types)
+    added = (config.flops_breakdown(32)["attention_projections"]
+             - plain.flops_breakdown(32)["attention_projections"])  # fmt: skip
+    assert layers > 0 and added == pytest.approx(layers * 2 * 64 * 64)
+    x = torch.randn(2, 17, config.hidden_size)
+    with torch.no_grad():
+        full = run(attention, rope, x)
+        cache = attention.new_cache()
+        pieces = [attention(x[:, :6], rope(positions(2, 6)), kv_cache=cache)]
+        for t in range(6, 17):  # the gate reads only the current token: nothing to cache
             pieces.append(attention(x[:, t : t + 1], rope(positions(2, 1, t)), kv_cache=cache))
     assert (torch.cat(pieces, dim=1) - full).abs().max() <= 1e-5
 
