@@ -826,8 +826,8 @@ def save_record(
     entries this run did not race (a ``--models`` subset updates only those) — but only when both
     were measured alike: on the same machine (CPU and PyTorch), in the same schedule (in turns
     or one after another) and with the same handling of freed memory. Entries timed otherwise
-    are not comparable in speed, nor in score at a
-    fixed time budget, so they are dropped (``echo`` names them). Returns all the records."""
+    are not comparable in speed, nor in score at a fixed time budget, so they are dropped
+    (``echo`` names them). Returns all the records."""
     records = load_records(path)
     old = next((r for r in records if record_key(r) == record_key(record)), None)
     if old is not None:

@@ -43,7 +43,8 @@ class ConfigCostsMixin:
 
     # ----------------------------------------------------------------------- parameters ---
     def _attention_parameters(self) -> dict[str, int]:
-        """Weights of q/k/v/o (from :meth:`_attention_matmul_sizes`) plus their optional biases."""
+        """Weights of q/k/v/o and the output gate's g_proj (from :meth:`_attention_matmul_sizes`),
+        QK-norm's gains, plus the projections' optional biases."""
         names = ("q_proj", "k_proj", "v_proj", "o_proj", "g_proj")  # g_proj: the output gate
         weights = dict(zip(names, self._attention_matmul_sizes()))
         if self.attention_qk_norm:  # one gain vector over head_dim each, shared by all heads
