@@ -259,13 +259,19 @@ def solve_width(make: Callable[[int], nn.Module], target: int) -> int:
 
 def layer_plan(config: MiniFusionConfig) -> str:
     """The layer stack in a few characters: ``"A-M-A-M, Mamba expand 1, FFN 384"`` (A attention,
-    M Mamba, A∥M a parallel hybrid layer; a layer without feed-forward block is marked ``*``)."""
+    M Mamba, A∥M a parallel hybrid layer; a layer without feed-forward block is marked ``*``),
+    naming QK-norm and the output gate when the attention layers have them."""
     letters = {"attention": "A", "mamba": "M", "hybrid": "A∥M"}
     plan = "-".join(
         letters[mixer] + ("*" if ffn == "none" else "")
         for mixer, ffn in zip(config.mixer_types, config.ffn_types)
     )
     parts = [plan + (" (* no FFN)" if "none" in config.ffn_types else "")]
+    if any(m in ("attention", "hybrid") for m in config.mixer_types):
+        attention = [name for name, on in (("QK-norm", config.attention_qk_norm),
+                     ("output gate", config.attention_output_gate)) if on]  # fmt: skip
+        if attention:
+            parts.append("attention with " + " + ".join(attention))
     if any(m in ("mamba", "hybrid") for m in config.mixer_types):
         parts.append(f"Mamba expand {config.mamba_expand}")
     return ", ".join([*parts, f"FFN {config.intermediate_size}"])
