@@ -24,7 +24,9 @@ The designs are the ones the field uses (chapter 10 explains each):
   bring from what removing feed-forward blocks brings.
 
 The all-attention and all-Mamba stacks are the references, and ``tiny`` is the preset as shipped
-(the one design that keeps its global heads in a single layer).
+(the one design that keeps its global heads in a single layer and, with ``tiny-gated-attention``
+and the QK-norm designs, the only ones whose attention is not plain: the designs were raced
+before the preset took QK-norm and the output gate, and a rerun measures what was saved).
 
     python -m bench.designs                      # every design, 240 s each (~65 min on 2 cores)
     python -m bench.designs --designs attention interleaved-AMAM --seconds 120
@@ -49,6 +51,7 @@ from .race import RaceSettings
 RESULTS_FILE = RESULTS_DIR / "designs.json"
 A, M = "attention", "mamba"
 D, N = "dense", "none"  # feed-forward block after the mixer, or none
+PLAIN_ATTENTION = {"attention_qk_norm": False, "attention_output_gate": False}
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,16 @@ class Design:
     lineage: str
     overrides: dict[str, Any] = field(default_factory=dict)
     preset_global_heads: bool = False  # keep the preset's global-head layers (else: every layer)
+    preset_attention: bool = False  # keep the preset's QK-norm and output gate (else: plain)
 
 
 DESIGNS: dict[str, Design] = {
     "tiny": Design("the `tiny` preset as shipped (A-M-A-M, Mamba expand 1, no FFN after Mamba, "
-                   "global heads in one layer)", "MiniFusion", preset_global_heads=True),
+                   "global heads in one layer, QK-norm and output gate)", "MiniFusion",
+                   preset_global_heads=True, preset_attention=True),
+    "tiny-plain-attention": Design(
+        "`tiny` with plain attention (no QK-norm, no output gate): the default before the gated "
+        "attention", "MiniFusion", preset_global_heads=True),
     "tiny-global-both": Design(
         "`tiny` with global heads in both attention layers (no all-local layer)", "MiniFusion"),
     "tiny-wide-ffn": Design(
@@ -132,10 +140,14 @@ def design_overrides(name: str) -> dict[str, Any]:
 
     Every design keeps global heads in all of its attention layers, as when the designs were
     raced (before ``tiny`` kept them in one layer only; a layer plan that moves the attention
-    layers could not keep ``tiny``'s placement anyway) — except the shipped preset itself."""
+    layers could not keep ``tiny``'s placement anyway) — except the shipped preset itself. And
+    every design has plain attention unless it says otherwise (:data:`PLAIN_ATTENTION`): the
+    designs were raced before ``tiny`` took QK-norm and the output gate, so the saved records
+    stay what a rerun measures."""
     design = DESIGNS[name]
     heads = {} if design.preset_global_heads else {"global_attention_layers": None}
-    overrides = {**heads, **design.overrides}
+    attention = {} if design.preset_attention else PLAIN_ATTENTION
+    overrides = {**attention, **heads, **design.overrides}
     race.preset_config().replaced(**overrides)  # raises on a bad design, before any training
     return overrides
 

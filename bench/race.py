@@ -734,7 +734,8 @@ def run(
 
     jobs = {name: (name, None) for name in models}
     entries = run_workers(jobs, settings, data, finished)
-    return race_record(settings, works, entries, **_data_fields(corpus, data))
+    return race_record(settings, works, entries, design=current_design(),
+                       **_data_fields(corpus, data))  # fmt: skip
 
 
 def _data_fields(corpus: str, data: dict[str, str]) -> dict[str, Any]:
@@ -813,13 +814,26 @@ def load_records(path: str | Path = RESULTS_FILE) -> list[dict[str, Any]]:
     return json.loads(path.read_text(encoding="utf-8"))["records"]
 
 
-def _measured_as(record: dict[str, Any]) -> tuple[str | None, float, bool]:
+def hybrid_design(record: dict[str, Any]) -> str | None:
+    """The layer plan of the ``tiny`` a record raced (:func:`layer_plan`: its ``design``, or in
+    records from before that field its hybrid entry's ``sizes``), or ``None`` when neither is
+    there. The twins and the transformers entries are built from that preset too, so records of
+    two designs are two different races."""
+    return record.get("design") or record["entries"].get("hybrid", {}).get("sizes")
+
+
+def current_design() -> str:
+    """The layer plan of ``tiny`` as ``configs/`` has it now: what a rerun races."""
+    return layer_plan(preset_config())
+
+
+def _measured_as(record: dict[str, Any]) -> tuple[str | None, float, bool, str | None]:
     """Where and how a record's entries were timed: the machine line, the turn length (0 for
-    one after another, and for records from before turns) and whether freed memory was kept
-    (not in records from before that setting)."""
+    one after another, and for records from before turns), whether freed memory was kept
+    (not in records from before that setting) — and of which ``tiny`` (:func:`hybrid_design`)."""
     settings = record["settings"]
     return (record.get("machine"), settings.get("turn_seconds", 0.0),
-            settings.get("reuse_freed_memory", False))  # fmt: skip
+            settings.get("reuse_freed_memory", False), hybrid_design(record))  # fmt: skip
 
 
 def save_record(
@@ -847,6 +861,8 @@ def save_record(
                 how = f"on another machine ({machine})"
             elif _measured_as(old)[1] != _measured_as(record)[1]:
                 how = f"with its entries trained {schedule_text(old['settings'])}"
+            elif _measured_as(old)[3] != _measured_as(record)[3]:
+                how = f"for another tiny (hybrid {hybrid_design(old)})"
             else:
                 kept = old["settings"].get("reuse_freed_memory", False)
                 how = "with freed memory " + ("kept for reuse" if kept else "returned to the system")
@@ -1002,11 +1018,12 @@ def record_markdown(record: dict[str, Any], level: int = 3) -> str:
 
 
 def seed_groups(records: list[dict[str, Any]], min_size: int = 2) -> list[list[dict[str, Any]]]:
-    """Records that share every setting but the seed, in groups of ``min_size`` or more (each
-    sorted by seed)."""
+    """Records that share every setting but the seed, and raced the same ``tiny``
+    (:func:`hybrid_design`), in groups of ``min_size`` or more (each sorted by seed)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for record in records:
         key = tuple(v for k, v in zip(("corpus", *RECORD_KEY), record_key(record)) if k != "seed")
+        key += (hybrid_design(record),)
         groups.setdefault(key, []).append(record)
     return [
         sorted(group, key=lambda r: r["settings"]["seed"])
@@ -1022,9 +1039,11 @@ def across_seeds(group: list[dict[str, Any]], level: int = 3) -> str:
     s, corpus = group[0]["settings"], group[0].get("corpus", CORPUS)
     seeds = [r["settings"]["seed"] for r in group]
     label = setting_label(s, seed=False, corpus=corpus)
+    design = hybrid_design(group[0])
     lines = [
         f"{'#' * level} Across seeds {', '.join(map(str, seeds))}: {label}",
         "",
+        *([f"Hybrid: {design}.", ""] if design else []),
         "| entry | seeds | val bpc, mean ± sd | tokens/s, mean ± sd | hybrid's bpc lower in |",
         "|---|---|---|---|---|",
     ]

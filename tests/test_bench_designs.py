@@ -21,14 +21,36 @@ def test_every_design_is_a_valid_change_of_the_preset(name):
     assert len(config.mixer_types) == config.num_hidden_layers
     preset = race.preset_config()
     assert (config == preset) == (name == "tiny")  # every other design changes something
-    heads = preset.global_attention_layers if designs.DESIGNS[name].preset_global_heads else None
+    design = designs.DESIGNS[name]
+    heads = preset.global_attention_layers if design.preset_global_heads else None
     assert config.global_attention_layers == heads  # global heads everywhere unless kept
+    if design.preset_attention:
+        assert (config.attention_qk_norm, config.attention_output_gate) == (
+            preset.attention_qk_norm, preset.attention_output_gate)
+    else:  # plain attention, as the designs were raced, unless the design itself asks for more
+        for key, value in designs.PLAIN_ATTENTION.items():
+            assert getattr(config, key) == design.overrides.get(key, value)
 
 
-def test_the_attention_design_is_the_race_twin():
+def test_plain_attention_tiny_is_the_preset_without_qk_norm_and_gate():
+    preset = race.preset_config()
+    assert preset.attention_qk_norm and preset.attention_output_gate  # what the preset ships
+    plain = preset.replaced(**designs.design_overrides("tiny-plain-attention"))
+    assert plain == preset.replaced(attention_qk_norm=False, attention_output_gate=False)
+    gate = preset.num_attention_heads * preset.head_dim * preset.hidden_size  # g_proj per layer
+    norms = 2 * preset.head_dim  # the query and key gains per layer
+    attention_layers = preset.mixer_types.count("attention")
+    assert preset.estimate_parameters() - plain.estimate_parameters() == \
+        attention_layers * (gate + norms)
+
+
+def test_the_attention_design_is_the_race_twin_with_plain_attention():
     base = race.preset_config()
     attention = base.replaced(**designs.design_overrides("attention"))
-    assert attention.estimate_parameters() == race.entry_parameters(["attention"])["attention"]
+    twin = race.minifusion_config("attention", base)
+    assert attention == twin.replaced(**designs.PLAIN_ATTENTION)
+    twin_count = race.entry_parameters(["attention"])["attention"]
+    assert twin_count == twin.estimate_parameters() > attention.estimate_parameters()
 
 
 def test_a_bad_design_fails_before_any_training(monkeypatch):

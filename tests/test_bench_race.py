@@ -146,6 +146,7 @@ def test_quick_race_of_two_entries_in_their_own_processes(race_data):
     assert record["train_tokens"] == sidecar["num_tokens"] > 0
     assert "| epochs |" in text and f"Training split: {record['train_tokens']:,} tokens." in text
     assert "entries trained in turns of 0.5 s." in text
+    assert record["design"] == race.current_design()  # a subset without the hybrid says it too
 
 
 def test_a_failing_entry_is_reported_with_its_reason(tmp_path):
@@ -223,6 +224,38 @@ def test_a_record_raced_in_another_schedule_replaces_the_saved_one_whole(tmp_pat
     more = record(240, 1e-3, {"mamba": entry(2.05, 6000)})
     (merged,) = race.save_record(more, path)
     assert set(merged["entries"]) == {"hybrid", "mamba"}
+
+
+def test_the_design_raced_is_the_preset_layer_plan_with_its_attention():
+    design = race.current_design()
+    assert design == race.layer_plan(race.preset_config())
+    assert design.startswith("A-M*-A-M* (* no FFN), attention with QK-norm + output gate")
+    plain = race.preset_config().replaced(attention_qk_norm=False, attention_output_gate=False)
+    assert "attention with" not in race.layer_plan(plain)  # plain attention is not named
+    qk_only = race.layer_plan(plain.replaced(attention_qk_norm=True))
+    assert "attention with QK-norm," in qk_only and "gate" not in qk_only
+    # an old record names its design through the hybrid entry's sizes, a new one at the top
+    assert race.hybrid_design(record(240, 1e-3, {"hybrid": entry(2.0, 1.0)})) == "s"
+    assert race.hybrid_design({**record(240, 1e-3, {}), "design": "d"}) == "d"
+    assert race.hybrid_design(record(240, 1e-3, {"mamba": entry(2.0, 1.0)})) is None
+
+
+def test_a_record_of_another_tiny_replaces_the_saved_one_whole(tmp_path):
+    path, said = tmp_path / "race.json", []
+    earlier = {"hybrid": {**entry(2.2, 5000), "sizes": "A-M-A-M"}, "llama": entry(2.3, 9000)}
+    race.save_record(record(240, 1e-3, earlier), path)
+    now = {**record(240, 1e-3, {"hybrid": {**entry(2.1, 5000), "sizes": "A-M-A-M, gated"}}),
+           "design": "A-M-A-M, gated"}  # fmt: skip
+    (saved,) = race.save_record(now, path, echo=said.append)
+    # Llama was sized to the earlier tiny's twin and raced beside the earlier hybrid: dropped
+    assert set(saved["entries"]) == {"hybrid"} and saved["design"] == "A-M-A-M, gated"
+    assert len(said) == 1 and "for another tiny (hybrid A-M-A-M)" in said[0] and "llama" in said[0]
+    # seeds of one setting are summarised together only when they raced the same tiny
+    again = {**now, "settings": {**now["settings"], "seed": 1}}
+    other = {**record(240, 1e-3, earlier), "settings": {**now["settings"], "seed": 2}}
+    groups = race.seed_groups([saved, again, other])
+    assert [[r["settings"]["seed"] for r in g] for g in groups] == [[0, 1]]
+    assert "Hybrid: A-M-A-M, gated." in race.across_seeds(groups[0])
 
 
 def test_seeds_of_one_setting_are_summarised_together():
