@@ -92,7 +92,7 @@ def run(
         for name in variants
     }  # fmt: skip (checked before any training: variant_overrides raises on a bad variant)
     return race.run_variants("ablation", runs, settings, corpus=corpus, data_dir=data_dir,
-                             echo=echo)  # fmt: skip
+                             echo=echo, design=race.current_design())  # fmt: skip
 
 
 def save_record(record: dict[str, Any], path: str | Path = RESULTS_FILE) -> list[dict[str, Any]]:
@@ -151,7 +151,7 @@ def group_markdown(group: list[dict[str, Any]], level: int = 3) -> str:
         f"{group[-1]['date']}, {group[-1]['machine']}, {race.process_text(s)}, runs trained "
         f"{race.schedule_text(s, len(group[-1]['entries']))}. Mean ± sample sd "
         "over the seeds; Δ bpc is paired with the default run of the same seed (negative: the "
-        "technique helped).",
+        f"technique helped). {earlier_tiny_note(group)}".rstrip(),
         "",
         "| technique | ch. | params | val bpc | Δ bpc vs default | lower in | tokens/s (× default) "
         "| warm-up s | tokens/s, warm-up included |",
@@ -175,6 +175,24 @@ def group_markdown(group: list[dict[str, Any]], level: int = 3) -> str:
 def groups(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """Records that share every setting but the seed (a single seed makes a group too)."""
     return race.seed_groups(records, min_size=1)
+
+
+def earlier_tiny_note(group: list[dict[str, Any]]) -> str:
+    """``""`` when ``group``'s default runs raced ``tiny`` as ``configs/`` has it now; else one
+    sentence saying they raced an earlier ``tiny``, and how to race today's. Records carry the
+    design since it changed (:func:`bench.race.hybrid_design`); older ones are told by the default
+    run's parameter count."""
+    design = race.hybrid_design(group[0])
+    if design is not None:
+        earlier = design != race.current_design()
+    else:
+        counts = {r["entries"]["default"]["params"] for r in group
+                  if "params" in r["entries"].get("default", {})}  # fmt: skip
+        earlier = counts != {race.entry_parameters(["hybrid"])["hybrid"]}
+    if not earlier:
+        return ""
+    return ("These runs raced an earlier `tiny` than `configs/` holds now; "
+            "`python -m bench.ablation` races today's.")
 
 
 def markdown(records: list[dict[str, Any]], level: int = 3) -> str:

@@ -768,10 +768,12 @@ def run_variants(
     corpus: str = CORPUS,
     data_dir: str | Path | None = None,
     echo: Callable[[str], None] = print,
+    design: str | None = None,
 ) -> dict[str, Any]:
     """Race variants of the preset as the ``hybrid`` entry: ``variants`` maps a name to
     ``(overrides, fields added to its result)``. ``bench.designs`` and ``bench.ablation`` run
-    this; ``tag`` labels their lines (``[designs]``). Returns the record, as :func:`run` does."""
+    this; ``tag`` labels their lines (``[designs]``). Returns the record, as :func:`run` does,
+    with ``design`` (the base the variants change, :func:`hybrid_design`) when given."""
     data, works = prepare_race_data(corpus, data_dir)
     echo(f"[{tag}] {len(variants)} variants × {settings.seconds:g} s, seed {settings.seed}, lr "
          f"{settings.lr:g}, batch {settings.batch_size} × {settings.seq_len}, "
@@ -784,7 +786,8 @@ def run_variants(
 
     jobs = {name: ("hybrid", overrides) for name, (overrides, _) in variants.items()}
     entries = run_workers(jobs, settings, data, finished)
-    return race_record(settings, works, entries, **_data_fields(corpus, data))
+    named = {} if design is None else {"design": design}
+    return race_record(settings, works, entries, **named, **_data_fields(corpus, data))
 
 
 def entry_line(name: str, result: dict[str, Any]) -> str:

@@ -44,6 +44,19 @@ def test_summary_pairs_each_seed_with_its_default():
     assert (
         "| xpos: XPos, scale base 512 | 05 | 10 | 2.167 ± 0.306 | -0.033 ± 0.115 | 2 of 3 |" in text
     )
+    assert "an earlier `tiny`" in text  # 10 parameters: not today's tiny
+
+
+def test_runs_of_an_earlier_tiny_are_told_apart():
+    today = race.entry_parameters(["hybrid"])["hybrid"]
+    old = [_record(0, {"default": 2.0})]  # a record from before the design field: by its count
+    assert "earlier `tiny`" in ablation.earlier_tiny_note(old)
+    old[0]["entries"]["default"]["params"] = today
+    assert ablation.earlier_tiny_note(old) == ""
+    named = [{**_record(0, {"default": 2.0}), "design": race.current_design()}]
+    assert ablation.earlier_tiny_note(named) == ""  # the design field decides where it is set
+    named[0]["design"] = "A-M-A-M, plain"
+    assert "earlier `tiny`" in ablation.earlier_tiny_note(named)
 
 
 @pytest.mark.slow
@@ -60,8 +73,10 @@ def test_a_short_real_ablation_run_feeds_the_table(tmp_path):
         record["entries"]["layer_scale"]["params"] - record["entries"]["default"]["params"]
         == 128 * 6
     )  # LayerScale: H per residual branch (4 mixers + 2 FFNs in tiny)
+    assert record["design"] == race.current_design()
     ablation.save_record(record, tmp_path / "ablation.json")
-    assert "layer_scale" in ablation.markdown(race.load_records(tmp_path / "ablation.json"))
+    text = ablation.markdown(race.load_records(tmp_path / "ablation.json"))
+    assert "layer_scale" in text and "earlier `tiny`" not in text
 
 
 @pytest.mark.slow
