@@ -1121,14 +1121,17 @@ def race_table(per_device: PerDevice) -> str:
 
 
 def _headline_race(data: Data, corpus: str = CORPUS) -> str | None:
-    """The default-settings race on ``corpus``: the hybrid's bpc against the best other entry's."""
+    """The default-settings race on ``corpus``: the hybrid's bpc against the best other entry's,
+    saying so when the record raced an earlier ``tiny`` than ``configs/`` holds now."""
     default = record_key({"settings": RaceSettings().to_dict(), "corpus": corpus})
     record = next((r for r in data["records"] if record_key(r) == default), None)
     finished = {n: r for n, r in (record or {}).get("entries", {}).items() if "val_bpc" in r}
     if "hybrid" not in finished or len(finished) < 2:
         return None
     rival = min((n for n in finished if n != "hybrid"), key=lambda n: finished[n]["val_bpc"])
-    return f"{finished['hybrid']['val_bpc']:.3f} vs {finished[rival]['val_bpc']:.3f} ({rival})"
+    earlier = "" if hybrid_design(record) == current_design() else "; an earlier `tiny`"
+    return (f"{finished['hybrid']['val_bpc']:.3f} vs {finished[rival]['val_bpc']:.3f} "
+            f"({rival}{earlier})")  # fmt: skip
 
 
 # ==============================================================================================

@@ -240,6 +240,15 @@ def test_the_design_raced_is_the_preset_layer_plan_with_its_attention():
     assert race.hybrid_design(record(240, 1e-3, {"mamba": entry(2.0, 1.0)})) is None
 
 
+def test_the_readme_headline_says_when_its_record_raced_an_earlier_tiny():
+    entries = {"hybrid": entry(2.1, 5000), "mamba": entry(2.2, 4000)}
+    today = {**record(240, 1e-3, entries), "design": race.current_design()}
+    assert race._headline_race({"records": [today]}) == "2.100 vs 2.200 (mamba)"
+    earlier = record(240, 1e-3, entries)  # its hybrid's sizes: "s", not today's plan
+    assert race._headline_race({"records": [earlier]}) == "2.100 vs 2.200 (mamba; an earlier `tiny`)"
+    assert race._headline_race({"records": [today]}, "python-code") is None  # no such record
+
+
 def test_a_record_of_another_tiny_replaces_the_saved_one_whole(tmp_path):
     path, said = tmp_path / "race.json", []
     earlier = {"hybrid": {**entry(2.2, 5000), "sizes": "A-M-A-M"}, "llama": entry(2.3, 9000)}
