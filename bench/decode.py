@@ -153,7 +153,10 @@ def llama_matched_to(config: MiniFusionConfig):
     channel of it costs ``3 · hidden_size`` parameters per layer)."""
     layers = config.num_hidden_layers
     # every layer attention with a dense SwiGLU (where the preset has MoE, Llama has dense layers)
-    full = full_attention_config(config).replaced(ffn_types=["dense"] * layers)
+    # and plain attention: Llama has no QK-norm and no output gate, so the FFN absorbs them too
+    full = full_attention_config(config).replaced(ffn_types=["dense"] * layers,
+                                                  attention_qk_norm=False,
+                                                  attention_output_gate=False)  # fmt: skip
     per_channel = 3 * full.hidden_size * layers
     without_ffn = full.replaced(intermediate_size=1).estimate_parameters() - per_channel
     intermediate = round((config.estimate_active_parameters() - without_ffn) / per_channel)

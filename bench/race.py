@@ -839,6 +839,14 @@ def _measured_as(record: dict[str, Any]) -> tuple[str | None, float, bool, str |
             settings.get("reuse_freed_memory", False), hybrid_design(record))  # fmt: skip
 
 
+def _comparable(old: tuple, new: tuple) -> bool:
+    """Two :func:`_measured_as` tuples alike: the same machine, schedule and memory handling, and
+    the same ``tiny`` where both say which (a record without a hybrid entry from before the
+    ``design`` field cannot tell)."""
+    designs = (old[3], new[3])
+    return old[:3] == new[:3] and (None in designs or designs[0] == designs[1])
+
+
 def save_record(
     record: dict[str, Any],
     path: str | Path = RESULTS_FILE,
@@ -856,7 +864,7 @@ def save_record(
     if old is not None:
         records.remove(old)
         not_raced = sorted(set(old["entries"]) - set(record["entries"]))
-        if _measured_as(old) == _measured_as(record):
+        if _comparable(_measured_as(old), _measured_as(record)):
             record = {**record, "entries": {**old["entries"], **record["entries"]}}
         elif not_raced:
             machine = old.get("machine")

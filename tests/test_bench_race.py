@@ -135,8 +135,12 @@ def test_quick_race_of_two_entries_in_their_own_processes(race_data):
         assert math.isfinite(result["val_bpc"]) and result["val_bpc"] > 0
         assert math.isfinite(result["train_loss"])
         assert result["val_tokens"] == 4 * 32
-    # the same shapes: Llama's solved feed-forward width is the twin's
-    assert record["entries"]["llama"]["params"] == record["entries"]["attention"]["params"]
+    # Llama's feed-forward width is solved to the twin's count: within half of one channel's
+    # parameters (3 · H per layer), as the twin's gate and QK-norm have no Llama counterpart
+    base = race.preset_config()
+    channel = 3 * base.hidden_size * base.num_hidden_layers
+    gap = record["entries"]["llama"]["params"] - record["entries"]["attention"]["params"]
+    assert abs(gap) <= channel / 2
     assert len(lines) == 3 and all(line.startswith("[race]") for line in lines)
     assert "in turns of 0.5 s" in lines[0]
     text = race.record_markdown(record)

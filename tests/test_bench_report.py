@@ -94,7 +94,7 @@ def fake_runners(scale: float = 1.0, why_hybrid: str | None = "| task | score |\
         settings = race.RaceSettings().to_dict()
         return {"records": [{"settings": settings, "date": "2000-01-01 00:00 UTC",
                              "machine": "m", "validation": {"works": ["a", "b"], "blocks": "all"},
-                             "entries": entries}]}  # fmt: skip
+                             "design": race.current_design(), "entries": entries}]}  # fmt: skip
 
     def fake_ablation(device, **kwargs):
         def record(seed, default_bpc, srte_bpc):
