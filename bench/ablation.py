@@ -182,9 +182,8 @@ def earlier_tiny_note(group: list[dict[str, Any]]) -> str:
     sentence saying they raced an earlier ``tiny``, and how to race today's. Records carry the
     design since it changed (:func:`bench.race.hybrid_design`); older ones are told by the default
     run's parameter count."""
-    design = race.hybrid_design(group[0])
-    if design is not None:
-        earlier = design != race.current_design()
+    if race.hybrid_design(group[0]) is not None:
+        earlier = not race.raced_today(group[0])
     else:
         counts = {r["entries"]["default"]["params"] for r in group
                   if "params" in r["entries"].get("default", {})}  # fmt: skip

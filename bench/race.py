@@ -80,7 +80,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -830,21 +830,33 @@ def current_design() -> str:
     return layer_plan(preset_config())
 
 
-def _measured_as(record: dict[str, Any]) -> tuple[str | None, float, bool, str | None]:
-    """Where and how a record's entries were timed: the machine line, the turn length (0 for
-    one after another, and for records from before turns), whether freed memory was kept
-    (not in records from before that setting) — and of which ``tiny`` (:func:`hybrid_design`)."""
+def raced_today(record: dict[str, Any]) -> bool:
+    """Whether ``record`` raced ``tiny`` as ``configs/`` has it now (:func:`hybrid_design`); a
+    record that cannot tell counts as an earlier one."""
+    return hybrid_design(record) == current_design()
+
+
+class MeasuredAs(NamedTuple):
+    """Where and how a record's entries were timed, and of which ``tiny``."""
+
+    machine: str | None  # CPU and PyTorch
+    turn_seconds: float  # 0: one after another (and records from before turns)
+    reuse_freed_memory: bool  # False in records from before that setting
+    design: str | None  # :func:`hybrid_design`
+
+
+def _measured_as(record: dict[str, Any]) -> MeasuredAs:
     settings = record["settings"]
-    return (record.get("machine"), settings.get("turn_seconds", 0.0),
-            settings.get("reuse_freed_memory", False), hybrid_design(record))  # fmt: skip
+    return MeasuredAs(record.get("machine"), settings.get("turn_seconds", 0.0),
+                      settings.get("reuse_freed_memory", False), hybrid_design(record))  # fmt: skip
 
 
-def _comparable(old: tuple, new: tuple) -> bool:
-    """Two :func:`_measured_as` tuples alike: the same machine, schedule and memory handling, and
-    the same ``tiny`` where both say which (a record without a hybrid entry from before the
-    ``design`` field cannot tell)."""
-    designs = (old[3], new[3])
-    return old[:3] == new[:3] and (None in designs or designs[0] == designs[1])
+def _comparable(old: MeasuredAs, new: MeasuredAs) -> bool:
+    """The same machine, schedule and memory handling, and the same ``tiny`` where both say
+    which (a record without a hybrid entry from before the ``design`` field cannot tell)."""
+    designs = (old.design, new.design)
+    same_tiny = None in designs or designs[0] == designs[1]
+    return old[:3] == new[:3] and same_tiny
 
 
 def save_record(
@@ -864,18 +876,18 @@ def save_record(
     if old is not None:
         records.remove(old)
         not_raced = sorted(set(old["entries"]) - set(record["entries"]))
-        if _comparable(_measured_as(old), _measured_as(record)):
+        was, now = _measured_as(old), _measured_as(record)
+        if _comparable(was, now):
             record = {**record, "entries": {**old["entries"], **record["entries"]}}
         elif not_raced:
-            machine = old.get("machine")
-            if machine != record.get("machine"):
-                how = f"on another machine ({machine})"
-            elif _measured_as(old)[1] != _measured_as(record)[1]:
+            if was.machine != now.machine:
+                how = f"on another machine ({was.machine})"
+            elif was.turn_seconds != now.turn_seconds:
                 how = f"with its entries trained {schedule_text(old['settings'])}"
-            elif _measured_as(old)[3] != _measured_as(record)[3]:
-                how = f"for another tiny (hybrid {hybrid_design(old)})"
+            elif was.design != now.design:
+                how = f"for another tiny (hybrid {was.design})"
             else:
-                kept = old["settings"].get("reuse_freed_memory", False)
+                kept = was.reuse_freed_memory
                 how = "with freed memory " + ("kept for reuse" if kept else "returned to the system")
             echo(f"[{benchmark}] the saved record for these settings was measured {how}; "
                  f"replaced, without its entries {', '.join(not_raced)} (rerun them here to "
@@ -1137,7 +1149,7 @@ def _headline_race(data: Data, corpus: str = CORPUS) -> str | None:
     if "hybrid" not in finished or len(finished) < 2:
         return None
     rival = min((n for n in finished if n != "hybrid"), key=lambda n: finished[n]["val_bpc"])
-    earlier = "" if hybrid_design(record) == current_design() else "; an earlier `tiny`"
+    earlier = "" if raced_today(record) else "; an earlier `tiny`"
     return (f"{finished['hybrid']['val_bpc']:.3f} vs {finished[rival]['val_bpc']:.3f} "
             f"({rival}{earlier})")  # fmt: skip
 

@@ -242,6 +242,10 @@ def test_the_design_raced_is_the_preset_layer_plan_with_its_attention():
     assert race.hybrid_design(record(240, 1e-3, {"hybrid": entry(2.0, 1.0)})) == "s"
     assert race.hybrid_design({**record(240, 1e-3, {}), "design": "d"}) == "d"
     assert race.hybrid_design(record(240, 1e-3, {"mamba": entry(2.0, 1.0)})) is None
+    # today's tiny only when the record names today's plan; one that cannot tell is earlier
+    assert race.raced_today({**record(240, 1e-3, {}), "design": design})
+    assert not race.raced_today(record(240, 1e-3, {"hybrid": entry(2.0, 1.0)}))
+    assert not race.raced_today(record(240, 1e-3, {"mamba": entry(2.0, 1.0)}))
 
 
 def test_the_readme_headline_says_when_its_record_raced_an_earlier_tiny():
