@@ -251,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         record = run(args.variants, settings)
         records.append(record)
         if not (args.quick or args.no_save):
-            save_record(record, args.results)  # after every seed: a killed run keeps the rest
-            print(f"[ablation] seed {seed} saved to {args.results}")
+            # after every seed: a killed run keeps the rest
+            if race.saved(record, save_record(record, args.results)):
+                print(f"[ablation] seed {seed} saved to {args.results}")
     print()
     print(markdown(records))
     finished = [r for record in records for r in record["entries"].values() if "error" not in r]

@@ -255,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(record_markdown(record))
     if not (args.quick or args.no_save):
-        save_record(record, args.results)
-        print(f"\n[designs] saved to {args.results}")
+        if race.saved(record, save_record(record, args.results)):
+            print(f"\n[designs] saved to {args.results}")
     return 0 if any("error" not in r for r in record["entries"].values()) else 1
 
 

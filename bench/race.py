@@ -870,13 +870,23 @@ def save_record(
     were measured alike: on the same machine (CPU and PyTorch), in the same schedule (in turns
     or one after another) and with the same handling of freed memory. Entries timed otherwise
     are not comparable in speed, nor in score at a fixed time budget, so they are dropped
-    (``echo`` names them). Returns all the records."""
+    (``echo`` names them). A single entry is not added to a record whose entries took turns: it
+    trained with no other process beside it, faster than it would have among them; the file is
+    then left as it was (``echo`` says how to race it). Returns all the records (:func:`saved`
+    tells whether ``record`` is among them)."""
     records = load_records(path)
     old = next((r for r in records if record_key(r) == record_key(record)), None)
     if old is not None:
-        records.remove(old)
         not_raced = sorted(set(old["entries"]) - set(record["entries"]))
         was, now = _measured_as(old), _measured_as(record)
+        if _comparable(was, now) and not_raced and len(record["entries"]) == 1 and now.turn_seconds > 0:
+            (alone,) = record["entries"]
+            echo(f"[{benchmark}] not saved: {alone} trained alone, but the saved record's entries "
+                 f"took turns ({', '.join(not_raced)}), so its tokens/s and its score at this budget "
+                 f"are not comparable with theirs; race it beside one of them (e.g. {alone} "
+                 f"{not_raced[0]}) to add it")  # fmt: skip
+            return records
+        records.remove(old)
         if _comparable(was, now):
             record = {**record, "entries": {**old["entries"], **record["entries"]}}
         elif not_raced:
@@ -895,6 +905,12 @@ def save_record(
     records = sorted([*records, record], key=record_key)
     write_records(records, path, benchmark)
     return records
+
+
+def saved(record: dict[str, Any], records: list[dict[str, Any]]) -> bool:
+    """Whether :func:`save_record` kept ``record`` (alone or merged): a record of its key and date."""
+    return any(record_key(r) == record_key(record) and r.get("date") == record.get("date")
+               for r in records)  # fmt: skip
 
 
 def write_records(records: list[dict[str, Any]], path: str | Path, benchmark: str) -> None:
@@ -1160,7 +1176,9 @@ def _headline_race(data: Data, corpus: str = CORPUS) -> str | None:
 HELP_DESCRIPTION = """\
 Train every entry for the same wall-clock time, each in a fresh process, with one recipe on
 the same batches; print a table sorted by validation bits per character (lower is better) and
-save it to bench/results/race.json (one record per seconds/lr/batch/seq-len/seed setting).
+save it to bench/results/race.json (one record per seconds/lr/batch/seq-len/seed setting). A
+--models subset updates those entries of the saved record; a single entry is not added to a
+record whose entries took turns (alone it trains faster): race it beside one of them.
 
 Recipe (flags change it for every entry alike): AdamW, betas 0.9/0.99, weight decay 0.1 on
 weight matrices (not embeddings, norms, biases); peak --lr with a 50-step linear warm-up, then
@@ -1305,8 +1323,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(record_markdown(record))
     if not (args.quick or args.no_save):
-        save_record(record, args.results)
-        print(f"\n[race] saved to {args.results}")
+        if saved(record, save_record(record, args.results)):
+            print(f"\n[race] saved to {args.results}")
     return 0 if any("error" not in r for r in record["entries"].values()) else 1
 
 

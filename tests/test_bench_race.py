@@ -183,8 +183,9 @@ def test_records_are_kept_per_setting_and_rendered(tmp_path):
     race.save_record(record(120, 1e-3, {"attention": entry(2.5, 10000)}), path)
     race.save_record(record(240, 3e-3, {"attention": entry(2.0, 10000)}), path)
     assert len(race.load_records(path)) == 3
-    # the same settings again with one entry: that entry is replaced, the others stay
-    race.save_record(record(240, 1e-3, {"hybrid": entry(1.9, 6000, 1_400_000)}), path)
+    # the same settings again with two of the entries: those are replaced, the other stays
+    again = {"hybrid": entry(1.9, 6000, 1_400_000), "attention": entry(2.2, 10000)}
+    race.save_record(record(240, 1e-3, again), path)
     records = race.load_records(path)
     assert [(r["settings"]["seconds"], r["settings"]["lr"]) for r in records] == [
         (120, 1e-3), (240, 1e-3), (240, 3e-3)
@@ -225,9 +226,34 @@ def test_a_record_raced_in_another_schedule_replaces_the_saved_one_whole(tmp_pat
     assert set(saved["entries"]) == {"hybrid"} and saved["settings"]["turn_seconds"] == 10.0
     assert len(said) == 1 and "one after another" in said[0] and "attention" in said[0]
     # the same machine and schedule: a subset run updates its entries, keeps the others
-    more = record(240, 1e-3, {"mamba": entry(2.05, 6000)})
+    more = record(240, 1e-3, {"mamba": entry(2.05, 6000), "attention": entry(2.1, 9000)})
     (merged,) = race.save_record(more, path)
-    assert set(merged["entries"]) == {"hybrid", "mamba"}
+    assert set(merged["entries"]) == {"hybrid", "mamba", "attention"}
+
+
+def test_a_single_entry_is_not_added_to_a_record_whose_entries_took_turns(tmp_path):
+    path, said = tmp_path / "race.json", []
+    in_turns = record(240, 1e-3, {"hybrid": entry(2.1, 5000), "attention": entry(2.2, 10000)})
+    race.save_record(in_turns, path)
+    alone = {**record(240, 1e-3, {"llama": entry(2.0, 12000)}), "date": "2000-01-02"}
+    records = race.save_record(alone, path, echo=said.append)
+    # it trained with no process beside it: faster than among the others, so the file stays as it was
+    assert not race.saved(alone, records) and race.saved(in_turns, records)
+    assert race.load_records(path) == records and set(records[0]["entries"]) == {"hybrid", "attention"}
+    assert len(said) == 1 and "not saved: llama trained alone" in said[0]
+    assert "(e.g. llama attention)" in said[0]
+    # replacing the only entry of a record, or a first record of its settings, is not adding one
+    lone = record(240, 3e-3, {"llama": entry(2.0, 12000)})
+    assert race.saved(lone, race.save_record(lone, path))
+    lone_again = {**lone, "date": "2000-01-03"}
+    assert race.saved(lone_again, race.save_record(lone_again, path))
+    # one after another (--turn-seconds 0) every entry ran alone: nothing to refuse
+    sequential = record(120, 1e-3, {"hybrid": entry(2.1, 5000), "attention": entry(2.2, 10000)})
+    sequential["settings"]["turn_seconds"] = 0.0
+    race.save_record(sequential, path)
+    one = {**record(120, 1e-3, {"llama": entry(2.0, 12000)}), "date": "2000-01-04"}
+    one["settings"]["turn_seconds"] = 0.0
+    assert race.saved(one, race.save_record(one, path))
 
 
 def test_the_design_raced_is_the_preset_layer_plan_with_its_attention():
