@@ -854,9 +854,8 @@ def _measured_as(record: dict[str, Any]) -> MeasuredAs:
 def _comparable(old: MeasuredAs, new: MeasuredAs) -> bool:
     """The same machine, schedule and memory handling, and the same ``tiny`` where both say
     which (a record without a hybrid entry from before the ``design`` field cannot tell)."""
-    designs = (old.design, new.design)
-    same_tiny = None in designs or designs[0] == designs[1]
-    return old[:3] == new[:3] and same_tiny
+    same_tiny = None in (old.design, new.design) or old.design == new.design
+    return old._replace(design=None) == new._replace(design=None) and same_tiny
 
 
 def save_record(
